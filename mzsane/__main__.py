@@ -1,0 +1,5 @@
+import sys
+
+from mzsane.cli import main
+
+sys.exit(main())

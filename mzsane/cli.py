@@ -1,0 +1,254 @@
+"""``mzsane`` command line: the only module that parses argv.
+
+Every stage is a plain function elsewhere (the demo and RayJobs call the same functions); this module
+only declares arguments, loads the config and turns ``MzsaneError`` into one line on stderr with exit 2.
+Heavy imports (torch, ray) happen inside the command functions so ``mzsane --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from mzsane import config as config_mod
+from mzsane.errors import MzsaneError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", help=f"named config preset: {', '.join(config_mod.PRESETS)}")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.num_steps=100 (repeatable)")
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# ------------------------------------------------------------------------------------------- zoo
+
+
+def _add_zoo_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="", help="zoo root URL (default: {storage.root}/zoos)")
+
+
+def _cmd_zoo_build(args: argparse.Namespace) -> None:
+    from mzsane.zoo import build
+
+    build.build_zoos_cli(args)
+
+
+def _add_zoo_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a zoo folder or a folder of zoos (local, s3://)")
+
+
+def _cmd_zoo_info(args: argparse.Namespace) -> None:
+    from mzsane.zoo import store
+
+    store.zoo_info_cli(args)
+
+
+# ---------------------------------------------------------------------------------------- shards
+
+
+def _add_shards_build(p: argparse.ArgumentParser) -> None:
+    p.add_argument("zoos", nargs="+", help="zoo folders (mzsane or modelzoos.cc layout; local or s3://)")
+    p.add_argument("--out", required=True, help="shard dataset URL (local path or s3://bucket/prefix)")
+
+
+def _cmd_shards_build(args: argparse.Namespace) -> None:
+    from mzsane.shards import writer
+
+    writer.build_shards_cli(args)
+
+
+def _add_shards_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="shard dataset URL")
+
+
+def _cmd_shards_info(args: argparse.Namespace) -> None:
+    from mzsane.shards import manifest
+
+    manifest.shards_info_cli(args)
+
+
+# ----------------------------------------------------------------------------------------- train
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (KubeRay head); default: local Ray")
+    p.add_argument("--resume", default="", metavar="RUN_URL", help="resume the run at this URL")
+    p.add_argument("--no-ray", action="store_true", help="run the loop in this process without Ray")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from mzsane.train import launch
+
+    launch.train_cli(args)
+
+
+# ------------------------------------------------------------------------------ sample / evaluate
+
+
+def _add_sample(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True, help="SANE run or checkpoint URL")
+    p.add_argument("--zoo", required=True, help="target zoo URL (anchors are drawn from it)")
+    p.add_argument("--out", required=True, help="output URL for generated checkpoints and results")
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from mzsane.sample import generate
+
+    generate.sample_cli(args)
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", required=True, help="output URL of `mzsane sample`")
+    p.add_argument("--zoo", required=True, help="target zoo URL")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from mzsane.evaluate import report
+
+    report.evaluate_cli(args)
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a smaller version that runs in a few minutes")
+    p.add_argument("--out", default="", help="demo root URL (default: {storage.root})")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from mzsane import demo
+
+    demo.demo_cli(args)
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+
+def _add_sweep_render(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--values", action="append", default=[], help="values file, e.g. jobs/zoo-size.yaml")
+    p.add_argument("--release", default="mzsane", help="Helm release name")
+    p.add_argument("--namespace", default="mzsane")
+
+
+def _cmd_sweep_render(args: argparse.Namespace) -> None:
+    from mzsane import sweep
+
+    sweep.render_cli(args)
+
+
+def _add_sweep_submit(p: argparse.ArgumentParser) -> None:
+    _add_sweep_render(p)
+
+
+def _cmd_sweep_submit(args: argparse.Namespace) -> None:
+    from mzsane import sweep
+
+    sweep.submit_cli(args)
+
+
+def _add_sweep_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep name (label mzsane.io/sweep)")
+    p.add_argument("--namespace", default="mzsane")
+
+
+def _cmd_sweep_status(args: argparse.Namespace) -> None:
+    from mzsane import sweep
+
+    sweep.status_cli(args)
+
+
+def _add_sweep_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="storage URL of a sweep: {storage}/sweeps/{sweep}")
+    p.add_argument("--out", default="", help="where to write the table and plot (default: the sweep URL)")
+
+
+def _cmd_sweep_report(args: argparse.Namespace) -> None:
+    from mzsane import sweep
+
+    sweep.report_cli(args)
+
+
+# ----------------------------------------------------------------------------------------- bench
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+
+
+def _bench(stage: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        module = importlib.import_module(f"mzsane.bench.{stage}")
+        _print_json(module.run(args))
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------ main
+
+COMMANDS: dict[str, dict[str, tuple[Callable, Callable, str]]] = {
+    "zoo": {
+        "build": (_add_zoo_build, _cmd_zoo_build, "train model zoos on the image datasets shipped in packages"),
+        "info": (_add_zoo_info, _cmd_zoo_info, "per-zoo model counts and accuracy distribution"),
+    },
+    "shards": {
+        "build": (_add_shards_build, _cmd_shards_build, "tokenize zoo checkpoints into Parquet shards"),
+        "info": (_add_shards_info, _cmd_shards_info, "zoos, models, tokens, bytes and splits of a shard dataset"),
+    },
+    "sweep": {
+        "render": (_add_sweep_render, _cmd_sweep_render, "render the sweep's RayJobs with Helm, for review"),
+        "submit": (_add_sweep_submit, _cmd_sweep_submit, "create the sweep's RayJobs through the Kubernetes API"),
+        "status": (_add_sweep_status, _cmd_sweep_status, "RayJobs of a sweep: point, status, duration"),
+        "report": (_add_sweep_report, _cmd_sweep_report, "collect sweep results into a table, CSV and plot"),
+    },
+    "bench": {name: (_add_bench, _bench(name), f"throughput figures of the {name} stage as JSON")
+              for name in ("tokens", "shards", "zoo", "model", "train", "sample")},
+}
+SINGLE: dict[str, tuple[Callable, Callable, str]] = {
+    "train": (_add_train, _cmd_train, "pretrain a SANE backbone with Ray Train DDP over token shards"),
+    "sample": (_add_sample, _cmd_sample, "generate weights zero-shot for a target zoo"),
+    "evaluate": (_add_evaluate, _cmd_evaluate, "compare generated models against baselines"),
+    "demo": (_add_demo, _cmd_demo, "the whole pipeline on the embedded default"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mzsane", description="Weight-space learning on model zoos with MZ-SANE.")
+    groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add, cmd, help_text) in SINGLE.items():
+        p = groups.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        add(p)
+        p.set_defaults(func=cmd)
+    for group, subs in COMMANDS.items():
+        gp = groups.add_parser(group, help=f"{group} commands", description=f"{group} commands")
+        sub = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+        for name, (add, cmd, help_text) in subs.items():
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            _common(p)
+            add(p)
+            p.set_defaults(func=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.cfg = config_mod.load(args.preset, args.config, args.overrides)
+        args.func(args)
+    except MzsaneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""tokens stage of mzsane."""

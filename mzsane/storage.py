@@ -1,0 +1,340 @@
+"""Every byte mzsane reads or writes goes through here: the only module that knows about S3 (fsspec/s3fs).
+
+URLs are plain strings everywhere else: a local path, ``s3://bucket/prefix`` against any S3-compatible
+endpoint, or ``memory://prefix`` (fsspec's in-process store, for unit tests). Keeping the filesystem
+choice in one module means a stage runs the same on a laptop, in CI against SeaweedFS, and in a RayJob
+against a cluster's object store.
+
+Credentials never come from config files: the endpoint is ``MZSANE_S3_ENDPOINT`` (or the standard
+``AWS_ENDPOINT_URL``), keys are ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, region
+``AWS_DEFAULT_REGION``. On Kubernetes they arrive from a Secret as environment variables.
+
+Writes are atomic so a crash never leaves a half-written object that a reader would trust: locally a
+temporary file in the same directory is renamed into place; on S3 an object becomes visible only when
+its upload completes, so a plain PUT (or completed multipart upload) is already all-or-nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+
+from mzsane.errors import StorageError
+
+ENDPOINT_VARS = ("MZSANE_S3_ENDPOINT", "AWS_ENDPOINT_URL")
+_S3_ERRORS_UNREACHABLE = ("Could not connect", "ConnectTimeout", "EndpointConnectionError", "Connection refused",
+                          "Cannot connect to host", "ConnectionError")
+_S3_ERRORS_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidClientTokenId",
+                          "Forbidden", "403", "NoCredentialsError", "Unable to locate credentials")
+
+
+def scheme(url: str) -> str:
+    if "://" in url:
+        return url.split("://", 1)[0]
+    return "file"
+
+
+def is_remote(url: str) -> bool:
+    return scheme(url) not in ("file",)
+
+
+def endpoint() -> str:
+    for var in ENDPOINT_VARS:
+        value = os.environ.get(var, "")
+        if value:
+            return value
+    return ""
+
+
+def s3_options() -> dict[str, Any]:
+    """fsspec/s3fs options from the environment; never logged (holds credentials)."""
+    options: dict[str, Any] = {"client_kwargs": {"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")},
+                               "config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 5,
+                                                 "read_timeout": 60}}
+    if endpoint():
+        options["endpoint_url"] = endpoint()
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    return options
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    kind = scheme(url)
+    if kind == "file":
+        path = url[len("file://"):] if url.startswith("file://") else url
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+    if kind in ("s3", "s3a"):
+        # skip_instance_cache: credentials/endpoint may change between tests or calls
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        return fs, url.split("://", 1)[1].rstrip("/")
+    if kind == "memory":
+        return fsspec.filesystem("memory"), "/" + url.split("://", 1)[1].strip("/")
+    raise StorageError(f"unsupported storage URL '{url}'; use a local path, s3://bucket/prefix or memory://prefix")
+
+
+def _translate(err: BaseException, url: str, action: str) -> StorageError:
+    text = f"{type(err).__name__}: {err}"
+    where = endpoint() or "the default AWS endpoint"
+    if isinstance(err, (FileNotFoundError, KeyError)) or "NoSuchKey" in text or "Not Found" in text:
+        return StorageError(f"cannot {action} '{url}': it does not exist; check the URL")
+    if isinstance(err, PermissionError) and not is_remote(url):
+        return StorageError(f"cannot {action} '{url}': permission denied; choose a writable location")
+    if any(s in text for s in _S3_ERRORS_UNREACHABLE):
+        return StorageError(f"cannot {action} '{url}': S3 endpoint {where} is unreachable; "
+                            f"check MZSANE_S3_ENDPOINT and that the server is running")
+    if any(s in text for s in _S3_ERRORS_CREDENTIALS) or isinstance(err, PermissionError):
+        return StorageError(f"cannot {action} '{url}': access denied by {where}; "
+                            f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    if "NoSuchBucket" in text:
+        return StorageError(f"cannot {action} '{url}': the bucket does not exist; create it first")
+    first_line = text.splitlines()[0][:200] if text else type(err).__name__
+    return StorageError(f"cannot {action} '{url}': {first_line}")
+
+
+@contextlib.contextmanager
+def _errors(url: str, action: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        raise _translate(err, url, action) from None
+    except Exception as err:  # botocore/aiohttp errors without a common base
+        if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"):
+            raise _translate(err, url, action) from None
+        raise
+
+
+def join(url: str, *parts: str) -> str:
+    out = url.rstrip("/") if url not in ("/",) else url
+    for part in parts:
+        part = str(part).strip("/")
+        if part:
+            out = f"{out}/{part}" if "://" in out or out else part
+    return out
+
+
+def local_path(url: str) -> str | None:
+    if scheme(url) != "file":
+        return None
+    return _fs(url)[1]
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    with _errors(url, "check"):
+        return bool(fs.exists(path))
+
+
+def isdir(url: str) -> bool:
+    fs, path = _fs(url)
+    with _errors(url, "check"):
+        return bool(fs.isdir(path))
+
+
+def listdir(url: str) -> list[str]:
+    """Names of the direct children of a folder (empty when it does not exist)."""
+    fs, path = _fs(url)
+    with _errors(url, "list"):
+        if not fs.exists(path):
+            return []
+        entries = fs.ls(path, detail=False, refresh=True) if is_remote(url) else fs.ls(path, detail=False)
+    base = path.rstrip("/")
+    return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries if str(e).rstrip("/") != base} - {""})
+
+
+def size(url: str) -> int:
+    fs, path = _fs(url)
+    with _errors(url, "stat"):
+        return int(fs.size(path))
+
+
+def du(url: str) -> int:
+    """Total bytes below a folder."""
+    fs, path = _fs(url)
+    with _errors(url, "measure"):
+        if not fs.exists(path):
+            return 0
+        return int(fs.du(path, total=True))
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = _fs(url)
+    with _errors(url, "read"):
+        return fs.cat_file(path)
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def read_json(url: str) -> Any:
+    text = read_text(url)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StorageError(f"'{url}' is not valid JSON (line {err.lineno}); the file is corrupt, rewrite it") from None
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A seekable binary file (pyarrow.parquet.ParquetFile accepts it)."""
+    fs, path = _fs(url)
+    with _errors(url, "open"):
+        return fs.open(path, "rb")
+
+
+@contextlib.contextmanager
+def open_write(url: str) -> Iterator[IO[bytes]]:
+    """Yield a binary file; the object at ``url`` appears only if the block exits cleanly."""
+    fs, path = _fs(url)
+    if not is_remote(url):
+        directory = os.path.dirname(path) or "."
+        with _errors(url, "write"):
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    if scheme(url) == "memory":
+        buffer = _MemoryBuffer()
+        yield buffer
+        with _errors(url, "write"):
+            fs.pipe_file(path, buffer.getvalue())
+        return
+    # S3: the object is only created when the (multipart) upload completes at close; on error we abort.
+    with _errors(url, "write"):
+        fh = fs.open(path, "wb", block_size=64 * 2**20)
+    try:
+        yield fh
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fh.discard()
+        raise
+    with _errors(url, "write"):
+        fh.close()
+
+
+class _MemoryBuffer:
+    def __init__(self) -> None:
+        import io
+
+        self._buf = io.BytesIO()
+
+    def write(self, data: bytes) -> int:
+        return self._buf.write(data)
+
+    def tell(self) -> int:
+        return self._buf.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        return self._buf.getvalue()
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with open_write(url) as fh:
+        fh.write(data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_text(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = _fs(url)
+    with _errors(url, "remove"):
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
+
+def makedirs(url: str) -> None:
+    """Create a folder (no-op on object stores, where folders are prefixes)."""
+    if scheme(url) == "file":
+        with _errors(url, "create"):
+            os.makedirs(_fs(url)[1], exist_ok=True)
+
+
+def upload_dir(local_dir: str, url: str) -> None:
+    """Copy a local folder to ``url``; files land one by one, so write any marker file last yourself."""
+    for root, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
+            with open(src, "rb") as fh:
+                write_bytes(join(url, rel), fh.read())
+
+
+def download_dir(url: str, local_dir: str) -> str:
+    fs, path = _fs(url)
+    os.makedirs(local_dir, exist_ok=True)
+    with _errors(url, "download"):
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        if not is_remote(url):
+            shutil.copytree(path, local_dir, dirs_exist_ok=True)
+            return local_dir
+        for src in fs.find(path):
+            rel = posixpath.relpath(src, path)
+            dst = os.path.join(local_dir, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with open(dst, "wb") as fh:
+                fh.write(fs.cat_file(src))
+    return local_dir
+
+
+def pyarrow_fs(url: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) for pyarrow datasets and Ray's RunConfig(storage_filesystem=...)."""
+    import pyarrow.fs as pafs
+
+    kind = scheme(url)
+    if kind == "file":
+        return pafs.LocalFileSystem(), _fs(url)[1]
+    if kind in ("s3", "s3a"):
+        ep = endpoint()
+        kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                                  "connect_timeout": 5, "request_timeout": 60}
+        if ep:
+            kwargs["endpoint_override"] = ep.split("://", 1)[-1]
+            kwargs["scheme"] = ep.split("://", 1)[0] if "://" in ep else "https"
+        if os.environ.get("AWS_ACCESS_KEY_ID"):
+            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+            kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        return pafs.S3FileSystem(**kwargs), url.split("://", 1)[1].rstrip("/")
+    if kind == "memory":
+        from pyarrow.fs import PyFileSystem, FSSpecHandler
+
+        fs, path = _fs(url)
+        return PyFileSystem(FSSpecHandler(fs)), path
+    raise StorageError(f"unsupported storage URL '{url}'; use a local path, s3://bucket/prefix or memory://prefix")
+
+
+def check_writable(url: str) -> None:
+    """Fail fast, with one line, when ``url`` cannot be written (bad endpoint, credentials, permissions)."""
+    probe = join(url, f".mzsane-probe-{uuid.uuid4().hex[:8]}")
+    write_bytes(probe, b"ok")
+    remove(probe)

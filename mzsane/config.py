@@ -34,12 +34,19 @@ class ZooConfig:
     recipe: str = "demo"  # seed | hyp10 | demo | tiny: the hyper-parameter grid to draw models from
     datasets: list[str] = field(default_factory=lambda: ["mnist", "fashion_mnist", "animal_mnist"])
     architecture: str = "cnn_s"
-    num_models: int = 30  # models per (dataset, architecture) zoo
-    num_epochs: int = 5
+    # extra zoos built with the same recipe, "dataset:architecture[:num_models]" (the demo's ResNet zoo)
+    extra_zoos: list[str] = field(default_factory=lambda: ["mnist:resnet_mini"])
+    # sizes: 0 = the recipe's default (see mzsane/zoo/recipes.py; seed/hyp10 = the Model Zoos protocol)
+    num_models: int = 0  # models per (dataset, architecture) zoo
+    num_epochs: int = 0
     save_epochs: list[int] = field(default_factory=list)  # empty = every epoch (0 included)
-    batch_size: int = 10
+    batch_size: int = 0
     population_batch: int = 64  # models trained at once, stacked and vectorized
-    max_train_images: int = -1  # -1 = the whole train split; smaller for quick zoos
+    max_train_images: int = 0  # 0 = recipe default, -1 = the whole train split, N = a seeded subset
+    max_eval_images: int = 0  # val/test images evaluated per epoch; -1 = the whole splits
+    # torch intra-op threads for the build; 0 = torch's default. 1 by default: the ops are tiny, and with 2
+    # threads on 2 shared cores a population epoch took 2.7 s idle but 45 s under load (1 thread: 4-7 s)
+    num_threads: int = 1
     layout: str = "mzsane"  # mzsane | modelzoos (modelzoos.cc, for other weight-space tools)
     seed: int = 0
 
@@ -165,14 +172,18 @@ class SampleConfig:
     num_anchors: int = 5
     num_candidates: int = 200
     num_keep: int = 10
-    kde_mode: str = "token"  # token (reference) | token_independent (noise per token, relative bandwidth)
+    # token_independent: one anchor per candidate + independent noise per token, bandwidth relative to the
+    # anchors' per-token spread (scale-free); token: the reference's absolute bandwidth (noise per token)
+    kde_mode: str = "token_independent"
     bandwidth: float = 0.2
     halo_window: int = 128
     halo_size: int = 12
-    encode_batch_size: int = 256  # halo chunks per encoder/decoder call
+    encode_batch_size: int = 64  # halo chunks per encoder/decoder call (64: fastest on 2 CPU cores)
     candidate_batch_size: int = 25  # candidates decoded, conditioned and scored together
     bn_iterations: int = 50
     bn_batch_size: int = 64
+    max_val_images: int = -1  # candidates are ranked on this many val images (seeded subset); -1 = all
+    precision: str = "auto"  # auto | fp32 | bf16: backbone dtype for encode/decode (auto = bf16 where fast)
     seed: int = 0
 
 
@@ -184,6 +195,10 @@ class EvaluateConfig:
     finetune_lr: float = 1e-3
     soup_sizes: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
     num_random: int = 5
+    num_finetune_models: int = 3  # generated (best by val) and random models fine-tuned per method
+    finetune_max_train_images: int = 5000  # -1 = the whole train split
+    num_novelty_images: int = 1000  # test images for prediction disagreement
+    max_train_models: int = 20  # zoo training models compared against in novelty (seeded subset)
     seed: int = 0
 
 
@@ -213,8 +228,8 @@ class Config:
 def tiny() -> Config:
     """Runs every stage in seconds on one CPU core: the preset tests use."""
     cfg = Config()
-    cfg.zoo = ZooConfig(recipe="tiny", datasets=["mnist", "fashion_mnist"], num_models=4, num_epochs=2,
-                        batch_size=32, population_batch=4, max_train_images=1024)
+    cfg.zoo = ZooConfig(recipe="tiny", datasets=["mnist", "fashion_mnist"], extra_zoos=[], num_models=4,
+                        num_epochs=2, batch_size=32, population_batch=4, max_train_images=1024, max_eval_images=512)
     cfg.tokens.tokensize = 64
     cfg.shards.rows_per_file = 16
     cfg.shards.rows_per_row_group = 4
@@ -244,7 +259,9 @@ def tiny() -> Config:
 def small() -> Config:
     """The embedded demo's sizes: minutes per stage on 2 CPU cores."""
     cfg = Config()
-    cfg.model = ModelConfig(d_model=128, num_heads=4, num_layers=2, latent_dim=32)
+    # one wide block (head dim 64) beats two narrow ones on CPU: 2048-token steps keep matmuls >= 85% of a
+    # square matmul's FLOP/s (d_model 128 reached ~25%), at ~1-2 steps/s on 2 cores (mzsane bench model)
+    cfg.model = ModelConfig(d_model=512, num_heads=8, num_layers=1, latent_dim=32)
     cfg.train.num_steps = 300
     cfg.train.batch_size = 16
     cfg.train.lr = 3e-4
@@ -396,6 +413,7 @@ def _validate(cfg: Config) -> None:
         (len(cfg.shards.split_fractions) == 3 and abs(sum(cfg.shards.split_fractions) - 1) < 1e-6,
          "shards.split_fractions must be three fractions (train, val, test) summing to 1"),
         (cfg.sample.kde_mode in ("token", "token_independent"), "sample.kde_mode must be token or token_independent"),
+        (cfg.sample.precision in ("auto", "fp32", "bf16"), "sample.precision must be auto, fp32 or bf16"),
         (cfg.zoo.layout in ("mzsane", "modelzoos"), "zoo.layout must be mzsane or modelzoos"),
     ]
     for ok, message in checks:

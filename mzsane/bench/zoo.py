@@ -1,0 +1,101 @@
+"""``mzsane bench zoo``: models trained per hour batched vs one at a time, and evaluations per second.
+
+Why measured this way: the claim worth checking is "a population trained together beats one model per
+core". Both sides run in this process on ONE thread (= one core), on the same images, batch size and
+optimizer: the baseline is the plain PyTorch loop (``nn.Module`` + ``torch.optim.Adam``, tensor
+indexing, no DataLoader overhead), the batched side is ``population.train_population``. A "model" is
+the Model Zoos protocol by default (CNN-s, 50 epochs over 50,000 MNIST images at batch 10), so models
+per hour = 3600 / (seconds per step x steps per model); the ratio is what the target (>= 10x) is about.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mzsane.zoo.architectures import build_model
+from mzsane.zoo.datasets import epoch_order, load_dataset
+from mzsane.zoo.population import (TRAIN_BUDGET_BYTES, evaluate_models, init_population, models_per_call,
+                                   train_population)
+
+PROTOCOL_EPOCHS, PROTOCOL_IMAGES = 50, 50_000
+
+
+def _single_model_step_s(train, batch_size: int, steps: int) -> float:
+    """Seconds per optimizer step of one CNN-s in a plain PyTorch loop."""
+    torch.manual_seed(1)
+    model = build_model("cnn_s", activation="tanh", init="kaiming_uniform")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = epoch_order(len(train), 1, 1)
+    start = None
+    for s in range(steps + 3):
+        if s == 3:
+            start = time.perf_counter()
+        index = order[(s * batch_size) % (len(train) - batch_size):][:batch_size]
+        opt.zero_grad()
+        F.cross_entropy(model(train.x[index]), train.y[index]).backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def _population_step_s(train, batch_size: int, steps: int, num_models: int, backend: str) -> float:
+    """Seconds per optimizer step of a population of ``num_models`` CNN-s (all advance one step)."""
+    spec = {"architecture": "cnn_s", "channels_in": 1, "num_classes": 10, "image_size": 28}
+    hps = [{"seed": i + 1, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0, "batch_size": batch_size,
+            "activation": "tanh", "dropout": 0.0, "init": "kaiming_uniform"} for i in range(num_models)]
+    images = train.subset(batch_size * steps, seed=0)
+    warm = train.subset(batch_size * 2, seed=1)
+    kw = dict(save_epochs=[], eval_splits={}, epoch0_train_images=1, backend=backend)
+    train_population(spec, hps, None, 1, train=warm, **kw)
+    start = time.perf_counter()
+    train_population(spec, hps, None, 1, train=images, **kw)
+    return (time.perf_counter() - start) / steps
+
+
+def _eval_rates(test, num_models: int) -> dict:
+    spec = {"architecture": "cnn_s", "channels_in": 1, "num_classes": 10, "image_size": 28, "activation": "tanh"}
+    sds = init_population({**spec, "init": "kaiming_uniform"}, range(1, num_models + 1))
+    start = time.perf_counter()
+    evaluate_models(spec, sds, test.x, test.y, batch_size=500)
+    batched = time.perf_counter() - start
+    model = build_model("cnn_s", activation="tanh").eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for sd in sds[: max(1, num_models // 8)]:
+            model.load_state_dict(sd)
+            for i in range(0, len(test), 500):
+                F.cross_entropy(model(test.x[i:i + 500]), test.y[i:i + 500])
+    single = (time.perf_counter() - start) / max(1, num_models // 8)
+    return {"eval_images": len(test), "evals_per_s_batched": num_models / batched, "evals_per_s_single": 1 / single,
+            "eval_speedup": single * num_models / batched}
+
+
+def run(args) -> dict:
+    """Both measurements on one thread; ``--quick`` uses fewer steps and models."""
+    quick = bool(getattr(args, "quick", False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = load_dataset("mnist")
+        steps = 20 if quick else 60
+        out: dict = {"threads": 1, "architecture": "cnn_s", "dataset": "mnist",
+                     "protocol": f"{PROTOCOL_EPOCHS} epochs x {PROTOCOL_IMAGES} images", "runs": []}
+        spec = {"architecture": "cnn_s", "channels_in": 1, "num_classes": 10, "image_size": 28, "activation": "tanh"}
+        for batch_size, backend in ((10, "vmap"), (64, "vmap"), (64, "loop")):
+            num_models = min(64, models_per_call(spec, batch_size, TRAIN_BUDGET_BYTES)) if backend == "vmap" else 16
+            single = _single_model_step_s(data.train, batch_size, steps)
+            batched = _population_step_s(data.train, batch_size, steps, num_models, backend)
+            steps_per_model = PROTOCOL_EPOCHS * math.ceil(PROTOCOL_IMAGES / batch_size)
+            out["runs"].append({
+                "batch_size": batch_size, "population": num_models, "backend": backend,
+                "single_step_ms": 1e3 * single, "population_step_ms": 1e3 * batched,
+                "models_per_hour_single_core": 3600 / (single * steps_per_model),
+                "models_per_hour_batched_core": 3600 * num_models / (batched * steps_per_model),
+                "speedup": single * num_models / batched})
+        out.update(_eval_rates(data.test.subset(2000 if quick else 10_000, seed=0), 16 if quick else 64))
+        out["speedup_batch10"] = out["runs"][0]["speedup"]
+        return out
+    finally:
+        torch.set_num_threads(threads)

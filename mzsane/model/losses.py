@@ -1,0 +1,176 @@
+"""SANE losses (spec section 4): masked, normalized reconstruction and NT-Xent, gamma-weighted.
+
+Why masked normalization: weights of different layers and architectures differ in scale by orders of
+magnitude, and windows of short models are padded. The reconstruction error is therefore taken over the
+valid (unmasked) entries only, and divided by a scale computed from the *targets* (data: no gradient flows
+through the statistics). Modes (``LossConfig.norm_mode``):
+
+* ``batch``  the reference: one mean/std over every valid entry of the batch (both views), eps added to
+             the std, so the loss is masked MSE / (sigma + eps)^2.
+* ``token``  mean/std of each token over its own valid entries. Tokens with fewer than
+             ``min_valid_per_token`` valid entries (BatchNorm tokens hold 1-2 values) or a (numerically)
+             constant token (std < eps, e.g. a freshly initialised constant bias row) fall back to the
+             batch statistics, so no token gets a near-zero denominator and a 1e8 weight.
+* ``layer``  mean/std per (sample, layer index) over the valid entries of that layer's tokens in the
+             window; the same fallback for groups that are too small or constant.
+* ``none``   plain masked MSE.
+
+Shape legend: B batch, T tokens in window, D token width, F projection width, N = 2B rows in NT-Xent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mzsane.config import LossConfig
+from mzsane.errors import ConfigError
+
+NORM_MODES = ("batch", "token", "layer", "none")
+
+
+def _masked_batch_std(target_BTD: torch.Tensor, mask_BTD: torch.Tensor) -> torch.Tensor:
+    """Population std of the targets over all valid entries (0 if there are none)."""
+    n = mask_BTD.sum().clamp_min(1)
+    mean = torch.where(mask_BTD, target_BTD, 0.0).sum() / n
+    return (torch.where(mask_BTD, target_BTD - mean, 0.0).square().sum() / n).sqrt()
+
+
+def _grouped_std(target_BTD: torch.Tensor, mask_BTD: torch.Tensor, group_BT: torch.Tensor, num_groups: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group population std over valid entries (two passes) and the valid count, both gathered per token."""
+    count_BT = mask_BTD.sum(-1).to(target_BTD.dtype)
+    flat_group = group_BT.reshape(-1)
+    count_G = torch.zeros(num_groups, dtype=target_BTD.dtype, device=target_BTD.device)
+    count_G.index_add_(0, flat_group, count_BT.reshape(-1))
+    sums_BT = torch.where(mask_BTD, target_BTD, 0.0).sum(-1)
+    sum_G = torch.zeros_like(count_G).index_add_(0, flat_group, sums_BT.reshape(-1))
+    mean_BT = (sum_G / count_G.clamp_min(1))[group_BT]
+    sq_BT = torch.where(mask_BTD, target_BTD - mean_BT[..., None], 0.0).square().sum(-1)
+    var_G = torch.zeros_like(count_G).index_add_(0, flat_group, sq_BT.reshape(-1)) / count_G.clamp_min(1)
+    return var_G.sqrt()[group_BT], count_G[group_BT]
+
+
+@torch.no_grad()
+def normalization_scale(target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: str, eps: float,
+                        layer_BT: torch.Tensor | None = None, min_valid_per_token: int = 3) -> torch.Tensor:
+    """The divisor s (std + eps) per token [B, T] (a scalar for ``batch``/``none``); targets are data."""
+    if mode not in NORM_MODES:
+        raise ConfigError(f"loss.norm_mode '{mode}' is unknown; use one of {', '.join(NORM_MODES)}")
+    mask_BTD = mask_BTD.bool()
+    if mode == "none":
+        return torch.ones((), dtype=target_BTD.dtype, device=target_BTD.device)
+    batch_std = _masked_batch_std(target_BTD, mask_BTD)
+    if mode == "batch":
+        return batch_std + eps
+    B, T, _ = target_BTD.shape
+    if mode == "token":
+        group_BT = torch.arange(B * T, device=target_BTD.device).view(B, T)
+        num_groups = B * T
+    else:
+        if layer_BT is None:
+            raise ConfigError("loss.norm_mode 'layer' needs the layer index of every token (positions[..., 1])")
+        layer_BT = layer_BT.long()
+        num_layers = int(layer_BT.max()) + 1 if layer_BT.numel() else 1
+        group_BT = torch.arange(B, device=target_BTD.device)[:, None] * num_layers + layer_BT
+        num_groups = B * num_layers
+    std_BT, count_BT = _grouped_std(target_BTD, mask_BTD, group_BT, num_groups)
+    fallback = (count_BT < min_valid_per_token) | (std_BT < eps)
+    return torch.where(fallback, batch_std, std_BT) + eps
+
+
+def reconstruction_loss(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: str,
+                        eps: float, layer_BT: torch.Tensor | None = None, min_valid_per_token: int = 3
+                        ) -> torch.Tensor:
+    """Mean over valid entries of ((pred - target) / s)^2; entries with mask 0 never reach value or gradient."""
+    mask_BTD = mask_BTD.bool()
+    scale = normalization_scale(target_BTD, mask_BTD, mode, eps, layer_BT, min_valid_per_token)
+    if scale.dim() == 2:
+        scale = scale[..., None]
+    err_BTD = torch.where(mask_BTD, (pred_BTD - target_BTD.detach()) / scale, 0.0)
+    return err_BTD.square().sum() / mask_BTD.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def r_squared(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BTD: torch.Tensor) -> torch.Tensor:
+    """1 - SS_res / SS_tot over valid entries only (the reference counted padding, which inflated it)."""
+    mask_BTD = mask_BTD.bool()
+    n = mask_BTD.sum().clamp_min(1)
+    mean = torch.where(mask_BTD, target_BTD, 0.0).sum() / n
+    ss_res = torch.where(mask_BTD, pred_BTD - target_BTD, 0.0).square().sum()
+    ss_tot = torch.where(mask_BTD, target_BTD - mean, 0.0).square().sum()
+    return 1.0 - ss_res / ss_tot.clamp_min(torch.finfo(ss_tot.dtype).tiny)
+
+
+def nt_xent(zp_i_BF: torch.Tensor, zp_j_BF: torch.Tensor, temperature: float,
+            gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """SimCLR NT-Xent over the global batch: positives are the two views of a window, negatives all others.
+
+    ``gather(x_bF) -> x_WbF`` concatenates a tensor over the W data-parallel ranks in rank order, the calling
+    rank's slice being ``x`` itself (differentiable) and the others constants (see ``distributed_gather``).
+    Every rank then computes the loss of the whole global batch, so its value equals the one-process loss
+    of the concatenated batch, and the gradient of its local embeddings is exact; because DDP *averages*
+    gradients over ranks, the gradient (not the value) is multiplied by W so the average is the global one.
+    Any batch size works (a batch of one window has only its positive: loss 0).
+    """
+    if temperature <= 0:
+        raise ConfigError(f"loss.temperature must be > 0, got {temperature}")
+    world = 1
+    if gather is not None:
+        local = zp_i_BF.shape[0]
+        zp_i_BF, zp_j_BF = gather(zp_i_BF), gather(zp_j_BF)
+        world = zp_i_BF.shape[0] // max(local, 1)
+    n = zp_i_BF.shape[0]
+    reps_NF = F.normalize(torch.cat([zp_i_BF, zp_j_BF]).float(), dim=-1)
+    sim_NN = reps_NF @ reps_NF.T / temperature
+    eye = torch.eye(2 * n, dtype=torch.bool, device=sim_NN.device)
+    sim_NN = sim_NN.masked_fill(eye, float("-inf"))
+    labels = (torch.arange(2 * n, device=sim_NN.device) + n) % (2 * n)
+    loss = F.cross_entropy(sim_NN, labels)
+    if world > 1:
+        loss = loss + (world - 1) * (loss - loss.detach())
+    return loss
+
+
+def distributed_gather(x_bF: torch.Tensor) -> torch.Tensor:
+    """``gather`` for ``nt_xent`` under torch.distributed: all_gather, then put the local (graph) tensor back.
+
+    Needs the same per-rank batch size on every rank (``drop_last``-style batching).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x_bF
+    parts = [torch.empty_like(x_bF) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_bF.detach().contiguous())
+    parts[dist.get_rank()] = x_bF
+    return torch.cat(parts)
+
+
+def sane_loss(recon_1_BTD: torch.Tensor, recon_2_BTD: torch.Tensor, zp_1_BF: torch.Tensor, zp_2_BF: torch.Tensor,
+              target_1_BTD: torch.Tensor, target_2_BTD: torch.Tensor, mask_BTD: torch.Tensor, loss_cfg: LossConfig,
+              layer_BT: torch.Tensor | None = None,
+              gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``gamma * nt_xent + (1 - gamma) * recon`` with both views stacked along the batch, as the reference.
+
+    Returns ``loss`` (differentiable) and the detached terms ``loss_recon``, ``loss_contrast``, ``rsq``.
+    The targets are the augmented views themselves (spec 4.2). Below gamma 1e-10 the total is the
+    reconstruction alone, above 1 - 1e-10 the contrast alone (the reference's rule); both are always reported.
+    """
+    pred = torch.cat([recon_1_BTD, recon_2_BTD])
+    target = torch.cat([target_1_BTD, target_2_BTD]).detach()
+    mask = torch.cat([mask_BTD, mask_BTD]).bool()
+    layer = torch.cat([layer_BT, layer_BT]) if layer_BT is not None else None
+    gamma = float(loss_cfg.gamma)
+    recon = reconstruction_loss(pred.float(), target.float(), mask, loss_cfg.norm_mode, loss_cfg.std_eps, layer,
+                                loss_cfg.min_valid_per_token)
+    contrast = nt_xent(zp_1_BF, zp_2_BF, loss_cfg.temperature, gather)
+    if gamma < 1e-10:
+        total = recon
+    elif gamma > 1 - 1e-10:
+        total = contrast
+    else:
+        total = gamma * contrast + (1.0 - gamma) * recon
+    return {"loss": total, "loss_recon": recon.detach(), "loss_contrast": contrast.detach(),
+            "rsq": r_squared(pred.detach().float(), target.float(), mask)}

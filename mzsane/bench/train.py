@@ -1,0 +1,192 @@
+"""``mzsane bench train``: training throughput, data wait, checkpoint cost and the shard-reading path.
+
+Figures (JSON): tokens/s per worker with 1 and 2 Ray Train workers (``small`` preset, local Ray on
+loopback, local shards); the data-wait fraction of step time when the shards live in S3 (a SeaweedFS
+server started here on 127.0.0.1 and stopped by PID); checkpoint save (write + upload to S3) and restore
+(download + safe load) seconds; and reading the same shard files with Ray Data's ``read_parquet`` against
+plain pyarrow row-group reads (the reason ``train/data.py`` reads row groups itself).
+
+The zoo is synthetic (cnn_s networks drawn around a shared base): throughput and I/O do not depend on
+what the weights learned, and building a real zoo would dominate the benchmark.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from mzsane import config as config_mod
+from mzsane import storage
+
+NUM_MODELS = 24
+EPOCHS = (0, 1, 2, 3)
+
+
+def synthetic_shards(root: str, tokensize: int, num_models: int = NUM_MODELS) -> str:
+    """A cnn_s zoo (base + per-model directions) sharded at ``{root}/shards/default``."""
+    from mzsane.shards import writer
+    from mzsane.zoo.architectures import build_model
+    from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter
+
+    zoo_url = storage.join(root, "zoos", "mnist_cnn_s")
+    w = ZooWriter(zoo_url, ZooInfo(zoo="mnist_cnn_s", dataset="mnist", architecture="cnn_s", num_models=num_models))
+    torch.manual_seed(0)
+    base, d1 = build_model("cnn_s").state_dict(), build_model("cnn_s").state_dict()
+    g = torch.Generator().manual_seed(1)
+    for i in range(num_models):
+        a = float(torch.randn((), generator=g))
+        cks = {e: {k: v + 0.3 * a * d1[k] + 0.05 * e * d1[k] if v.is_floating_point() else v for k, v in base.items()}
+               for e in EPOCHS}
+        w.write_model(ModelRecord(zoo="mnist_cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
+                                  epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in EPOCHS]), cks)
+    cfg = config_mod.Config()
+    cfg.tokens.tokensize = tokensize
+    cfg.shards.rows_per_row_group = 8
+    out = storage.join(root, "shards", "default")
+    writer.build_shards([zoo_url], out, cfg.tokens, cfg.shards, progress=False)
+    return out
+
+
+def _cfg(root: str, steps: int, workers: int) -> config_mod.Config:
+    cfg = config_mod.load("small")
+    cfg.storage.root = root
+    cfg.train.num_steps = steps
+    cfg.train.log_every_n_steps = max(steps // 4, 1)
+    cfg.train.eval_every_n_steps = -1
+    cfg.train.checkpoint_every_n_steps = -1  # only the final one
+    cfg.metrics.enabled = False
+    cfg.cluster.num_workers = workers
+    return cfg
+
+
+def _perf(run_url: str) -> dict[str, float]:
+    """Means over log rows after the first (warm-up) one."""
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run_url, "log.jsonl")).splitlines()]
+    rows = [r for r in rows if "perf/tokens_per_s" in r][1:] or rows[-1:]
+    keys = ("perf/tokens_per_s", "perf/data_wait_fraction")
+    return {k.split("/")[1]: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
+
+
+def ray_throughput(root: str, steps: int) -> dict[str, Any]:
+    from mzsane.train import launch
+
+    out = {}
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        run_url = launch.train(_cfg(root, steps, workers))
+        out[f"workers_{workers}"] = {**_perf(run_url), "wall_s": round(time.perf_counter() - t0, 1)}
+    return out
+
+
+def s3_data_wait(s3_root: str, steps: int) -> dict[str, Any]:
+    from mzsane.train import launch
+
+    run_url = launch.train(_cfg(s3_root, steps, 1), no_ray=True)
+    return _perf(run_url)
+
+
+def checkpoint_seconds(s3_root: str) -> dict[str, float]:
+    from mzsane.model.sane import SANE
+    from mzsane.train import checkpoint as ckpt
+    from mzsane.train.loop import make_optimizer, make_scheduler
+
+    cfg = _cfg(s3_root, 10, 1)
+    cfg.model.max_positions = [4096, 64, 512]
+    model = SANE(cfg.model, cfg.tokens.tokensize, cfg.model.max_positions)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    model(torch.randn(2, 8, cfg.tokens.tokensize), torch.zeros(2, 8, 3, dtype=torch.long))[0].sum().backward()
+    opt.step()
+    state = {"step": 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ranks": []}
+    url = storage.join(s3_root, "runs", "bench-ckpt", ckpt.checkpoint_name(1))
+    scratch = tempfile.mkdtemp(prefix="mzsane-bench-")
+    try:
+        t0 = time.perf_counter()
+        ckpt.save(os.path.join(scratch, "save"), model, state, cfg)
+        storage.upload_dir(os.path.join(scratch, "save"), url)
+        save_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        weights, _, _ = ckpt.load(ckpt.fetch(url, os.path.join(scratch, "load")), cfg)
+        model.load_state_dict(weights)
+        restore_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    size = sum(p.numel() for p in model.parameters())
+    return {"save_s": round(save_s, 3), "restore_s": round(restore_s, 3), "model_params": size}
+
+
+def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
+    """Rows/s and MiB/s reading every shard row: pyarrow row groups (ShardReader) vs Ray Data read_parquet."""
+    import ray
+
+    from mzsane.shards.manifest import read_manifest
+    from mzsane.shards.reader import ShardReader
+    from mzsane.shards.select import select
+
+    manifest = read_manifest(shards_url)
+    files = [storage.join(shards_url, f["path"]) for f in manifest.files]
+    nbytes = sum(storage.size(f) for f in files)
+    out: dict[str, Any] = {"files": len(files), "mib": round(nbytes / 2**20, 2)}
+    selection = [select(manifest, split=s) for s in ("train", "val", "test")]
+    t0 = time.perf_counter()
+    rows = 0
+    for _ in range(repeats):
+        for sel in selection:
+            rows += sum(1 for _ in ShardReader(shards_url, sel, manifest).iter_samples(shuffle_buffer=1))
+    dt = time.perf_counter() - t0
+    out["pyarrow_row_groups"] = {"rows_per_s": round(rows / dt, 1), "mib_per_s": round(repeats * nbytes / 2**20 / dt, 1)}
+    fs, path = storage.pyarrow_fs(shards_url)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2",
+             configure_logging=False, log_to_driver=False)
+    try:
+        paths = [storage.pyarrow_fs(f)[1] for f in files]
+        timings = []
+        for _ in range(repeats + 1):  # the first pass is cold (Ray Data start-up); report both
+            t0 = time.perf_counter()
+            ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["tokens", "model_id"])
+            count = sum(len(b["model_id"]) for b in ds.iter_batches(batch_size=64, batch_format="pyarrow"))
+            timings.append((time.perf_counter() - t0, count))
+        cold, warm = timings[0], timings[1:]
+        warm_s = sum(t for t, _ in warm)
+        out["ray_data_read_parquet"] = {"cold_rows_per_s": round(cold[1] / cold[0], 1),
+                                        "rows_per_s": round(sum(c for _, c in warm) / warm_s, 1),
+                                        "mib_per_s": round(len(warm) * nbytes / 2**20 / warm_s, 1)}
+    finally:
+        ray.shutdown()
+    out["pyarrow_speedup"] = round(out["pyarrow_row_groups"]["rows_per_s"] / out["ray_data_read_parquet"]["rows_per_s"], 2)
+    return out
+
+
+def run(args: Any) -> dict[str, Any]:
+    from mzsane.bench.seaweedfs import SeaweedFS
+
+    quick = bool(getattr(args, "quick", False))
+    steps = 12 if quick else 40
+    cfg = config_mod.load("small")
+    result: dict[str, Any] = {"preset": "small", "steps": steps, "cpus": os.cpu_count(),
+                              "torch_threads": torch.get_num_threads()}
+    scratch = tempfile.mkdtemp(prefix="mzsane-bench-train-")
+    saved_env = dict(os.environ)
+    server = SeaweedFS(os.path.join(scratch, "s3"), bucket="bench")
+    try:
+        local_root = os.path.join(scratch, "local")
+        synthetic_shards(local_root, cfg.tokens.tokensize)
+        result["ray_train"] = ray_throughput(local_root, steps)
+        server.start()
+        os.environ.update(server.env)
+        s3_root = server.url("train")
+        s3_shards = synthetic_shards(s3_root, cfg.tokens.tokensize)
+        result["s3_no_ray"] = s3_data_wait(s3_root, steps)
+        result["checkpoint_s3"] = checkpoint_seconds(s3_root)
+        result["read_paths_s3"] = read_paths(s3_shards, 1 if quick else 3)
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result

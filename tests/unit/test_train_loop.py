@@ -1,0 +1,271 @@
+"""The training loop under ``LocalContext`` (no Ray): learning, exact resume, guards, DDP equivalence.
+
+Stand-in parts (a tiny autoencoder over seeded random tokens) prove the loop itself; the real SANE over
+real shards is exercised by ``test_sane_tiny_loss_falls`` and the Ray integration test.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from mzsane import config as config_mod
+from mzsane.errors import CheckpointError
+from mzsane.train import checkpoint as ckpt
+from mzsane.train.context import LocalContext
+from mzsane.train.data import RankStream
+from mzsane.train.loop import Parts, make_optimizer, train_loop
+
+D = 8
+NUM_SAMPLES = 48
+
+
+class TinyAE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(D, 4)
+        self.norm = nn.LayerNorm(4)
+        self.dec = nn.Linear(4, D)
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.norm(self.enc(x))))
+
+
+def _dataset() -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    basis = torch.randn(3, D, generator=g)
+    return torch.randn(NUM_SAMPLES, 3, generator=g) @ basis  # rank-3 data: learnable
+
+
+def _open_epoch(rank: int, world: int, per_rank_batch: int):
+    data = _dataset()
+
+    def open_epoch(epoch: int):
+        order = torch.randperm(NUM_SAMPLES, generator=torch.Generator().manual_seed(epoch))
+        # block k of size world*b goes to ranks in contiguous slices of b: rank r of 2 (batch b) sees exactly
+        # the half of what 1 rank (batch 2b) sees in the same step
+        block = world * per_rank_batch
+        for start in range(0, NUM_SAMPLES - block + 1, block):
+            for i in range(start + rank * per_rank_batch, start + (rank + 1) * per_rank_batch):
+                yield data[order[i]]
+
+    return open_epoch
+
+
+def _parts(cfg, rank=0, world=1, noise=0.05, fail_at=None, nan_at=None) -> Parts:
+    calls = {"n": 0}
+
+    def loss_fn(model, batch, generator, ctx):
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise RuntimeError("simulated crash")
+        x = torch.stack(batch)
+        noisy = x + noise * torch.randn(x.shape, generator=generator) if noise else x
+        recon = model(noisy)
+        loss = ((recon - x) ** 2).mean()
+        if nan_at is not None and calls["n"] == nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss, "loss_recon": loss.detach()}
+
+    stream = RankStream(_open_epoch(rank, world, cfg.train.batch_size), cfg.train.batch_size, 2)
+    return Parts(model=TinyAE(), loss_fn=loss_fn, train=stream, val_batches=lambda: iter([list(_dataset()[:8])]),
+                 tokens_per_sample=D, cfg=cfg)
+
+
+def _cfg(**train) -> config_mod.Config:
+    cfg = config_mod.tiny()
+    cfg.metrics.enabled = False
+    cfg.train.num_steps = 20
+    cfg.train.batch_size = 4
+    cfg.train.lr = 3e-2
+    cfg.train.log_every_n_steps = 1
+    cfg.train.checkpoint_every_n_steps = 10
+    cfg.train.eval_every_n_steps = 10
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def _losses(run_url: str) -> dict[int, float]:
+    """Last logged train loss per step (a resumed run logs the replayed steps again)."""
+    out = {}
+    with open(os.path.join(run_url, "log.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "train/loss" in row:
+                out[row["step"]] = row["train/loss"]
+    return out
+
+
+def test_loss_falls_and_checkpoints_are_complete(tmp_path):
+    cfg = _cfg(num_steps=60, eval_every_n_steps=30, checkpoint_every_n_steps=20)
+    run = str(tmp_path / "run")
+    last = train_loop(cfg, LocalContext(run, num_to_keep=2), run, _parts(cfg))
+    losses = _losses(run)
+    assert sum(list(losses.values())[-5:]) / 5 < 0.5 * sum(list(losses.values())[:5]) / 5
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [40, 60]  # num_to_keep=2 pruned step 20
+    assert "val/loss" in last and last["step"] == 60
+    weights, state, saved = ckpt.load(ckpt.latest_checkpoint_url(run), cfg)
+    assert state["step"] == 60 and state["ranks"][0]["data"]["epoch"] >= 1
+    assert saved.train.num_steps == 60
+
+
+def test_resume_reproduces_the_uninterrupted_loss(tmp_path):
+    cfg = _cfg()
+    straight = str(tmp_path / "straight")
+    train_loop(cfg, LocalContext(straight), straight, _parts(cfg))
+    crashed = str(tmp_path / "crashed")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_loop(cfg, LocalContext(crashed), crashed, _parts(cfg, fail_at=14))
+    assert [s for s, _ in ckpt.list_checkpoints(crashed)] == [10]
+    train_loop(cfg, LocalContext(crashed), crashed, _parts(cfg))
+    a, b = _losses(straight), _losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in range(1, 21):
+        assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"
+
+
+def test_non_finite_loss_fails_the_step_loudly(tmp_path):
+    cfg = _cfg()
+    run = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 3 .*loss, loss_recon"):
+        train_loop(cfg, LocalContext(run), run, _parts(cfg, nan_at=3))
+
+
+def test_adamw_decays_only_matrices():
+    model = TinyAE()
+    opt = make_optimizer(model, _cfg(weight_decay=0.1).train)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and len(decay["params"]) == 2
+    assert all(p.dim() == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4
+
+
+def test_onecycle_schedule_follows_spec(tmp_path):
+    cfg = _cfg(num_steps=10, lr=1e-3, pct_start=0.3)
+    from mzsane.train.loop import make_scheduler
+
+    opt = make_optimizer(TinyAE(), cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 / 25)
+    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+    lrs = []  # the learning rate each of the 10 optimizer steps uses
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert max(lrs) == pytest.approx(1e-3, rel=1e-6) and lrs.index(max(lrs)) == 2  # pct_start * total - 1
+    assert lrs[-1] == pytest.approx(1e-3 / 25 / 1e4, rel=1e-3)
+
+
+def test_compiled_model_saves_without_prefixes(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    cfg = _cfg(num_steps=4, compile=True, checkpoint_every_n_steps=4, eval_every_n_steps=-1)
+    run = str(tmp_path / "run")
+    train_loop(cfg, LocalContext(run), run, _parts(cfg))
+    weights, _, _ = ckpt.load(ckpt.latest_checkpoint_url(run))
+    assert sorted(weights) == sorted(TinyAE().state_dict())
+
+
+def test_incompatible_checkpoint_is_one_line(tmp_path):
+    cfg = _cfg(num_steps=2, checkpoint_every_n_steps=2)
+    run = str(tmp_path / "run")
+    train_loop(cfg, LocalContext(run), run, _parts(cfg))
+    other = _cfg(num_steps=4)
+    other.model.d_model = 64
+    with pytest.raises(CheckpointError, match=r"incompatible config: model.d_model=32 \(now 64\)") as err:
+        train_loop(other, LocalContext(run), run, _parts(other))
+    assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------- 2 ranks x batch b == 1 rank x batch 2b
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, run: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = _cfg(num_steps=6, batch_size=3, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0)
+        train_loop(cfg, LocalContext(run), run, _parts(cfg, rank, world, noise=0.0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
+    import torch.multiprocessing as mp
+
+    two = str(tmp_path / "two")
+    mp.start_processes(_ddp_rank, args=(2, _free_port(), two), nprocs=2, join=True, start_method="fork")
+    cfg = _cfg(num_steps=6, batch_size=6, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0)
+    one = str(tmp_path / "one")
+    train_loop(cfg, LocalContext(one), one, _parts(cfg, noise=0.0))
+    w2, s2, _ = ckpt.load(ckpt.latest_checkpoint_url(two))
+    w1, s1, _ = ckpt.load(ckpt.latest_checkpoint_url(one))
+    assert len(s2["ranks"]) == 2 and len(s1["ranks"]) == 1
+    moved = (w1["enc.weight"] - TinyAE().state_dict()["enc.weight"]).abs().max()
+    assert moved > 1e-3
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ the real SANE over real shards
+
+
+def make_shards(root: str, num_models: int = 8, epochs=(0, 1, 2), tokensize: int = 64) -> str:
+    """A small zoo with structure to learn: cnn_s networks = one shared base + a 2-D family of directions
+    (per model) + a per-epoch drift, sharded with the tiny preset's settings."""
+    from mzsane import storage
+    from mzsane.shards import writer
+    from mzsane.zoo.architectures import build_model
+    from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter
+
+    zoo_url = storage.join(root, "zoos", "mnist_cnn_s")
+    w = ZooWriter(zoo_url, ZooInfo(zoo="mnist_cnn_s", dataset="mnist", architecture="cnn_s", num_models=num_models))
+    torch.manual_seed(1000)
+    base, d1, d2 = (build_model("cnn_s").state_dict() for _ in range(3))
+    g = torch.Generator().manual_seed(7)
+    for i in range(num_models):
+        a, b = torch.randn(2, generator=g).tolist()
+        cks = {e: {k: v + 0.3 * a * d1[k] + 0.3 * b * d2[k] + 0.05 * e * d1[k] if v.is_floating_point() else v
+                   for k, v in base.items()} for e in epochs}
+        w.write_model(ModelRecord(zoo="mnist_cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
+                                  epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in epochs]), cks)
+    cfg = config_mod.tiny()
+    cfg.tokens.tokensize = tokensize
+    cfg.shards.split_fractions = [0.75, 0.25, 0.0]
+    out = storage.join(root, "shards", "default")
+    writer.build_shards([zoo_url], out, cfg.tokens, cfg.shards, progress=False)
+    return out
+
+
+def test_sane_tiny_loss_falls(tmp_path):
+    cfg = config_mod.tiny()
+    cfg.metrics.enabled = False
+    cfg.storage.root = str(tmp_path)
+    make_shards(str(tmp_path))
+    cfg.train.num_steps = 40
+    cfg.train.lr = 3e-3
+    cfg.train.log_every_n_steps = 1
+    cfg.train.eval_every_n_steps = 40
+    cfg.train.checkpoint_every_n_steps = 40
+    run = str(tmp_path / "runs" / "r")
+    last = train_loop(cfg, LocalContext(run), run)
+    losses = list(_losses(run).values())
+    assert sum(losses[-8:]) < 0.95 * sum(losses[:8])
+    assert "val/loss" in last
+    _, _, saved = ckpt.load(ckpt.latest_checkpoint_url(run))
+    assert saved.model.max_positions and all(m > 0 for m in saved.model.max_positions)

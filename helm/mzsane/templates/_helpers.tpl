@@ -1,0 +1,352 @@
+{{/*
+Helpers of the mzsane sweep chart.
+
+Why so much here: every object of a sweep point (RayJob, ConfigMap) must agree on names, labels and the
+point's resolved config, so all of it is computed once by "mzsane.points" and read by the templates.
+*/}}
+
+{{/* Chart name and the chart label value. */}}
+{{- define "mzsane.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "mzsane.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+A name of at most .max characters: unchanged when short enough, otherwise cut and suffixed with 8 hex
+characters of its sha256 so that two long names that share a prefix never collide.
+Usage: include "mzsane.hashName" (dict "name" $s "max" 47)
+*/}}
+{{- define "mzsane.hashName" -}}
+{{- $name := .name -}}
+{{- if le (len $name) (int .max) -}}
+{{- $name -}}
+{{- else -}}
+{{- printf "%s-%s" ($name | trunc (int (sub .max 9)) | trimSuffix "-") (sha256sum $name | trunc 8) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Lower-case DNS-1123 slug of any string: runs of other characters become one "-". */}}
+{{- define "mzsane.slug" -}}
+{{- regexReplaceAll "[^a-z0-9]+" (. | toString | lower) "-" | trimAll "-" -}}
+{{- end -}}
+
+{{/* Labels every object of the release carries. */}}
+{{- define "mzsane.commonLabels" -}}
+helm.sh/chart: {{ include "mzsane.chart" . }}
+app.kubernetes.io/name: {{ include "mzsane.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mzsane
+mzsane.io/sweep: {{ .Values.sweep.name }}
+{{- end -}}
+
+{{/* Labels of one point's objects. Usage: include "mzsane.pointLabels" (dict "root" $ "point" $p) */}}
+{{- define "mzsane.pointLabels" -}}
+{{ include "mzsane.commonLabels" .root }}
+mzsane.io/point: {{ .point.name }}
+{{- end -}}
+
+{{/* Rank count and CPUs per rank of the worker group: one rank per GPU, or one per pod on CPU. */}}
+{{- define "mzsane.ranksPerPod" -}}
+{{- $gpu := int (default 0 .Values.worker.resources.gpu) -}}
+{{- if gt $gpu 0 }}{{ $gpu }}{{ else }}1{{ end -}}
+{{- end -}}
+
+{{- define "mzsane.numWorkers" -}}
+{{- mul (int .Values.worker.replicas) (int (include "mzsane.ranksPerPod" .)) -}}
+{{- end -}}
+
+{{/* Whole CPUs in a quantity (500m -> 0, 2 -> 2, 2.5 -> 2), at least 1. */}}
+{{- define "mzsane.wholeCpus" -}}
+{{- $q := toString . -}}
+{{- $n := 0 -}}
+{{- if hasSuffix "m" $q -}}
+{{- $n = div (atoi (trimSuffix "m" $q)) 1000 -}}
+{{- else -}}
+{{- $n = int (floor (float64 $q)) -}}
+{{- end -}}
+{{- max $n 1 -}}
+{{- end -}}
+
+{{- define "mzsane.cpusPerWorker" -}}
+{{- max (div (int (include "mzsane.wholeCpus" .Values.worker.resources.cpu)) (int (include "mzsane.ranksPerPod" .))) 1 -}}
+{{- end -}}
+
+{{/* A dotted config path and a value as a nested mapping: ("loss.norm_mode", "layer") -> {loss: {norm_mode: layer}} */}}
+{{- define "mzsane.nested" -}}
+{{- $value := .value -}}
+{{- range (reverse (splitList "." .path)) -}}
+{{- $value = dict . $value -}}
+{{- end -}}
+{{- toJson $value -}}
+{{- end -}}
+
+{{/*
+Checks that the schema cannot express; each failure names the offending value and the fix.
+*/}}
+{{- define "mzsane.validate" -}}
+{{- $v := .Values -}}
+{{- if not $v.storage.s3.credentialsSecret.name -}}
+{{- fail (printf "storage.s3.credentialsSecret.name is empty: S3 credentials for %q come only from a Secret; create one (deploy/README.md) and set its name" $v.storage.root) -}}
+{{- end -}}
+{{- $grid := default dict $v.sweep.grid -}}
+{{- if and (not (empty $grid.compositions)) (empty $grid.zooSizes) -}}
+{{- fail "sweep.grid.compositions is set but sweep.grid.zooSizes is empty: give at least one zoo size, e.g. zooSizes: [100]" -}}
+{{- end -}}
+{{- if and (not (empty $grid.zooSizes)) (empty $grid.compositions) -}}
+{{- fail (printf "sweep.grid.zooSizes %v is set but sweep.grid.compositions is empty: give at least one composition, e.g. [{zoos: [%s]}]" $grid.zooSizes $v.sweep.targetZoo) -}}
+{{- end -}}
+{{- $paths := list -}}
+{{- range $grid.axes -}}
+{{- if has .path $paths -}}
+{{- fail (printf "sweep.grid.axes: path %q appears twice; merge its values into one axis" .path) -}}
+{{- end -}}
+{{- $paths = append $paths .path -}}
+{{- end -}}
+{{- $lastRankPort := add (int $v.metrics.port) (int (include "mzsane.numWorkers" .)) -}}
+{{- if and $v.metrics.enabled (le (int $v.metrics.port) 8080) (gt $lastRankPort 8080) -}}
+{{- fail (printf "metrics.port %d puts a training rank on 8080, Ray's own metrics port; use e.g. 9500" (int $v.metrics.port)) -}}
+{{- end -}}
+{{- if gt (len (toString $v.sweep.name)) 63 -}}
+{{- fail (printf "sweep.name %q is longer than 63 characters; choose a shorter name" $v.sweep.name) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Every point of the sweep as a JSON list: the grid (zoo sizes x compositions x axes, in that order) then
+the explicit runs. Each point: name (DNS-1123, <= 40 characters, also its results folder), job (the
+RayJob/ConfigMap name, DNS-1035, <= 47 characters as KubeRay requires), zooSize, zoos, composition,
+axes ({path: value}) and overrides (the nested config overrides the point runs with).
+*/}}
+{{- define "mzsane.points" -}}
+{{- $v := .Values -}}
+{{- $grid := default dict $v.sweep.grid -}}
+{{- $raw := list -}}
+{{- range $size := $grid.zooSizes -}}
+{{- range $ci, $comp := $grid.compositions -}}
+{{- $cname := include "mzsane.slug" (default (join "-" $comp.zoos) $comp.name) -}}
+{{- $raw = append $raw (dict "base" (printf "n%d-%s" (int $size) $cname) "zooSize" (int $size) "zoos" $comp.zoos "composition" (default (join "+" $comp.zoos) $comp.name) "set" dict) -}}
+{{- end -}}
+{{- end -}}
+{{- range $axis := $grid.axes -}}
+{{- $next := list -}}
+{{- range $p := $raw -}}
+{{- range $value := $axis.values -}}
+{{- $set := merge (dict $axis.path $value) (deepCopy $p.set) -}}
+{{- $next = append $next (merge (dict "base" (printf "%s-%s" $p.base (include "mzsane.slug" $value)) "set" $set) (deepCopy $p)) -}}
+{{- end -}}
+{{- end -}}
+{{- $raw = $next -}}
+{{- end -}}
+{{- range $run := $v.sweep.runs -}}
+{{- $raw = append $raw (dict "base" (include "mzsane.slug" $run.name) "zooSize" (int $run.zooSize) "zoos" $run.zoos "composition" (default (join "+" $run.zoos) $run.composition) "set" (default dict $run.set)) -}}
+{{- end -}}
+{{- $numWorkers := int (include "mzsane.numWorkers" .) -}}
+{{- $points := list -}}
+{{- $seen := list -}}
+{{- range $p := $raw -}}
+{{- $name := include "mzsane.hashName" (dict "name" $p.base "max" 40) -}}
+{{- if has $name $seen -}}
+{{- fail (printf "sweep point %q is defined twice (grid and runs, or repeated values); rename the run or drop the duplicate" $p.base) -}}
+{{- end -}}
+{{- $seen = append $seen $name -}}
+{{- $full := printf "%s-%s" $v.sweep.name $name -}}
+{{- $job := $full -}}
+{{- if gt (len $full) 47 -}}{{/* keep the point readable: cut the sweep name first, hash the full name */}}
+{{- $short := printf "%s-%s" ($v.sweep.name | trunc 14 | trimSuffix "-") $name -}}
+{{- $job = printf "%s-%s" ($short | trunc 38 | trimSuffix "-") (sha256sum $full | trunc 8) -}}
+{{- end -}}
+{{- $runName := printf "%s-%s" $v.sweep.name $name -}}
+{{- $data := dict "zoos" $p.zoos "num_models_per_zoo" $p.zooSize -}}
+{{- if $v.storage.shardsUrl }}{{ $_ := set $data "shards_url" $v.storage.shardsUrl }}{{ end -}}
+{{- $fixed := dict
+    "run_name" $runName
+    "storage" (dict "root" $v.storage.root)
+    "data" $data
+    "sample" (dict "target_zoo" $v.sweep.targetZoo)
+    "cluster" (dict "address" "auto" "num_workers" $numWorkers "cpus_per_worker" (int (include "mzsane.cpusPerWorker" $)) "use_gpu" (gt (int (default 0 $v.worker.resources.gpu)) 0))
+    "metrics" (dict "enabled" $v.metrics.enabled "port" (int $v.metrics.port) "host" "0.0.0.0") -}}
+{{- $overrides := mergeOverwrite (deepCopy (default dict $v.sweep.config)) $fixed -}}
+{{- range $path, $value := $p.set -}}
+{{- $overrides = mergeOverwrite $overrides (include "mzsane.nested" (dict "path" $path "value" $value) | fromJson) -}}
+{{- end -}}
+{{- $points = append $points (dict "name" $name "job" $job "runName" $runName "zooSize" $p.zooSize "zoos" $p.zoos "composition" $p.composition "axes" $p.set "overrides" $overrides) -}}
+{{- end -}}
+{{- if empty $points -}}
+{{- fail "the sweep has no points: set sweep.grid.zooSizes and sweep.grid.compositions, or sweep.runs" -}}
+{{- end -}}
+{{- toJson $points -}}
+{{- end -}}
+
+{{/* Writable HOME and caches under the /tmp emptyDir (the root filesystem is read-only). */}}
+{{- define "mzsane.homeEnv" -}}
+- name: HOME
+  value: /tmp/home
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+- name: MPLCONFIGDIR
+  value: /tmp/matplotlib
+- name: MPLBACKEND
+  value: Agg
+{{- end -}}
+
+{{/* S3 environment of Ray nodes: endpoint from values, credentials only from the Secret. */}}
+{{- define "mzsane.s3Env" -}}
+{{- $s3 := .Values.storage.s3 -}}
+- name: MZSANE_S3_ENDPOINT
+  value: {{ default "" $s3.endpoint | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ default "us-east-1" $s3.region | quote }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.credentialsSecret.name }}
+      key: {{ default "AWS_ACCESS_KEY_ID" $s3.credentialsSecret.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3.credentialsSecret.name }}
+      key: {{ default "AWS_SECRET_ACCESS_KEY" $s3.credentialsSecret.secretAccessKeyKey }}
+{{- end -}}
+
+{{/* Restricted-profile security contexts (Pod Security Standards "restricted"). */}}
+{{- define "mzsane.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int (default 1000 .Values.podSecurity.runAsUser) }}
+runAsGroup: {{ int (default 100 .Values.podSecurity.runAsGroup) }}
+fsGroup: {{ int (default 100 .Values.podSecurity.fsGroup) }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "mzsane.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/*
+The one pod template used by the head group, the worker group and the job submitter.
+Usage: include "mzsane.podTemplate" (dict "root" $ "point" $p "role" "head"|"worker"|"submitter" "group" $groupValues)
+Writable paths under a read-only root filesystem: /tmp (Ray's /tmp/ray session dirs, HOME, caches) and
+/dev/shm (Ray's object store) are emptyDirs; the point's overrides are mounted at /etc/mzsane.
+*/}}
+{{- define "mzsane.podTemplate" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $p := .point -}}
+{{- $res := .group.resources -}}
+{{- $gpu := int (default 0 $res.gpu) -}}
+metadata:
+  labels:
+    {{- include "mzsane.pointLabels" (dict "root" $root "point" $p) | nindent 4 }}
+    app.kubernetes.io/component: {{ .role }}
+spec:
+  {{- if ne .role "submitter" }}
+  enableServiceLinks: false
+  {{- end }}
+  {{- if eq .role "submitter" }}
+  restartPolicy: Never
+  {{- end }}
+  {{- with $v.job.serviceAccountName }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  automountServiceAccountToken: false
+  securityContext:
+    {{- include "mzsane.podSecurityContext" $root | nindent 4 }}
+  {{- with $v.image.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  {{- with .group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ if eq .role "submitter" }}ray-job-submitter{{ else }}ray-{{ .role }}{{ end }}
+      image: {{ printf "%s:%s" $v.image.repository $v.image.tag | quote }}
+      imagePullPolicy: {{ default "IfNotPresent" $v.image.pullPolicy }}
+      env:
+        {{- include "mzsane.homeEnv" $root | nindent 8 }}
+        {{- if ne .role "submitter" }}
+        {{- include "mzsane.s3Env" $root | nindent 8 }}
+        {{- end }}
+      resources:
+        requests:
+          cpu: {{ $res.cpu | quote }}
+          memory: {{ $res.memory | quote }}
+        limits:
+          cpu: {{ $res.cpu | quote }}
+          memory: {{ $res.memory | quote }}
+          {{- if gt $gpu 0 }}
+          nvidia.com/gpu: {{ $gpu | quote }}
+          {{- end }}
+      {{- if ne .role "submitter" }}
+      ports:
+        {{- if eq .role "head" }}
+        - {name: gcs-server, containerPort: 6379}
+        - {name: dashboard, containerPort: 8265}
+        - {name: client, containerPort: 10001}
+        {{- end }}
+        # Ray's own metrics agent (rayStartParams metrics-export-port defaults to 8080); KubeRay's
+        # default name for it, "metrics", belongs to mzsane's training ranks here
+        - {name: ray-metrics, containerPort: 8080}
+        {{- if and (eq .role "worker") $v.metrics.enabled }}
+        {{- range $rank := until (int (include "mzsane.numWorkers" $root)) }}
+        - name: {{ if eq $rank 0 }}metrics{{ else }}metrics-{{ $rank }}{{ end }}
+          containerPort: {{ add (int $v.metrics.port) $rank }}
+        {{- end }}
+        {{- end }}
+      {{- end }}
+      securityContext:
+        {{- include "mzsane.containerSecurityContext" $root | nindent 8 }}
+      volumeMounts:
+        - {name: tmp, mountPath: /tmp}
+        {{- if ne .role "submitter" }}
+        - {name: shm, mountPath: /dev/shm}
+        - {name: point-config, mountPath: /etc/mzsane, readOnly: true}
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir: {}
+    {{- if ne .role "submitter" }}
+    - name: shm
+      emptyDir: {medium: Memory, sizeLimit: {{ $res.memory | quote }}}
+    - name: point-config
+      configMap:
+        name: {{ $p.job }}
+    {{- end }}
+{{- end -}}
+
+{{/*
+The entrypoint the job driver runs on the head: record the point, then train -> sample -> evaluate.
+Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json among them).
+*/}}
+{{- define "mzsane.entrypoint" -}}
+{{- $v := .root.Values -}}
+{{- $p := .point -}}
+{{- $out := printf "%s/sweeps/%s/%s" (trimSuffix "/" $v.storage.root) $v.sweep.name $p.name -}}
+{{- $zoo := printf "%s/zoos/%s" (trimSuffix "/" $v.storage.root) $v.sweep.targetZoo -}}
+{{- $run := printf "%s/runs/%s" (trimSuffix "/" $v.storage.root) $p.runName -}}
+{{- $cfg := printf "--preset %s --config /etc/mzsane/overrides.yaml" $v.sweep.preset -}}
+{{- list
+      (printf "python -m mzsane.sweep record-point /etc/mzsane/point.json %s" (squote $out))
+      (printf "mzsane train %s" $cfg)
+      (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $zoo) (squote $out))
+      (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $out) (squote $zoo))
+    | join " && " -}}
+{{- end -}}

@@ -1,0 +1,141 @@
+"""``mzsane sweep submit``/``status`` with the official Kubernetes client against kmock on 127.0.0.1.
+
+Why kmock and not a real API server: no Kubernetes API server can run on these machines (no
+kube-apiserver, kind, k3s or minikube binaries, no container runtime; see infra-notes §6). kmock's
+``KubernetesEmulator`` is a stateful in-memory Kubernetes API over real HTTP, so the client's requests,
+paths, label selectors, status subresource and error codes are exercised for real. It neither validates
+schemas nor runs controllers: the RayJob schema is checked in test_helm_chart.py, and the operator's
+status updates are played here through the status subresource, as KubeRay would write them.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+kmock = pytest.importorskip("kmock")
+pytest.importorskip("helm_python")
+from kubernetes import client  # noqa: E402
+
+from mzsane import sweep  # noqa: E402
+from mzsane.errors import ClusterError  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+NS = "mzsane"
+
+
+@pytest.fixture(scope="module")
+def kube_api():
+    """kmock's emulator on a loopback port, served from its own event loop in a background thread."""
+    ready, box = threading.Event(), {}
+
+    async def serve():
+        emulator = kmock.KubernetesEmulator()
+        emulator.resources["ray.io/v1/rayjobs"] = {}
+        emulator.resources["v1/configmaps"] = {}
+        emulator["get /apis/ray.io/v1/namespaces/locked/rayjobs"] << 403 << {
+            "kind": "Status", "message": 'rayjobs.ray.io is forbidden: User "bob" cannot list resource "rayjobs"'}
+        async with emulator, kmock.Server(emulator, host="127.0.0.1") as server:
+            box.update(url=str(server.url).rstrip("/"), loop=asyncio.get_running_loop(), stop=asyncio.Event())
+            ready.set()
+            await box["stop"].wait()
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    assert ready.wait(20), "kmock did not start"
+    yield box["url"]
+    box["loop"].call_soon_threadsafe(box["stop"].set)
+    thread.join(10)
+
+
+@pytest.fixture
+def kubeconfig(kube_api, tmp_path, monkeypatch):
+    """A real kubeconfig file pointing at kmock, so sweep.py loads its config as it would for a user."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": kube_api}}],
+        "users": [{"name": "dev", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "dev", "namespace": NS}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    return path
+
+
+def _raw_api(url):
+    cfg = client.Configuration()
+    cfg.host = url
+    return client.ApiClient(cfg)
+
+
+def test_submit_creates_configmaps_and_rayjobs_then_status_reports_them(kubeconfig, kube_api):
+    objs = sweep.render([str(ROOT / "jobs" / "composition.yaml")], release="composition", namespace=NS)
+    created = sweep.submit(objs, NS)
+    assert [r["action"] for r in created] == ["created"] * 6
+    assert [r["action"] for r in sweep.submit(objs, NS)] == ["exists"] * 6  # re-submitting is safe
+
+    raw = _raw_api(kube_api)
+    core, custom = client.CoreV1Api(raw), client.CustomObjectsApi(raw)
+    jobs = [o for o in objs if o["kind"] == "RayJob"]
+    stored = custom.get_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", jobs[0]["metadata"]["name"])
+    assert stored["spec"]["entrypoint"] == jobs[0]["spec"]["entrypoint"]
+    cm = core.read_namespaced_config_map(jobs[0]["metadata"]["name"], NS)
+    assert yaml.safe_load(cm.data["overrides.yaml"])["data"]["num_models_per_zoo"] == 100
+
+    # a RayJob of another sweep must not show up
+    other = dict(jobs[0], metadata={"name": "other-job", "labels": {"mzsane.io/sweep": "other"}})
+    custom.create_namespaced_custom_object("ray.io", "v1", NS, "rayjobs", other)
+
+    # play the KubeRay operator: one point finished, one running, one not started
+    custom.patch_namespaced_custom_object_status("ray.io", "v1", NS, "rayjobs", jobs[0]["metadata"]["name"], {
+        "status": {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete",
+                   "startTime": "2026-01-01T10:00:00Z", "endTime": "2026-01-01T10:30:00Z"}})
+    custom.patch_namespaced_custom_object_status("ray.io", "v1", NS, "rayjobs", jobs[1]["metadata"]["name"], {
+        "status": {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running", "startTime": "2026-01-01T10:00:00Z"}})
+    now = datetime(2026, 1, 1, 10, 10, tzinfo=timezone.utc)
+    rows = {r["job"]: r for r in sweep.status("composition", NS, now=now)}
+    assert set(rows) == {j["metadata"]["name"] for j in jobs}
+    done, running, new = (rows[j["metadata"]["name"]] for j in jobs)
+    assert (done["job_status"], done["deployment"], done["duration_s"]) == ("SUCCEEDED", "Complete", 1800.0)
+    assert (running["job_status"], running["duration_s"]) == ("RUNNING", 600.0)
+    assert (new["job_status"], new["duration_s"]) == ("PENDING", None)
+    assert done["point"] == jobs[0]["metadata"]["labels"]["mzsane.io/point"]
+
+
+def test_status_cli_prints_a_table(kubeconfig, capsys):
+    sweep.submit(sweep.render([str(ROOT / "jobs" / "smoke.yaml")], namespace=NS), NS)
+    sweep.status_cli(type("Args", (), {"sweep": "smoke", "namespace": NS})())
+    out = capsys.readouterr().out
+    assert "smoke" in out and "PENDING" in out and "1 points: 1 pending" in out
+    with pytest.raises(ClusterError, match="no RayJobs labelled mzsane.io/sweep=nothing"):
+        sweep.status_cli(type("Args", (), {"sweep": "nothing", "namespace": NS})())
+
+
+def test_forbidden_is_one_line_cluster_error(kubeconfig):
+    with pytest.raises(ClusterError) as err:
+        sweep.status("composition", "locked")
+    message = str(err.value)
+    assert "403" in message and "locked" in message and "RBAC" in message and "\n" not in message
+
+
+def test_unreachable_api_is_one_line_cluster_error(tmp_path, monkeypatch):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ClusterError, match="unreachable") as err:
+        sweep.status("composition", NS, api_client=_raw_api(f"http://127.0.0.1:{port}"))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_kubeconfig_is_a_cluster_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(ClusterError, match="KUBECONFIG"):
+        sweep.status("composition", NS)

@@ -1,0 +1,101 @@
+"""``mzsane sweep report``: results files shaped as CONTRACT.md says -> table, CSV and the Figure-3 PNG."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from mzsane import storage, sweep
+from mzsane.errors import DataError
+
+ACC = {("mnist", 50): 0.61, ("mnist", 100): 0.70, ("mnist-fashion", 50): 0.66, ("mnist-fashion", 100): 0.78}
+
+
+def _results(backbone: str, generated: float) -> dict:
+    return {
+        "target_zoo": "mnist-cnn_s", "dataset": "mnist", "architecture": "cnn_s", "backbone": backbone,
+        "in_distribution": True,
+        "rows": [
+            {"method": "generated", "test_acc_mean": generated, "test_acc_std": 0.02, "n": 10},
+            {"method": "anchors", "test_acc_mean": 0.80, "test_acc_std": 0.01, "n": 5},
+            {"method": "soup", "test_acc_mean": 0.11, "test_acc_std": 0.0, "n": 1},
+            {"method": "random", "test_acc_mean": 0.10, "test_acc_std": 0.01, "n": 5},
+        ],
+        "soup_curve": [], "finetune": {}, "novelty": {},
+    }
+
+
+def _write_sweep(root: str) -> str:
+    """Four points written as the chart's RayJobs would, one pending, one run without point.json."""
+    url = storage.join(root, "sweeps", "grid")
+    for (comp, size), acc in ACC.items():
+        point = f"n{size}-{comp}"
+        zoos = ["mnist-cnn_s"] + (["fashion_mnist-cnn_s"] if comp == "mnist-fashion" else [])
+        storage.write_json(storage.join(url, point, "point.json"), {
+            "schema_version": 1, "sweep": "grid", "point": point, "composition": comp, "zoo_size": size,
+            "zoos": zoos, "axes": {}, "target_zoo": "mnist-cnn_s"})
+        storage.write_json(storage.join(url, point, "evaluate", "results.json"),
+                           _results(storage.join(root, "runs", f"grid-{point}"), acc))
+    # a point still running: point.json but no results yet
+    storage.write_json(storage.join(url, "n150-mnist", "point.json"), {"zoo_size": 150, "zoos": ["mnist-cnn_s"]})
+    # a point run by hand: its coordinates come from the backbone run's config.json
+    run = storage.join(root, "runs", "manual")
+    storage.write_json(storage.join(run, "config.json"),
+                       {"data": {"zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"], "num_models_per_zoo": 150}})
+    storage.write_json(storage.join(url, "manual", "evaluate", "results.json"), _results(run, 0.81))
+    return url
+
+
+def test_report_writes_table_csv_and_png(tmp_path):
+    url = _write_sweep(str(tmp_path))
+    result = sweep.report(url)
+    assert result["pending"] == ["n150-mnist"]
+    zero_shot = [r for r in result["rows"] if r["method"] == "generated"]
+    assert len(result["rows"]) == 5 * 4 and len(zero_shot) == 5
+    got = {(r["composition"], r["zoo_size"]): r["test_acc_mean"] for r in zero_shot}
+    assert got == {**ACC, ("mnist-cnn_s+fashion_mnist-cnn_s", 150): 0.81}
+    by_point = {r["point"]: r for r in zero_shot}
+    assert by_point["n100-mnist-fashion"]["num_zoos"] == 2
+    assert by_point["n100-mnist-fashion"]["zoos"] == "mnist-cnn_s+fashion_mnist-cnn_s"
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(result["csv"]))))
+    assert rows[0].keys() == set(sweep.REPORT_COLUMNS)
+    assert len(rows) == 20
+    assert {(r["point"], r["method"]) for r in rows} >= {("n50-mnist", "generated"), ("manual", "random")}
+    assert float(next(r for r in rows if r["point"] == "n50-mnist" and r["method"] == "generated")
+                 ["test_acc_mean"]) == pytest.approx(0.61)
+
+    png = storage.read_bytes(result["png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    assert image.size[0] > 300 and image.size[1] > 200
+    assert len(set(image.convert("RGB").getdata())) > 10  # lines drawn, not a blank canvas
+
+
+def test_report_to_separate_output_and_cli_table(tmp_path, capsys):
+    url = _write_sweep(str(tmp_path / "data"))
+    out = str(tmp_path / "report")
+    sweep.report_cli(type("Args", (), {"url": url, "out": out})())
+    text = capsys.readouterr().out
+    assert "n100-mnist-fashion" in text and "0.7800" in text and "pending (no results yet): n150-mnist" in text
+    assert storage.exists(storage.join(out, "sweep_results.csv"))
+    assert storage.exists(storage.join(out, "sweep_zero_shot.png"))
+
+
+def test_report_errors_name_the_url(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        sweep.report(str(tmp_path / "nope"))
+    storage.write_json(str(tmp_path / "s" / "p1" / "point.json"), {"zoo_size": 5})
+    with pytest.raises(DataError, match="no evaluate/results.json"):
+        sweep.report(str(tmp_path / "s"))
+
+
+def test_record_point_copies_point_json_beside_the_results(tmp_path):
+    src = tmp_path / "point.json"
+    src.write_text(json.dumps({"point": "n50-mnist", "zoo_size": 50}))
+    assert sweep.main(["record-point", str(src), str(tmp_path / "out")]) == 0
+    assert storage.read_json(str(tmp_path / "out" / "point.json"))["zoo_size"] == 50

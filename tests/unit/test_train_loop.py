@@ -184,6 +184,18 @@ def test_incompatible_checkpoint_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_resume_with_another_schedule_length_is_one_line(tmp_path):
+    cfg = _cfg(num_steps=4, checkpoint_every_n_steps=2)
+    run = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_loop(cfg, LocalContext(run), run, _parts(cfg, fail_at=3))
+    longer = _cfg(num_steps=8, checkpoint_every_n_steps=2)
+    with pytest.raises(CheckpointError, match=r"4-step schedule.*train.num_steps=4") as err:
+        train_loop(longer, LocalContext(run), run, _parts(longer))
+    assert "\n" not in str(err.value)
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]  # the refused resume wrote nothing
+
+
 # --------------------------------------------------------------- 2 ranks x batch b == 1 rank x batch 2b
 
 

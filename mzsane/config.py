@@ -345,7 +345,12 @@ def _apply_dict(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"unknown config key '{prefix}{key}'; valid keys here: {', '.join(_field_names(obj))}")
-        setattr(obj, key, _coerce(value, hints[key], prefix + key))
+        current = getattr(obj, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            # a section in a file merges onto what the preset (or an earlier file) set, key by key
+            _apply_dict(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], prefix + key))
 
 
 def apply_override(cfg: Config, assignment: str) -> None:

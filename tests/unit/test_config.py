@@ -74,3 +74,13 @@ def test_sections_are_independent_instances():
     a.data.zoos.append("z")
     assert b.data.zoos == []
     assert all(dataclasses.is_dataclass(getattr(a, f.name)) for f in dataclasses.fields(a) if f.name != "run_name")
+
+
+def test_a_file_section_merges_onto_the_preset(tmp_path):
+    path = tmp_path / "point.yaml"
+    path.write_text("sample:\n  target_zoo: mnist-cnn_s\ntrain:\n  num_steps: 7\n")
+    cfg = config.load("tiny", [str(path)])
+    tiny = config.tiny()
+    assert cfg.sample.target_zoo == "mnist-cnn_s" and cfg.train.num_steps == 7
+    assert cfg.sample.num_anchors == tiny.sample.num_anchors != config.SampleConfig().num_anchors
+    assert cfg.train.batch_size == tiny.train.batch_size

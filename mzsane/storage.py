@@ -45,6 +45,14 @@ def is_remote(url: str) -> bool:
     return scheme(url) not in ("file",)
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers run in their own working directory); URLs unchanged."""
+    if not url or is_remote(url):
+        return url
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def endpoint() -> str:
     for var in ENDPOINT_VARS:
         value = os.environ.get(var, "")

@@ -41,7 +41,7 @@ def new_run_name() -> str:
 def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
     """Resolve the config and run URL and check everything checkable before any worker starts."""
     if resume:
-        run_url = resume.rstrip("/")
+        run_url = storage.absolute(resume.rstrip("/"))
         if not storage.exists(storage.join(run_url, ckpt.CONFIG_FILE)):
             raise ConfigError(f"--resume '{resume}' is not a run folder (no config.json); pass {{root}}/runs/<run>")
         saved = config_mod.loads(storage.read_text(storage.join(run_url, ckpt.CONFIG_FILE)))
@@ -50,6 +50,9 @@ def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
     else:
         cfg = config_mod.loads(config_mod.dumps(cfg))
         cfg.run_name = cfg.run_name or new_run_name()
+    # workers do not share the driver's working directory: relative local paths would miss
+    cfg.storage.root, cfg.data.shards_url = storage.absolute(cfg.storage.root), storage.absolute(cfg.data.shards_url)
+    if not resume:
         run_url = storage.join(cfg.storage.root, "runs", cfg.run_name)
     storage.check_writable(run_url)
     from mzsane.train.data import open_selection

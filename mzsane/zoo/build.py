@@ -10,6 +10,7 @@ that crashes is listed as failed and retried on the next run.
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -118,6 +119,11 @@ def _final_stats(zoo_url: str) -> dict:
     return stats
 
 
+def _advance(bar: tqdm, amount: float) -> None:
+    """Fractional steps (models / steps per epoch) sum with float error: never run past the total."""
+    bar.update(max(0.0, min(amount, (bar.total or 0) - bar.n)))
+
+
 def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, bar: tqdm) -> dict:
     sizes = plan.sizes
     shared = {"architecture": plan.architecture, **data.arch_kwargs()}
@@ -141,7 +147,7 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
         bar.set_description(f"{plan.name} ({len(chunk)} models)")
         try:
             results = train_population(shared, [hp for _, hp in chunk], data, sizes["num_epochs"], save,
-                                       train=train, eval_splits=evals, seed=cfg.seed, progress=bar.update,
+                                       train=train, eval_splits=evals, seed=cfg.seed, progress=functools.partial(_advance, bar),
                                        epoch0_train_images=len(evals["test"]))
         except (RuntimeError, ValueError) as err:  # a crashed population is reported, retried next run
             for mid, _ in chunk:

@@ -31,7 +31,8 @@ from mzsane.shards.select import select
 from mzsane.shards.writer import build_shards
 from mzsane.tokens.layout import layout_from_state_dict
 from mzsane.zoo.architectures import build_model
-from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter
+from mzsane.zoo.records import ModelRecord, ZooInfo
+from mzsane.zoo.store import ZooWriter
 
 TARGET_INGEST_S = 7.0
 TARGET_BYTES_PER_MODEL = 74e6

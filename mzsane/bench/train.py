@@ -31,7 +31,8 @@ def synthetic_shards(root: str, tokensize: int, num_models: int = NUM_MODELS) ->
     """A cnn_s zoo (base + per-model directions) sharded at ``{root}/shards/default``."""
     from mzsane.shards import writer
     from mzsane.zoo.architectures import build_model
-    from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter
+    from mzsane.zoo.records import ModelRecord, ZooInfo
+    from mzsane.zoo.store import ZooWriter
 
     zoo_url = storage.join(root, "zoos", "mnist_cnn_s")
     w = ZooWriter(zoo_url, ZooInfo(zoo="mnist_cnn_s", dataset="mnist", architecture="cnn_s", num_models=num_models))

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import epoch_order, load_dataset
-from mzsane.zoo.population import (TRAIN_BUDGET_BYTES, evaluate_models, init_population, models_per_call,
-                                   train_population)
+from mzsane.zoo.evaluation import evaluate_models
+from mzsane.zoo.population import init_population, train_population
+from mzsane.zoo.stacked import TRAIN_BUDGET_BYTES, models_per_call
 
 PROTOCOL_EPOCHS, PROTOCOL_IMAGES = 50, 50_000
 

@@ -32,7 +32,7 @@ def soup(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def align_all(state_dicts: list[dict[str, torch.Tensor]], architecture: str, seed: int = 0) -> list[dict]:
     """Every model permuted to match the first one (weight matching); the first is returned unchanged."""
-    from mzsane.tokens.permutations import align
+    from mzsane.tokens.alignment import align
 
     if len(state_dicts) < 2:
         return list(state_dicts)

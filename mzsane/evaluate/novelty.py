@@ -48,7 +48,7 @@ def relative_distance(a: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) 
 
 def aligned_distance(a: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], architecture: str) -> float:
     """Relative L2 distance after permuting ``a`` to best match ``ref`` (weight matching)."""
-    from mzsane.tokens.permutations import align
+    from mzsane.tokens.alignment import align
 
     try:
         a = align(a, ref, architecture)

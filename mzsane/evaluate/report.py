@@ -38,7 +38,7 @@ def _sample_cfg(results: dict) -> SampleConfig:
 
 
 def _test_accs(kwargs: dict, state_dicts: list[dict], dataset: Any) -> list[float]:
-    from mzsane.zoo.population import evaluate_models
+    from mzsane.zoo.evaluation import evaluate_models
 
     if not state_dicts:
         return []
@@ -46,7 +46,7 @@ def _test_accs(kwargs: dict, state_dicts: list[dict], dataset: Any) -> list[floa
 
 
 def _curves(kwargs: dict, state_dicts: list[dict], dataset: Any, ecfg: EvaluateConfig, hparams: dict) -> dict:
-    from mzsane.zoo.population import finetune
+    from mzsane.zoo.evaluation import finetune
 
     rows = finetune(kwargs, state_dicts, dataset, epochs=ecfg.finetune_epochs, lr=ecfg.finetune_lr,
                     optimizer=str(hparams.get("optimizer", "adam")), batch_size=int(hparams.get("batch_size", 32)),

@@ -89,7 +89,7 @@ def condition_bn(kwargs: dict[str, Any], state_dicts: list[dict], images_NCHW: t
     """Re-estimate BN running statistics of all candidates at once (no-op without BatchNorm)."""
     if not state_dicts or not has_batchnorm(state_dicts[0]) or iterations <= 0:
         return state_dicts
-    from mzsane.zoo.population import reestimate_bn
+    from mzsane.zoo.evaluation import reestimate_bn
 
     return reestimate_bn(kwargs, state_dicts, images_NCHW, iterations, batch_size, torch.Generator().manual_seed(seed))
 
@@ -97,7 +97,7 @@ def condition_bn(kwargs: dict[str, Any], state_dicts: list[dict], images_NCHW: t
 def score_candidates(kwargs: dict[str, Any], state_dicts: list[dict], val_split: Any,
                      batch_size: int = 512) -> list[tuple[float, float]]:
     """(loss, accuracy) of every candidate on the validation split it is given (and nothing else)."""
-    from mzsane.zoo.population import evaluate_models
+    from mzsane.zoo.evaluation import evaluate_models
 
     return [(float(l), float(a)) for l, a in evaluate_models(kwargs, state_dicts, val_split.x, val_split.y, batch_size)]
 

@@ -30,7 +30,8 @@ from mzsane.shards.schema import DEFAULT_COMPRESSION, DEFAULT_ENCODING, SCHEMA_V
 from mzsane.tokens.layout import TokenLayout, layout_from_state_dict
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.architectures import build_model
-from mzsane.zoo.store import FilteredCheckpoint, ZooReader, find_zoos, open_zoo
+from mzsane.zoo.records import FilteredCheckpoint, ZooReader
+from mzsane.zoo.store import find_zoos, open_zoo
 
 ROW_GROUP_BYTES = 64 * 2**20
 FILE_BYTES = 2**30

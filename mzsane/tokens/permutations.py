@@ -1,15 +1,7 @@
-"""Neuron-permutation symmetries of every registered architecture, applied fast in token space (spec 5.1).
+"""Neuron-permutation symmetries applied fast in token space: the second contrastive view (spec 5.1).
 
-Why: permuting hidden neurons (a layer's output channels together with its bias, its BatchNorm affine
-params and running stats, and the next layer's input channels) leaves a network's function unchanged.
-Training draws a fresh permutation per sample as the second contrastive view; alignment (weight matching)
-uses the same groups to bring models into a common basis for soups and novelty.
-
-A ``PermSpec`` names, for every state_dict key, the permutation group acting on axis 0 (outputs) and
-axis 1 (inputs). Flatten block expansion needs no special case: when a Linear's inputs are ``G * b``
-for an input group of size ``G``, each channel owns a block of ``b`` consecutive inputs. ResNets share
-one group per stage across the residual stream (stem/shortcut/conv2/bn2 of that stage); block-internal
-channels (conv1/bn1) are free. Final outputs are never permuted.
+Why: training draws a fresh function-preserving permutation per sample (the groups of
+``symmetries.py``), so applying one must cost a gather, not a detokenize/permute/tokenize round trip.
 
 Token space: a permutation draw becomes a gather index ``[num, K]`` into flat tokens ``[N*D]`` plus one
 trailing zero slot (index ``N*D``) that every padding slot reads, so padding stays exactly zero (the
@@ -20,109 +12,14 @@ Legend: N tokens in a whole model, D token width, K gathered slots, B batch, S c
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 
 from mzsane.errors import DataError
+from mzsane.tokens.alignment import match_weights
 from mzsane.tokens.layout import TokenLayout
-
-Shapes = Mapping[str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class PermSpec:
-    """Group sizes and, per key, the group acting on each axis (None = not permuted)."""
-
-    sizes: dict[str, int]
-    axes: dict[str, tuple[str | None, ...]]
-
-    def members(self) -> dict[str, list[tuple[str, int]]]:
-        """group -> [(key, axis)] it acts on."""
-        out: dict[str, list[tuple[str, int]]] = {g: [] for g in self.sizes}
-        for key, groups in self.axes.items():
-            for axis, g in enumerate(groups):
-                if g is not None:
-                    out[g].append((key, axis))
-        return out
-
-
-def _finish(axes: dict[str, tuple[str | None, ...]], shapes: Shapes) -> PermSpec:
-    sizes: dict[str, int] = {}
-    for key, groups in axes.items():
-        if groups and groups[0] is not None:
-            size = int(shapes[key][0])
-            assert sizes.setdefault(groups[0], size) == size, f"inconsistent size of group {groups[0]} at {key}"
-    return PermSpec(sizes, {k: v for k, v in axes.items() if any(g is not None for g in v)})
-
-
-def sequential_spec(shapes: Shapes) -> PermSpec:
-    """Chain of conv/linear layers (cnn_s, cnn_l, mlp): layer i's outputs are layer i+1's inputs."""
-    weights = [k for k in shapes if k.rsplit(".", 1)[-1] == "weight"]
-    axes: dict[str, tuple[str | None, ...]] = {}
-    prev: str | None = None
-    for i, key in enumerate(weights):
-        if len(shapes[key]) < 2 or (i > 0 and shapes[key][1] % shapes[weights[i - 1]][0]):
-            raise DataError(f"{key} {list(shapes[key])} does not continue a plain conv/linear chain; "
-                            "register a permutation spec family for this architecture")
-        out = f"P{i}" if i < len(weights) - 1 else None
-        axes[key] = (out, prev)
-        module = key[: -len("weight")]
-        for name in ("bias", "running_mean", "running_var"):
-            if module + name in shapes:
-                axes[module + name] = (out,)
-        prev = out
-    return _finish(axes, shapes)
-
-
-_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv1|bn1|conv2|bn2|downsample\.0|downsample\.1)\.(\w+)$")
-
-
-def resnet_spec(shapes: Shapes) -> PermSpec:
-    """torchvision-named BasicBlock ResNets: one residual-stream group per stage, block inner groups free."""
-    stages = sorted({int(m.group(1)) for k in shapes if (m := _BLOCK.match(k))})
-    stream: dict[int, str] = {}
-    for s in stages:  # a stage without a projection shortcut continues the previous stage's stream
-        has_proj = f"layer{s}.0.downsample.0.weight" in shapes
-        stream[s] = stream[s - 1] if (s - 1 in stream and not has_proj) else f"stream{s}"
-    first = stream[stages[0]] if stages else "stream1"
-    axes: dict[str, tuple[str | None, ...]] = {}
-    for key, shape in shapes.items():
-        module, _, name = key.rpartition(".")
-        if name == "num_batches_tracked":
-            continue
-        if module in ("conv1", "bn1"):
-            axes[key] = (first, None) if len(shape) > 1 else (first,)
-        elif module == "fc":
-            axes[key] = (None, stream[stages[-1]] if stages else first) if len(shape) > 1 else (None,)
-        elif m := _BLOCK.match(key):
-            s, b, part = int(m.group(1)), int(m.group(2)), m.group(3)
-            into = stream[s - 1] if (b == 0 and s - 1 in stream) else stream[s]
-            if b == 0 and s == stages[0]:
-                into = first
-            inner = f"inner{s}.{b}"
-            out = inner if part in ("conv1", "bn1") else stream[s]
-            src = {"conv1": into, "conv2": inner, "downsample.0": into}.get(part)
-            axes[key] = (out, src) if len(shape) > 1 else (out,)
-        else:
-            raise DataError(f"{key} is not a torchvision-style ResNet key; use an architecture whose permutation "
-                            "spec family matches the checkpoint")
-    return _finish(axes, shapes)
-
-
-SPEC_FAMILIES: dict[str, Callable[[Shapes], PermSpec]] = {"sequential": sequential_spec, "resnet": resnet_spec}
-
-
-def spec_builder(arch: str | Callable[[Shapes], PermSpec]) -> Callable[[Shapes], PermSpec]:
-    """The spec builder of a registered architecture name (or a builder passed through)."""
-    if callable(arch):
-        return arch
-    from mzsane.zoo.architectures import get_architecture
-
-    return SPEC_FAMILIES[get_architecture(arch).perm_family]
+from mzsane.tokens.symmetries import PermSpec, Shapes, permute_state_dict, spec_builder
 
 
 def layout_shapes(layout: TokenLayout) -> dict[str, tuple[int, ...]]:
@@ -133,16 +30,6 @@ def layout_shapes(layout: TokenLayout) -> dict[str, tuple[int, ...]]:
         if e.bias_key:
             shapes[e.bias_key] = (e.rows,)
     return shapes
-
-
-def permute_tensor(t: torch.Tensor, groups: tuple[str | None, ...], perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """new[i, j*b + s] = old[p_out[i], p_in[j]*b + s]: the gather convention used everywhere here."""
-    if groups[0] is not None:
-        t = t.index_select(0, perms[groups[0]])
-    if len(groups) > 1 and groups[1] is not None:
-        p = perms[groups[1]]
-        t = t.reshape(t.shape[0], p.numel(), -1).index_select(1, p).reshape(t.shape)
-    return t
 
 
 class Permuter:
@@ -312,109 +199,4 @@ class Permuter:
         return permute_state_dict(state_dict, perms, spec)
 
 
-def permute_state_dict(state_dict: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor],
-                       spec: PermSpec) -> dict[str, torch.Tensor]:
-    """Apply ``perms`` (group -> LongTensor) to every key the spec covers; other keys are cloned."""
-    return {k: (permute_tensor(v, spec.axes[k], perms) if k in spec.axes else v).clone()
-            for k, v in state_dict.items()}
-
-
-# ------------------------------------------------------------------------------ weight matching
-
-
-def linear_sum_assignment(cost: np.ndarray) -> np.ndarray:
-    """Minimum-cost perfect matching of a square matrix: ``col[i]`` assigned to row ``i``.
-
-    Exact Hungarian algorithm (shortest augmenting paths with potentials, O(n^3)), with the inner scan
-    vectorized in numpy; ~1 s for n=512. scipy is not a dependency, hence this small implementation.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    n = cost.shape[0]
-    assert cost.shape == (n, n), "square cost matrix expected"
-    INF = np.inf
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    p = np.zeros(n + 1, dtype=np.int64)  # p[j]: row matched to column j (1-based; 0 = free)
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv = np.full(n + 1, INF)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            cur = cost[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            better = free & (cur < minv[1:])
-            minv[1:][better] = cur[better]
-            way[1:][better] = j0
-            cand = np.where(free, minv[1:], INF)
-            j1 = int(np.argmin(cand)) + 1
-            delta = cand[j1 - 1]
-            used_idx = np.nonzero(used)[0]
-            u[p[used_idx]] += delta
-            v[used_idx] -= delta
-            minv[~used] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    col = np.empty(n, dtype=np.int64)
-    col[p[1:] - 1] = np.arange(n)
-    return col
-
-
-def _axis_rows(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """[size, -1] view of ``t`` with group ``axis`` first (input groups may own blocks of columns)."""
-    if axis == 0:
-        return t.reshape(size, -1)
-    return t.reshape(t.shape[0], size, -1).transpose(0, 1).reshape(size, -1)
-
-
-def match_weights(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], spec: PermSpec,
-                  max_iter: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Git re-basin weight matching: coordinate descent, one linear sum assignment per group per sweep.
-
-    Returns perms such that ``permute_state_dict(state_dict, perms, spec)`` is close to ``reference``;
-    stops when a full sweep (in a seeded random group order) improves nothing.
-    """
-    for key in spec.axes:
-        if key not in reference or tuple(reference[key].shape) != tuple(state_dict[key].shape):
-            raise DataError(f"reference checkpoint lacks {key} or has another shape; align models of one architecture")
-    members = spec.members()
-    groups = sorted(spec.sizes)
-    perms = {g: torch.arange(spec.sizes[g]) for g in groups}
-    a = {k: reference[k].detach().double() for k in spec.axes}
-    b = {k: state_dict[k].detach().double() for k in spec.axes}
-    rng = torch.Generator().manual_seed(seed)
-    for _ in range(max_iter):
-        improved = False
-        for gi in torch.randperm(len(groups), generator=rng).tolist():
-            g, n = groups[gi], spec.sizes[groups[gi]]
-            score = torch.zeros(n, n, dtype=torch.float64)
-            for key, axis in members[g]:
-                others = tuple(None if ax == axis else grp for ax, grp in enumerate(spec.axes[key]))
-                wb = permute_tensor(b[key], others, perms)
-                score += _axis_rows(a[key], axis, n) @ _axis_rows(wb, axis, n).T
-            new = torch.from_numpy(linear_sum_assignment(-score.numpy()))
-            old_val = score[torch.arange(n), perms[g]].sum()
-            new_val = score[torch.arange(n), new].sum()
-            if new_val > old_val + 1e-12 * max(1.0, abs(float(old_val))):
-                perms[g], improved = new, True
-        if not improved:
-            break
-    return perms
-
-
-def align(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], arch: str,
-          max_iter: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``state_dict`` of architecture ``arch`` permuted to best match ``reference`` (soups, novelty)."""
-    spec = spec_builder(arch)({k: tuple(v.shape) for k, v in state_dict.items()})
-    perms = match_weights(state_dict, reference, spec, max_iter=max_iter, seed=seed)
-    return permute_state_dict(state_dict, perms, spec)
-
-
-__all__ = ["PermSpec", "Permuter", "align", "linear_sum_assignment", "match_weights", "permute_state_dict",
-           "resnet_spec", "sequential_spec", "spec_builder", "SPEC_FAMILIES"]
+__all__ = ["Permuter"]

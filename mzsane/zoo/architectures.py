@@ -2,7 +2,7 @@
 
 Why a registry: zoo building, tokenization, permutation augmentation, alignment and evaluation all need
 to agree on the same network for a name. One entry couples the builder with the function that describes
-the network's permutation symmetries (consumed by ``mzsane.tokens.permutations``), so adding an
+the network's permutation symmetries (consumed by ``mzsane.tokens.symmetries``), so adding an
 architecture is one ``register(...)`` call.
 
 State-dict key names are part of the contract: ``cnn_s``/``cnn_l`` use the Model Zoos ``module_list.<i>``
@@ -179,7 +179,7 @@ def _resnet_mini(channels_in: int, num_classes: int, image_size: int, activation
 class Architecture:
     """One registry entry: how to build the net and which permutation-spec family describes it.
 
-    ``perm_family`` names a spec builder in ``mzsane.tokens.permutations`` ("sequential" for chains of
+    ``perm_family`` names a spec builder in ``mzsane.tokens.symmetries`` ("sequential" for chains of
     conv/linear layers, "resnet" for torchvision-named ResNets); new families go there.
     """
 

@@ -25,8 +25,10 @@ from mzsane.errors import ConfigError, DataError, MzsaneError
 from mzsane.zoo import store
 from mzsane.zoo.architectures import get_architecture
 from mzsane.zoo.datasets import ImageDataset, load_dataset
+from mzsane.zoo.modelzoos import write_modelzoos_model
 from mzsane.zoo.population import train_chunk_size, train_population
 from mzsane.zoo.recipes import get_recipe, resolve_sizes
+from mzsane.zoo.records import ModelRecord, ZooInfo
 
 
 @dataclass
@@ -131,8 +133,8 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
     drops = {hp["dropout"] for _, hp in plan.members}
     zoo_kwargs = {**data.arch_kwargs(), **({"activation": acts.pop()} if len(acts) == 1 else {}),
                   **({"dropout": drops.pop()} if len(drops) == 1 else {})}
-    info = store.ZooInfo(zoo=plan.name, dataset=plan.dataset, architecture=plan.architecture,
-                         arch_kwargs=zoo_kwargs, recipe=cfg.recipe, num_models=len(plan.members))
+    info = ZooInfo(zoo=plan.name, dataset=plan.dataset, architecture=plan.architecture,
+                   arch_kwargs=zoo_kwargs, recipe=cfg.recipe, num_models=len(plan.members))
     writer = store.ZooWriter(zoo_url, info) if cfg.layout == "mzsane" else None
     done = _finished(zoo_url, cfg.layout, writer)
     todo = [(mid, hp) for mid, hp in plan.members if mid not in done]
@@ -155,7 +157,7 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
             continue
         for (model_id, hp), res in zip(chunk, results):
             kwargs = {**data.arch_kwargs(), "activation": hp["activation"], "dropout": hp["dropout"]}
-            record = store.ModelRecord(
+            record = ModelRecord(
                 zoo=plan.name, model_id=model_id, dataset=plan.dataset, architecture=plan.architecture,
                 arch_kwargs=kwargs, status=res.status, error=res.error, epochs=res.epochs,
                 hparams={**hp, "recipe": cfg.recipe, "num_epochs": sizes["num_epochs"],
@@ -163,7 +165,7 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
             if cfg.layout == "mzsane":
                 writer.write_model(record, res.checkpoints)
             else:
-                store.write_modelzoos_model(zoo_url, record, res.checkpoints)
+                write_modelzoos_model(zoo_url, record, res.checkpoints)
             if res.status != "ok":
                 tqdm.write(f"{plan.name}/{model_id}: {res.status}: {res.error}")
     stats = _final_stats(zoo_url) if (todo or done) and storage.exists(zoo_url) else {}

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mzsane.errors import DataError
-from mzsane.tokens.permutations import Permuter, align, linear_sum_assignment, resnet_spec
+from mzsane.tokens.alignment import align, linear_sum_assignment
+from mzsane.tokens.permutations import Permuter
+from mzsane.tokens.symmetries import resnet_spec
 from mzsane.tokens.tokenize import layout_from_state_dict, tokenize
 from mzsane.zoo.architectures import ARCHITECTURES, build_model
 

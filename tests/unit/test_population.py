@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from mzsane.errors import DataError
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import epoch_order, load_dataset
-from mzsane.zoo.population import (evaluate_models, finetune, init_population, reestimate_bn, stack_state_dicts,
-                                   train_population)
+from mzsane.zoo.evaluation import evaluate_models, finetune, reestimate_bn
+from mzsane.zoo.population import init_population, train_population
+from mzsane.zoo.stacked import stack_state_dicts
 
 torch.set_num_threads(1)
 SPEC = {"architecture": "cnn_s", "channels_in": 1, "num_classes": 10, "image_size": 28}

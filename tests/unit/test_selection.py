@@ -108,7 +108,8 @@ def test_batchnorm_statistics_are_reestimated_on_train_images():
 
 
 def test_sample_stage_writes_loadable_checkpoints(tmp_path):
-    from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter
+    from mzsane.zoo.records import ModelRecord, ZooInfo
+    from mzsane.zoo.store import ZooWriter
 
     zoo_url = str(tmp_path / "zoo")
     writer = ZooWriter(zoo_url, ZooInfo(zoo="toy", dataset="mnist", architecture="cnn_s", arch_kwargs={}, num_models=6))

@@ -21,7 +21,9 @@ from mzsane.shards.select import select
 from mzsane.tokens.layout import layout_from_state_dict
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.architectures import build_model
-from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter, open_zoo, write_modelzoos_model
+from mzsane.zoo.modelzoos import write_modelzoos_model
+from mzsane.zoo.records import ModelRecord, ZooInfo
+from mzsane.zoo.store import ZooWriter, open_zoo
 
 
 def make_zoo(root, zoo, arch="cnn_s", num_models=6, epochs=(0, 1, 2), seed=0):

@@ -11,8 +11,9 @@ import torch
 from mzsane import storage
 from mzsane.errors import DataError
 from mzsane.zoo.architectures import build_model
-from mzsane.zoo.store import (FilteredCheckpoint, ModelRecord, ModelzoosZooReader, MzsaneZooReader, ZooInfo,
-                              ZooWriter, find_zoos, load_untrusted, open_zoo, write_modelzoos_model, zoo_info_cli)
+from mzsane.zoo.modelzoos import ModelzoosZooReader, write_modelzoos_model
+from mzsane.zoo.records import FilteredCheckpoint, ModelRecord, ZooInfo, load_untrusted
+from mzsane.zoo.store import MzsaneZooReader, ZooWriter, find_zoos, open_zoo, zoo_info_cli
 
 
 def _record(zoo, model_id, arch="cnn_s", epochs=(0, 1), status="ok"):

@@ -243,7 +243,8 @@ def make_shards(root: str, num_models: int = 8, epochs=(0, 1, 2), tokensize: int
     from mzsane import storage
     from mzsane.shards import writer
     from mzsane.zoo.architectures import build_model
-    from mzsane.zoo.store import ModelRecord, ZooInfo, ZooWriter
+    from mzsane.zoo.records import ModelRecord, ZooInfo
+    from mzsane.zoo.store import ZooWriter
 
     zoo_url = storage.join(root, "zoos", "mnist_cnn_s")
     w = ZooWriter(zoo_url, ZooInfo(zoo="mnist_cnn_s", dataset="mnist", architecture="cnn_s", num_models=num_models))

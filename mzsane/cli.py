@@ -12,11 +12,12 @@ import sys
 from typing import Callable
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.errors import MzsaneError
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default", help=f"named config preset: {', '.join(config_mod.PRESETS)}")
+    parser.add_argument("--preset", default="default", help=f"named config preset: {', '.join(presets.PRESETS)}")
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.num_steps=100 (repeatable)")

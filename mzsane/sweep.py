@@ -84,12 +84,12 @@ def render(values_files: list[str], release: str = "mzsane", namespace: str = "m
 
 def _check_overrides(config_map: dict[str, Any]) -> None:
     """Load a point's overrides into a real Config now, so a typo in a config path fails before submission."""
-    from mzsane import config
+    from mzsane import config, presets
 
     point = json.loads(config_map["data"].get("point.json", "{}"))
     try:
         config.from_dict(yaml.safe_load(config_map["data"]["overrides.yaml"]) or {},
-                         base=config.PRESETS[point.get("preset", "default")]())
+                         base=presets.PRESETS[point.get("preset", "default")]())
     except ConfigError as err:
         raise ConfigError(f"sweep point '{point.get('point', config_map['metadata']['name'])}': {err}") from None
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.model.losses import sane_loss
 from mzsane.model.sane import SANE
 
@@ -53,7 +53,7 @@ class _ModelCase:
     """One preset's model, a fixed batch of random windows, and a timed forward+backward."""
 
     def __init__(self, preset: str, device: torch.device, autocast: bool):
-        cfg = config_mod.PRESETS[preset]()
+        cfg = presets.PRESETS[preset]()
         self.preset, self.cfg, self.device, self.autocast = preset, cfg, device, autocast
         W, D, B = cfg.data.window_size, cfg.tokens.tokensize, 2 * cfg.train.batch_size
         max_positions = cfg.model.max_positions or [max(4 * W, 64), 32, 512]

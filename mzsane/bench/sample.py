@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from mzsane.config import SampleConfig, small
+from mzsane.config import SampleConfig
+from mzsane.presets import small
 from mzsane.model.sane import SANE
 from mzsane.sample import halo
 from mzsane.sample.anchors import Anchors

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 import torch
 
 from mzsane import config as config_mod
-from mzsane import storage
 from mzsane.bench.seaweedfs import SeaweedFS, weed_binary
 from mzsane.shards import schema
 from mzsane.shards.reader import ShardReader

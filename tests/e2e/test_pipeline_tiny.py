@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_tiny_pipeline_generates_models_that_beat_random_init(tmp_path):
-    from mzsane import config as config_mod
+    from mzsane import presets
     from mzsane.evaluate.report import evaluate, format_table
     from mzsane.sample.generate import read_state_dict, sample
     from mzsane.shards.writer import build_shards
@@ -19,7 +19,7 @@ def test_tiny_pipeline_generates_models_that_beat_random_init(tmp_path):
     from mzsane.zoo.architectures import build_model
     from mzsane.zoo.build import build_zoos
 
-    cfg = config_mod.tiny()
+    cfg = presets.tiny()
     cfg.storage.root = str(tmp_path)
     cfg.zoo.datasets, cfg.zoo.extra_zoos = ["mnist"], []
     cfg.zoo.num_models, cfg.zoo.num_epochs = 6, 2

@@ -15,7 +15,7 @@ import sys
 import pytest
 import yaml
 
-from mzsane import config as config_mod
+from mzsane import presets
 from mzsane import storage
 from mzsane import sweep
 
@@ -28,7 +28,7 @@ def _build_data(root: str) -> None:
     from mzsane.shards.writer import build_shards
     from mzsane.zoo.build import build_zoos
 
-    cfg = config_mod.tiny()
+    cfg = presets.tiny()
     cfg.zoo.datasets = ["mnist"]
     build_zoos(cfg.zoo, storage.join(root, "zoos"), show_progress=False)
     build_shards([storage.join(root, "zoos", "mnist-cnn_s")], storage.join(root, "shards", "default"), cfg.tokens,

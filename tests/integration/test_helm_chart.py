@@ -140,11 +140,11 @@ def test_config_axes_multiply_points_and_land_in_the_config():
     objs = _render(values)
     modes = [yaml.safe_load(o["data"]["overrides.yaml"])["loss"]["norm_mode"] for o in objs if o["kind"] == "ConfigMap"]
     assert sorted(modes) == sorted(values["sweep"]["grid"]["axes"][0]["values"])
-    from mzsane import config
+    from mzsane import config, presets
 
     # the resolved overrides load into a real Config (no unknown keys, valid values)
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
-    cfg = config.from_dict(yaml.safe_load(cm["data"]["overrides.yaml"]), base=config.small())
+    cfg = config.from_dict(yaml.safe_load(cm["data"]["overrides.yaml"]), base=presets.small())
     assert cfg.data.zoos == values["sweep"]["grid"]["compositions"][0]["zoos"]
 
 

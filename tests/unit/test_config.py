@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from mzsane import config
+from mzsane import config, presets
 from mzsane.errors import ConfigError
 
 
 def test_presets_build_and_validate():
-    for name in config.PRESETS:
+    for name in presets.PRESETS:
         cfg = config.load(name)
         assert isinstance(cfg, config.Config)
     assert config.load("tiny").model.d_model < config.load("paper").model.d_model
@@ -70,7 +70,7 @@ def test_dump_roundtrip():
 
 
 def test_sections_are_independent_instances():
-    a, b = config.tiny(), config.tiny()
+    a, b = presets.tiny(), presets.tiny()
     a.data.zoos.append("z")
     assert b.data.zoos == []
     assert all(dataclasses.is_dataclass(getattr(a, f.name)) for f in dataclasses.fields(a) if f.name != "run_name")
@@ -80,7 +80,7 @@ def test_a_file_section_merges_onto_the_preset(tmp_path):
     path = tmp_path / "point.yaml"
     path.write_text("sample:\n  target_zoo: mnist-cnn_s\ntrain:\n  num_steps: 7\n")
     cfg = config.load("tiny", [str(path)])
-    tiny = config.tiny()
+    tiny = presets.tiny()
     assert cfg.sample.target_zoo == "mnist-cnn_s" and cfg.train.num_steps == 7
     assert cfg.sample.num_anchors == tiny.sample.num_anchors != config.SampleConfig().num_anchors
     assert cfg.train.batch_size == tiny.train.batch_size

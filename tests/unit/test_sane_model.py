@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mzsane import config
+from mzsane import presets
 from mzsane.config import AugmentConfig, LossConfig, ModelConfig
 from mzsane.errors import DataError
 from mzsane.model.augment import Augmenter
@@ -124,7 +124,7 @@ def _mixed_batch(window=16):
 
 
 def _train(steps, seed, samples, layouts, permuters, max_positions, fixed_views):
-    cfg = config.tiny()
+    cfg = presets.tiny()
     torch.manual_seed(1234)  # must not matter: everything below takes explicit generators
     model = SANE(cfg.model, 64, max_positions, generator=torch.Generator().manual_seed(seed))
     aug = Augmenter(AugmentConfig(noise_mode="none") if fixed_views else cfg.augment, cfg.data.window_size,
@@ -162,7 +162,7 @@ def test_same_seed_same_loss_bit_for_bit():
 
 def test_tiny_model_overfits_a_mixed_batch_of_two_architectures():
     data = _mixed_batch()
-    assert min(t.shape[0] for t, _ in data[0]) < config.tiny().data.window_size  # a padded window is in it
+    assert min(t.shape[0] for t, _ in data[0]) < presets.tiny().data.window_size  # a padded window is in it
     assert len({lid for _, lid in data[0]}) == 3
     history = _train(400, 0, *data, fixed_views=True)
     assert history[-1]["rsq"] > 0.99, history[-1]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mzsane import config as config_mod
+from mzsane import presets
 from mzsane import storage
 from mzsane.cli import main as cli_main
 from mzsane.errors import DataError
@@ -41,7 +41,7 @@ def make_zoo(root, zoo, arch="cnn_s", num_models=6, epochs=(0, 1, 2), seed=0):
 
 
 def cfg(**shards):
-    c = config_mod.tiny()
+    c = presets.tiny()
     for k, v in shards.items():
         setattr(c.shards, k, v)
     return c

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.errors import CheckpointError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train.context import LocalContext
@@ -79,7 +80,7 @@ def _parts(cfg, rank=0, world=1, noise=0.05, fail_at=None, nan_at=None) -> Parts
 
 
 def _cfg(**train) -> config_mod.Config:
-    cfg = config_mod.tiny()
+    cfg = presets.tiny()
     cfg.metrics.enabled = False
     cfg.train.num_steps = 20
     cfg.train.batch_size = 4
@@ -257,7 +258,7 @@ def make_shards(root: str, num_models: int = 8, epochs=(0, 1, 2), tokensize: int
                    for k, v in base.items()} for e in epochs}
         w.write_model(ModelRecord(zoo="mnist_cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
                                   epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in epochs]), cks)
-    cfg = config_mod.tiny()
+    cfg = presets.tiny()
     cfg.tokens.tokensize = tokensize
     cfg.shards.split_fractions = [0.75, 0.25, 0.0]
     out = storage.join(root, "shards", "default")
@@ -266,7 +267,7 @@ def make_shards(root: str, num_models: int = 8, epochs=(0, 1, 2), tokensize: int
 
 
 def test_sane_tiny_loss_falls(tmp_path):
-    cfg = config_mod.tiny()
+    cfg = presets.tiny()
     cfg.metrics.enabled = False
     cfg.storage.root = str(tmp_path)
     make_shards(str(tmp_path))

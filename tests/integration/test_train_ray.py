@@ -21,7 +21,7 @@ from tests.unit.test_train_loop import make_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
-INTERVAL = 10
+INTERVAL = 20
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _cfg(root: str, run: str) -> config_mod.Config:
     cfg.run_name = run
     cfg.cluster.num_workers = 2
     cfg.cluster.max_failures = 2
-    cfg.train.num_steps = 80  # ~40 s on 2 cores: time to scrape every rank and kill one mid-run
+    cfg.train.num_steps = 160  # 40-80 s on 2 cores: time to scrape every rank and kill one mid-run
     cfg.train.lr = 3e-3
     cfg.train.checkpoint_every_n_steps = INTERVAL
     cfg.train.eval_every_n_steps = 20

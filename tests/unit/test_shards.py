@@ -52,16 +52,6 @@ def build(zoo_urls, out, c=None, **kw):
     return writer.build_shards(zoo_urls, out, c.tokens, c.shards, progress=False, **kw)
 
 
-@pytest.fixture(params=["local", "memory"])
-def root(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path)
-        return
-    url = f"memory://shards-{os.getpid()}-{id(request)}"
-    yield url
-    storage.remove(url, recursive=True)
-
-
 @pytest.fixture
 def two_zoos(root):
     return root, [make_zoo(root, "za", num_models=8), make_zoo(root, "zb", "resnet_mini", num_models=4, seed=1)]

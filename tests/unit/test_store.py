@@ -30,16 +30,6 @@ def _checkpoints(arch, seed, epochs=(0, 1)):
             for e in epochs}
 
 
-@pytest.fixture(params=["local", "memory"])
-def root(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path)
-        return
-    url = f"memory://store-{os.getpid()}-{id(request)}"
-    yield url
-    storage.remove(url, recursive=True)
-
-
 def test_mzsane_layout_round_trip_bit_exact(root):
     url = storage.join(root, "zoos", "demo")
     writer = ZooWriter(url, ZooInfo(zoo="demo", dataset="mnist", architecture="resnet_mini", num_models=2))

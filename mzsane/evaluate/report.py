@@ -4,8 +4,14 @@ This is the only stage that reads the test split of the target dataset (sampling
 that needs BatchNorm statistics (soups, random inits) gets the same re-estimation the generated models got,
 from the settings recorded in ``sample_results.json``, so rows differ only in their weights.
 
-Output (format in CONTRACT.md): ``{out}/evaluate/results.json``, ``results.csv`` and PNG plots
-(``accuracy.png`` bars, ``finetune.png`` curves, ``soup.png`` accuracy vs number of averaged models).
+Output: ``{out}/evaluate/results.json``, ``results.csv`` and PNG plots (``accuracy.png`` bars,
+``finetune.png`` curves, ``soup.png`` accuracy vs number of averaged models). ``results.json`` is what
+``mzsane sweep report`` reads::
+
+    {"target_zoo", "dataset", "architecture", "backbone", "in_distribution": bool,
+     "rows": [{"method": "generated" | "anchors" | "soup" | "soup_aligned" | "random",
+               "test_acc_mean", "test_acc_std", "n"}, ...],
+     "soup_curve": [...], "finetune": {...}, "novelty": {...}}
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``mzsane sweep report``: results files shaped as CONTRACT.md says -> table, CSV and the Figure-3 PNG."""
+"""``mzsane sweep report``: results files shaped as ``mzsane evaluate`` writes them -> table, CSV and the Figure-3 PNG."""
 from __future__ import annotations
 
 import csv

@@ -107,14 +107,16 @@ def test_ddp_on_two_nodes_survives_a_killed_worker(s3_server, shards_root, ray_c
     # ---- both ranks up, on two different nodes, exporting metrics that Prometheus scrapes
     first = _wait(lambda: len(_workers(run_url)) == 2 and _workers(run_url), 240, "two workers")
     assert {w["node"] for w in first.values()} == {"127.0.0.2", "127.0.0.3"}
-    ranks = prom.wait_for(f'mzsane_train_step{{run="{run}"}}', lambda r: {m["metric"]["world_rank"] for m in r}
-                          == {"0", "1"}, timeout=60)
+    # last_over_time: a series scraped once counts even after its rank has moved on (staleness would hide it)
+    ranks = prom.wait_for(f'last_over_time(mzsane_train_step{{run="{run}"}}[10m])',
+                          lambda r: {m["metric"]["world_rank"] for m in r} == {"0", "1"}, timeout=60)
     assert all(float(m["value"][1]) >= 1 for m in ranks)
     for family in ('mzsane_train_loss{term="loss_recon"}', "mzsane_train_learning_rate",
                    "mzsane_perf_tokens_per_second", "mzsane_perf_data_wait_seconds_total",
                    "mzsane_train_samples_seen_total", "mzsane_perf_step_time_seconds_count",
                    "mzsane_host_rss_bytes"):
-        result = prom.wait_for(family, lambda r: len({m["metric"]["world_rank"] for m in r}) == 2, timeout=30)
+        result = prom.wait_for(f"last_over_time({family}[10m])",
+                               lambda r: len({m["metric"]["world_rank"] for m in r}) == 2, timeout=30)
         assert all(m["metric"]["run"] == run for m in result)
     # ---- a real process kill of rank 1 after the first checkpoint
     _wait(lambda: ckpt.latest_checkpoint_url(run_url), 120, "the first checkpoint")

@@ -2,7 +2,8 @@
 
 Figures (JSON): tokens/s per worker with 1 and 2 Ray Train workers (``small`` preset, local Ray on
 loopback, local shards); the data-wait fraction of step time when the shards live in S3 (a SeaweedFS
-server started here on 127.0.0.1 and stopped by PID); checkpoint save (write + upload to S3) and restore
+server started here on 127.0.0.1 and stopped by PID), in-process and under 2 Ray Train workers;
+checkpoint save (write + upload to S3) and restore
 (download + safe load) seconds; and reading the same shard files with Ray Data's ``read_parquet`` against
 plain pyarrow row-group reads (the reason ``train/data.py`` reads row groups itself).
 
@@ -84,10 +85,11 @@ def ray_throughput(root: str, steps: int) -> dict[str, Any]:
     return out
 
 
-def s3_data_wait(s3_root: str, steps: int) -> dict[str, Any]:
+def s3_data_wait(s3_root: str, steps: int, workers: int = 0) -> dict[str, Any]:
+    """Data-wait share of step time with the shards in S3: in-process (``workers=0``) or under Ray Train."""
     from mzsane.train import launch
 
-    run_url = launch.train(_cfg(s3_root, steps, 1), no_ray=True)
+    run_url = launch.train(_cfg(s3_root, steps, max(workers, 1)), no_ray=workers == 0)
     return _perf(run_url)
 
 
@@ -183,6 +185,7 @@ def run(args: Any) -> dict[str, Any]:
         s3_root = server.url("train")
         s3_shards = synthetic_shards(s3_root, cfg.tokens.tokensize)
         result["s3_no_ray"] = s3_data_wait(s3_root, steps)
+        result["s3_ray_2_workers"] = s3_data_wait(s3_root, steps, workers=2)
         result["checkpoint_s3"] = checkpoint_seconds(s3_root)
         result["read_paths_s3"] = read_paths(s3_shards, 1 if quick else 3)
     finally:

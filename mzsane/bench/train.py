@@ -3,8 +3,9 @@
 Figures (JSON): tokens/s per worker with 1 and 2 Ray Train workers (``small`` preset, local Ray on
 loopback, local shards); the data-wait fraction of step time when the shards live in S3 (a SeaweedFS
 server started here on 127.0.0.1 and stopped by PID), in-process and under 2 Ray Train workers;
-checkpoint save (write + upload to S3) and restore (download + safe load) seconds; and reading the same shard files with Ray Data's ``read_parquet`` against
-plain pyarrow row-group reads (the reason ``train/data.py`` reads row groups itself).
+checkpoint save (write + upload to S3) and restore (download + safe load) seconds; and reading the
+same shard files with Ray Data's ``read_parquet`` against plain pyarrow row-group reads (the reason
+``train/data.py`` reads row groups itself).
 
 The zoo is synthetic (cnn_s networks drawn around a shared base): throughput and I/O do not depend on
 what the weights learned, and building a real zoo would dominate the benchmark.

@@ -1,0 +1,45 @@
+"""The quick benchmarks run through the CLI and print well-formed JSON with physically possible figures.
+
+No speed is asserted here (targets live in the benchmarks' own output); this only keeps the benchmark
+code from rotting between the times someone runs it by hand. ``bench shards`` starts its own SeaweedFS."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _bench(stage: str) -> dict:
+    mzsane = os.path.join(os.path.dirname(sys.executable), "mzsane")
+    done = subprocess.run([mzsane, "bench", stage, "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_bench_tokens_reports_rates_for_small_and_large_architectures():
+    out = _bench("tokens")
+    for arch, tokens in (("cnn_s", 48), ("resnet18", 43_924)):
+        assert out[arch]["num_tokens"] == tokens  # spec section 1.4 counts at tokensize 288
+        assert out[arch]["checkpoints_tokenized_per_s"] > 0
+
+
+def test_bench_shards_measures_local_and_s3_and_checks_the_targets():
+    out = _bench("shards")
+    for where in ("local", "s3_loopback"):
+        figures = out[where]
+        assert figures["read_mb_s"] > 0 and figures["write_mb_s"] > 0
+        assert 0 < figures["bytes_per_model"] < figures["raw_mb"] * 2**20 * 1.1
+    r18 = out["resnet18"]
+    assert r18["meets_targets"] == (r18["ingest_s_per_checkpoint"] <= r18["target_ingest_s"]
+                                    and r18["bytes_per_model"] <= r18["target_bytes_per_model"])
+
+
+def test_bench_model_relates_achieved_to_matmul_flops():
+    small = _bench("model")["presets"]["small"]
+    assert small["d_model"] == 512 and small["tokens_per_s"] > 0
+    assert 0 < small["matmul_fraction"] <= 1.5  # achieved / plain-matmul FLOP/s on the same machine

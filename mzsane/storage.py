@@ -77,8 +77,7 @@ def s3_options() -> dict[str, Any]:
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     kind = scheme(url)
     if kind == "file":
-        path = url[len("file://"):] if url.startswith("file://") else url
-        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(path))
+        return fsspec.filesystem("file"), absolute(url)
     if kind in ("s3", "s3a"):
         # fsspec caches one instance per distinct options (endpoint, credentials), so a changed environment
         # gets a new client while repeated calls reuse the open connection pool; listings are never cached

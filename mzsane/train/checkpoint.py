@@ -138,8 +138,8 @@ def latest_checkpoint_url(run_or_checkpoint_url: str) -> str | None:
 def fetch(url: str, scratch: str) -> str:
     """A local directory with the checkpoint's files (the URL itself when it is on local disk).
 
-    File by file rather than ``storage.download_dir``: Ray's pyarrow upload leaves directory-marker
-    objects on S3 that download_dir turns into a path clash; a checkpoint is flat anyway."""
+    Exactly the three files a checkpoint consists of, read by name: no listing of the object store, and
+    nothing else Ray may have put beside them (e.g. directory-marker objects) is copied."""
     local = storage.local_path(url)
     if local:
         return local

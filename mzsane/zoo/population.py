@@ -5,20 +5,24 @@ tensors of ``stacked.py``. Optimizers (Adam, SGD with momentum, L2 weight decay 
 are implemented on the stacked tensors with per-model learning rate and weight decay, so each model
 follows exactly the update it would get alone.
 
-Measured on this project's 2-core CPU (``mzsane bench zoo``, one thread each side): the vmapped step
-is ~1.5x a plain one-model loop at the protocol's batch 10, but slower at batch 64, where the CPU is
-memory-bandwidth bound; there a model-by-model step over views of the stacked tensors (``backend="loop"``)
-is used instead, at par with the plain loop.
+Measured on this project's 2-core CPU (``mzsane bench zoo``, one thread each side): for the feed-forward
+CNNs (``grouped.py``) the batched step is ~3.6x a plain one-model loop at the protocol's batch 10 and
+~1.8x at batch 64. Nets that stay on ``vmap`` (BatchNorm, residuals) gain ~1.3-1.5x at batch 10 and lose
+at large batches, where the CPU is memory-bandwidth bound; there a model-by-model step over views of the
+stacked tensors (``backend="loop"``) is used instead, at par with the plain loop.
 
 Per-model semantics are kept: model m is initialized under ``torch.manual_seed(seed_m)`` (the Model
 Zoos convention) and sees its own shuffled image order (``datasets.epoch_order(seed_m, epoch)``). Only
-dropout masks come from one generator per group (vmap draws them together), so with dropout > 0 a
+dropout masks come from one generator per group (drawn for all models at once), so with dropout > 0 a
 model's weights depend on which models it was trained with; without dropout they do not.
 
 Shape legend: M models, B images per batch, K classes, N images in a split.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import math
@@ -32,11 +36,16 @@ from torch.func import functional_call
 from mzsane.errors import DataError
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import ImageDataset, Split, epoch_order
-from mzsane.zoo.stacked import (TRAIN_BUDGET_BYTES, evaluate_group, model_kwargs, models_per_call, split_params,
-                                stack_state_dicts, template_for, unstack_state_dict, vmapped)
+from mzsane.zoo.grouped import grouped_forward
+from mzsane.zoo.stacked import (TRAIN_BUDGET_BYTES, evaluate_group, model_kwargs, models_per_call, training_call,
+                                split_params, stack_state_dicts, template_for, unstack_state_dict)
 
 OPTIMIZERS = ("adam", "sgd")
-VMAP_MAX_BATCH = 16  # above this per-model batch the model-by-model step was faster on CPU (bench zoo)
+BACKENDS = ("batched", "loop")
+# above this per-model batch the model-by-model step beat a vmapped one on CPU (bench zoo); the grouped
+# channels-last step of feed-forward CNNs stays ahead at every batch size measured (1.8x at batch 64)
+BATCHED_MAX_BATCH = 16
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
@@ -51,11 +60,36 @@ class MemberResult:
     checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+def auto_backend(spec: dict, batch_size: int) -> str:
+    """``batched`` for grouped feed-forward CNNs and for small batches, ``loop`` for vmapped nets at large ones."""
+    if batch_size <= BATCHED_MAX_BATCH or grouped_forward(template_for(spec)) is not None:
+        return "batched"
+    return "loop"
+
+
 def train_chunk_size(spec: dict, batch_size: int, population_batch: int) -> int:
-    """Models per trained population: at most ``population_batch``, fewer when vmapped activations would spill."""
-    if batch_size > VMAP_MAX_BATCH:  # the model-by-model step holds one model's activations at a time
+    """Models per trained population: at most ``population_batch``, fewer when batched activations would spill."""
+    if auto_backend(spec, batch_size) == "loop":  # the model-by-model step holds one model's activations at a time
         return max(1, population_batch)
     return max(1, min(population_batch, models_per_call(spec, batch_size, TRAIN_BUDGET_BYTES)))
+
+
+@functools.lru_cache(maxsize=1)
+def retain_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the kernel (once per process).
+
+    Why: a population step allocates and frees the same few MB-sized activation buffers thousands of
+    times; glibc serves those with fresh ``mmap`` pages, so every step paid page faults on them (zeroing a
+    6 MB gradient map took 2 ms, ~5x its memory time). Raising the mmap and trim thresholds to 1 GiB took
+    a grouped step of 32 CNN-s from 0.70 to 0.46 ms per model (one thread, batch 10). The cost: the
+    process keeps its peak heap. A no-op where libc has no ``mallopt`` (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def init_population(spec: dict, seeds: Sequence[int]) -> list[dict[str, torch.Tensor]]:
@@ -99,7 +133,6 @@ class _StackedOptimizer:
         for key, p in self.params.items():
             g = grads[key] + self.wd[key] * p
             first, second = self.state[key]
-            update = torch.zeros_like(p)
             if any_adam:  # exp_avg / exp_avg_sq, bias-corrected as in torch.optim.Adam
                 first_a = first.lerp(g, 1 - b1)
                 second_a = second * b2 + (1 - b2) * g * g
@@ -149,9 +182,10 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
     epochs log the running train average over the epoch's minibatches (Model Zoos semantics) and an
     eval-mode pass over every split in ``eval_splits`` (default val and test).
 
-    ``backend``: ``vmap`` runs one vectorized step for all models (grouped convolutions; faster at
-    small batches such as the protocol's 10), ``loop`` steps model by model on views of the stacked
-    tensors (faster at large batches on CPU, measured by ``mzsane bench zoo``); ``auto`` picks by batch size.
+    ``backend``: ``batched`` runs one step for all models (grouped channels-last convolutions, or vmap
+    for nets ``grouped.py`` does not cover; faster at small batches such as the protocol's 10), ``loop``
+    steps model by model on views of the stacked tensors (faster at large batches on CPU, measured by
+    ``mzsane bench zoo``); ``auto`` picks by network and batch size (``auto_backend``).
     """
     structure = {(h.get("activation"), h.get("dropout", 0.0), h["batch_size"]) for h in hparams}
     if len(structure) != 1:
@@ -177,12 +211,15 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
         p.requires_grad_(True)
     optimizer = _StackedOptimizer(params, hparams)
     active_M = torch.ones(num_models, dtype=torch.bool)
-    fn = vmapped(template, shared_input=False)
+    fn = training_call(template)
     param_list = list(params.values())
     if backend == "auto":
-        backend = "vmap" if batch_size <= VMAP_MAX_BATCH else "loop"
+        backend = auto_backend(spec, batch_size)
+    if backend not in BACKENDS:
+        raise DataError(f"unknown population backend {backend!r}; use one of auto, {', '.join(BACKENDS)}")
+    retain_freed_memory()
 
-    def step_vmap(x_MB, y_MB):  # one vmapped forward/backward for all models (grouped convolutions)
+    def step_batched(x_MB, y_MB):  # one forward/backward for all models (grouped convolutions)
         logits_MBK = fn(params, buffers, x_MB)
         loss_M = F.cross_entropy(logits_MBK.transpose(1, 2), y_MB, reduction="none").mean(1)
         finite = torch.isfinite(loss_M.detach()) & active_M
@@ -201,7 +238,7 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
             loss_M[m], correct_M[m] = loss.detach(), (logits_BK.detach().argmax(-1) == y_MB[m]).sum()
         return loss_M, correct_M, grads
 
-    step = step_vmap if backend == "vmap" else step_loop
+    step = step_batched if backend == "batched" else step_loop
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: (params[k] if k in params else buffers[k]).detach() for k in keys}

@@ -4,7 +4,8 @@ Why: a zoo is hundreds of tiny networks (CNN-s has 2,464 parameters); a Python l
 its time in interpreter and kernel-launch overhead. Here the M models' parameters are stacked into one
 tensor per state_dict key and the forward pass is ``torch.vmap`` over ``torch.func.functional_call``
 (which turns convolutions into grouped convolutions), so one call runs every model. Population training
-(``population.py``) and the evaluation primitives (``evaluation.py``) are both built on this.
+(``population.py``) and the evaluation primitives (``evaluation.py``) are both built on this; training
+feed-forward CNNs swaps vmap for the channels-last grouped network of ``grouped.py`` (``training_call``).
 
 MaxPool 2x2 is replaced by strided maxima with ``max_pool2d``'s own backward (10x faster forward on
 NCHW maps, identical values and gradients). Models are run in chunks whose activations fit a small
@@ -25,6 +26,7 @@ from torch.func import functional_call
 
 from mzsane.errors import DataError
 from mzsane.zoo.architectures import build_model
+from mzsane.zoo.grouped import grouped_forward
 
 STRUCTURAL_KEYS = ("architecture", "channels_in", "num_classes", "image_size", "activation", "dropout")
 # Activation bytes per vmapped call. Small on purpose: this CPU is memory-bandwidth bound, and a call
@@ -77,7 +79,12 @@ class _MaxPool2x2(torch.autograd.Function):
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
 
 
-class _StridedMaxPool2d(nn.Module):
+class _StridedMaxPool2d(nn.MaxPool2d):
+    """A 2x2/stride-2 ``nn.MaxPool2d`` (so layout-aware callers such as ``grouped.py`` still see one)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation: the values only, no argmax bookkeeping
             x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
@@ -158,6 +165,13 @@ def vmapped(template: nn.Module, shared_input: bool) -> Callable:
         return functional_call(template, (params, buffers), (x,))
 
     return torch.vmap(call, in_dims=(0, 0, None if shared_input else 0), randomness="different")
+
+
+def training_call(template: nn.Module) -> Callable:
+    """``fn(params, buffers, x_MB...) -> [M, B, K]`` for per-model inputs: the grouped channels-last network
+    where the template is a plain feed-forward CNN (``grouped.py``, faster to train), ``vmapped`` otherwise
+    (BatchNorm, residual nets)."""
+    return grouped_forward(template) or vmapped(template, shared_input=False)
 
 
 def group_by_structure(specs: Sequence[dict]) -> dict[str, list[int]]:

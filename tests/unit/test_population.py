@@ -1,6 +1,8 @@
 """Batched population training/evaluation equals the plain per-model computation."""
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from mzsane.errors import DataError
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import epoch_order, load_dataset
 from mzsane.zoo.evaluation import evaluate_models, finetune, reestimate_bn
-from mzsane.zoo.population import init_population, train_population
+from mzsane.zoo.population import auto_backend, init_population, retain_freed_memory, train_population
 from mzsane.zoo.stacked import stack_state_dicts
 
 torch.set_num_threads(1)
@@ -48,7 +50,7 @@ def _plain_training(hp, train, epochs):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("batch_size,backend", [(10, "vmap"), (32, "loop")])
+@pytest.mark.parametrize("batch_size,backend", [(10, "batched"), (32, "loop")])
 def test_batched_equals_unbatched_training(data, small, batch_size, backend):
     train, evals = small
     hps = [_hp(1), _hp(2, lr=2e-2, optimizer="sgd", wd=1e-3), _hp(3, lr=3e-4, wd=1e-4, init="uniform")]
@@ -133,3 +135,14 @@ def test_finetune_returns_improving_curves(data):
     for curve in curves:
         assert set(curve[0]) >= {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}
         assert curve[-1]["test_loss"] < curve[0]["test_loss"]
+
+
+def test_backend_choice_and_allocator_setting():
+    resnet = {"architecture": "resnet_mini", "channels_in": 1, "num_classes": 10, "image_size": 28}
+    assert auto_backend({**SPEC, "activation": "tanh"}, 64) == "batched"  # grouped CNNs: batched at any batch
+    assert auto_backend(resnet, 10) == "batched" and auto_backend(resnet, 64) == "loop"
+    with pytest.raises(DataError, match="unknown population backend 'vmap'"):
+        train_population(SPEC, [_hp(1)], None, 1, train=load_dataset("mnist").train.subset(20, seed=0),
+                         eval_splits={}, backend="vmap")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert retain_freed_memory() is True

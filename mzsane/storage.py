@@ -233,6 +233,7 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
     except BaseException:
         with contextlib.suppress(Exception):
             fh.discard()
+            fh.closed = True  # discarded: without this its __del__ would try to upload the dropped buffer
         raise
     with _errors(url, "write"):
         fh.close()

@@ -115,6 +115,7 @@ class _Evil:
 
 
 @pytest.mark.parametrize("how", ["torch_save", "raw_pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the raw pickle is the point
 def test_pickle_carrying_code_is_refused_and_never_runs(tmp_path, how):
     marker = tmp_path / "pwned"
     buf = io.BytesIO()

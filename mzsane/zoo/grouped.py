@@ -18,7 +18,7 @@ per model, C channels, F features, K classes.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +77,23 @@ def _linear(h_MBF: torch.Tensor, weight_M: torch.Tensor, bias_M: torch.Tensor | 
     return torch.baddbmm(bias_M.unsqueeze(1), h_MBF, weight_M.transpose(1, 2))
 
 
-def grouped_forward(template: nn.Module) -> Forward | None:
+def _dropout(h: torch.Tensor, p: float, generators: Sequence[torch.Generator], flat: bool) -> torch.Tensor:
+    """Dropout whose mask for model m comes from ``generators[m]`` alone, so a model's masks do not
+    depend on which other models share its population (per-model RNG, as when trained alone)."""
+    if p >= 1.0:
+        return torch.zeros_like(h)
+    m = len(generators)
+    shape = h.shape[1:] if flat else (h.shape[0], h.shape[1] // m, *h.shape[2:])
+    keep_M = torch.stack([torch.empty(shape, dtype=h.dtype).bernoulli_(1.0 - p, generator=g) for g in generators])
+    keep = keep_M if flat else _spatial(keep_M)
+    return h * keep.div_(1.0 - p)
+
+
+def grouped_forward(template: nn.Module, generators: Sequence[torch.Generator] | None = None) -> Forward | None:
     """``fn(params, buffers, x_MBCHW) -> logits [M, B, K]`` like ``stacked.vmapped`` with per-model
     inputs, or None if the template is not a supported feed-forward net. ``template.training`` decides
-    dropout, as for the module itself.
+    dropout, as for the module itself; with ``generators`` (one per model) each model draws its own
+    masks, otherwise they come from the global RNG.
     """
     if not _supported(template):
         return None
@@ -88,7 +101,9 @@ def grouped_forward(template: nn.Module) -> Forward | None:
 
     def call(params: dict[str, torch.Tensor], _buffers: dict, x_MBCHW: torch.Tensor) -> torch.Tensor:
         m = x_MBCHW.shape[0]
-        h = _spatial(x_MBCHW)
+        if generators is not None and len(generators) != m:
+            raise ValueError(f"grouped_forward got {len(generators)} generators for {m} models")
+        h, flat = _spatial(x_MBCHW), False
         for name, layer in layers:
             weight = params.get(f"module_list.{name}.weight")
             bias = params.get(f"module_list.{name}.bias")
@@ -97,9 +112,11 @@ def grouped_forward(template: nn.Module) -> Forward | None:
             elif isinstance(layer, nn.MaxPool2d):
                 h = F.max_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.ceil_mode)
             elif isinstance(layer, nn.Flatten):
-                h = _flatten(h, m)
+                h, flat = _flatten(h, m), True
             elif isinstance(layer, nn.Linear):
                 h = _linear(h, weight, bias)
+            elif isinstance(layer, nn.Dropout) and layer.training and layer.p > 0 and generators is not None:
+                h = _dropout(h, layer.p, generators, flat)
             else:  # activation or dropout: elementwise, so the layout does not matter
                 h = layer(h)
         return h

@@ -12,9 +12,10 @@ at large batches, where the CPU is memory-bandwidth bound; there a model-by-mode
 stacked tensors (``backend="loop"``) is used instead, at par with the plain loop.
 
 Per-model semantics are kept: model m is initialized under ``torch.manual_seed(seed_m)`` (the Model
-Zoos convention) and sees its own shuffled image order (``datasets.epoch_order(seed_m, epoch)``). Only
-dropout masks come from one generator per group (drawn for all models at once), so with dropout > 0 a
-model's weights depend on which models it was trained with; without dropout they do not.
+Zoos convention), sees its own shuffled image order (``datasets.epoch_order(seed_m, epoch)``) and, in
+the grouped CNNs, draws its dropout masks from its own generator, so its weights do not depend on which
+models it was trained with. Only nets that stay on vmap (the ResNets' optional dropout) draw masks from one
+generator per group.
 
 Shape legend: M models, B images per batch, K classes, N images in a split.
 """
@@ -162,6 +163,11 @@ def _metrics(prefix: str, loss_M: torch.Tensor, acc_M: torch.Tensor) -> list[dic
     return [{f"{prefix}_loss": float(l), f"{prefix}_acc": float(a)} for l, a in zip(loss_M, acc_M)]
 
 
+def _dropout_seed(model_seed: int, base: int) -> int:
+    digest = hashlib.sha256(json.dumps(["dropout", base, model_seed]).encode()).hexdigest()
+    return int(digest[:12], 16)
+
+
 def _group_seed(hparams: Sequence[dict], base: int) -> int:
     digest = hashlib.sha256(json.dumps([base, [h.get("seed", 0) for h in hparams]]).encode()).hexdigest()
     return int(digest[:12], 16)
@@ -211,7 +217,8 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
         p.requires_grad_(True)
     optimizer = _StackedOptimizer(params, hparams)
     active_M = torch.ones(num_models, dtype=torch.bool)
-    fn = training_call(template)
+    fn = training_call(template, [torch.Generator().manual_seed(_dropout_seed(h.get("seed", 0), seed))
+                                  for h in hparams])
     param_list = list(params.values())
     if backend == "auto":
         backend = auto_backend(spec, batch_size)
@@ -268,7 +275,7 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
 
     steps = math.ceil(len(train) / batch_size)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_group_seed(hparams, seed))  # dropout masks (vmap draws them for the group)
+        torch.manual_seed(_group_seed(hparams, seed))  # dropout masks of nets on vmap (drawn for the group)
         evaluate(0, None)
         for epoch in range(1, num_epochs + 1):
             template.train()

@@ -109,7 +109,8 @@ def _template(structure: str, extra: str) -> nn.Module:
     spec = {**json.loads(structure), **json.loads(extra)}
     spec = {k: v for k, v in spec.items() if v is not None}
     name, kwargs = model_kwargs(spec)
-    return _fast_pools(build_model(name, **kwargs).to("meta"))
+    with torch.random.fork_rng(devices=[]):  # a cached build must not move the seeded RNG (dropout masks)
+        return _fast_pools(build_model(name, **kwargs).to("meta"))
 
 
 def template_for(spec: dict) -> nn.Module:
@@ -122,14 +123,14 @@ def _activation_bytes(structure: str) -> int:
     """Bytes of activations one image produces in a forward pass (measured once with hooks)."""
     spec = {k: v for k, v in json.loads(structure).items() if v is not None}
     name, kwargs = model_kwargs(spec)
-    model = build_model(name, **kwargs)
     total = [0]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
-             for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
+    # first use happens inside a seeded training run: building and running (dropout) must not move its RNG
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = build_model(name, **kwargs)
+        for m in model.modules():
+            if not list(m.children()):
+                m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
         model(torch.zeros(1, spec.get("channels_in", 1), spec.get("image_size", 28), spec.get("image_size", 28)))
-    for h in hooks:
-        h.remove()
     return 4 * max(total[0], 1)
 
 
@@ -167,11 +168,12 @@ def vmapped(template: nn.Module, shared_input: bool) -> Callable:
     return torch.vmap(call, in_dims=(0, 0, None if shared_input else 0), randomness="different")
 
 
-def training_call(template: nn.Module) -> Callable:
+def training_call(template: nn.Module, generators: Sequence[torch.Generator] | None = None) -> Callable:
     """``fn(params, buffers, x_MB...) -> [M, B, K]`` for per-model inputs: the grouped channels-last network
-    where the template is a plain feed-forward CNN (``grouped.py``, faster to train), ``vmapped`` otherwise
-    (BatchNorm, residual nets)."""
-    return grouped_forward(template) or vmapped(template, shared_input=False)
+    where the template is a plain feed-forward CNN (``grouped.py``, faster to train; dropout masks from
+    ``generators``, one per model), ``vmapped`` otherwise (BatchNorm, residual nets; masks from the global
+    RNG)."""
+    return grouped_forward(template, generators) or vmapped(template, shared_input=False)
 
 
 def group_by_structure(specs: Sequence[dict]) -> dict[str, list[int]]:

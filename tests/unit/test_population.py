@@ -146,3 +146,20 @@ def test_backend_choice_and_allocator_setting():
                          eval_splits={}, backend="vmap")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert retain_freed_memory() is True
+
+
+def test_dropout_trains_stochastically_but_reproducibly_and_is_off_in_evaluation(data, small):
+    train, evals = small
+    hps = [{**_hp(s), "dropout": 0.5} for s in (1, 2)]
+    alone = train_population(SPEC, hps[:1], data, 1, train=train, eval_splits=evals)
+    first = train_population(SPEC, hps, data, 1, train=train, eval_splits=evals)
+    for key, value in alone[0].checkpoints[1].items():  # masks per model: population mates do not matter
+        assert torch.allclose(first[0].checkpoints[1][key], value, atol=1e-5, rtol=1e-4), key
+    again = train_population(SPEC, hps, data, 1, train=train, eval_splits=evals)
+    plain = train_population(SPEC, [_hp(1), _hp(2)], data, 1, train=train, eval_splits=evals)
+    for a, b, p in zip(first, again, plain):
+        for key in a.checkpoints[1]:
+            assert torch.equal(a.checkpoints[1][key], b.checkpoints[1][key])  # same group seed, same masks
+        assert a.epochs[0]["test_acc"] == p.epochs[0]["test_acc"]  # same init; dropout off in eval mode
+        # the masks changed the updates: dropout keys sit at 0,4,8,11,14 instead of 0,3,6,9,11
+        assert not torch.allclose(a.checkpoints[1]["module_list.14.weight"], p.checkpoints[1]["module_list.11.weight"])

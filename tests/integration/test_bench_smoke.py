@@ -43,3 +43,16 @@ def test_bench_model_relates_achieved_to_matmul_flops():
     small = _bench("model")["presets"]["small"]
     assert small["d_model"] == 512 and small["tokens_per_s"] > 0
     assert 0 < small["matmul_fraction"] <= 1.5  # achieved / plain-matmul FLOP/s on the same machine
+
+
+def test_bench_zoo_compares_batched_with_one_model_and_bounds_it_by_the_convolutions():
+    out = _bench("zoo")
+    assert [(r["batch_size"], r["backend"]) for r in out["runs"]] == [(10, "batched"), (64, "batched"), (64, "loop")]
+    for run in out["runs"]:
+        assert run["population"] >= 1 and run["single_step_ms"] > 0 and run["population_step_ms"] > 0
+        assert run["speedup"] == pytest.approx(run["single_step_ms"] * run["population"] / run["population_step_ms"])
+    first = out["runs"][0]
+    # the convolution kernels are part of the batched step, so they cannot take longer than all of it
+    assert 0 < out["batch10_convolution_ms_per_model_step"] < first["population_step_ms"] / first["population"]
+    assert out["batch10_speedup_ceiling_convolutions_only"] > first["speedup"] > 0
+    assert out["evals_per_s_batched"] > 0 and out["evals_per_s_single"] > 0

@@ -178,8 +178,16 @@ def build_zoos(zoo_cfg: ZooConfig, out_url: str, *, show_progress: bool = True) 
     """Build (or resume) every zoo of ``zoo_cfg`` under ``out_url``; returns a JSON-able summary."""
     if zoo_cfg.layout not in ("mzsane", "modelzoos"):
         raise ConfigError(f"zoo.layout '{zoo_cfg.layout}' is unknown; use mzsane or modelzoos")
+    threads = torch.get_num_threads()
     if zoo_cfg.num_threads > 0:
         torch.set_num_threads(zoo_cfg.num_threads)
+    try:  # the thread count is the build's own setting: later stages in this process get theirs back
+        return _build_all(zoo_cfg, out_url, show_progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_all(zoo_cfg: ZooConfig, out_url: str, show_progress: bool) -> dict:
     plans = plan_zoos(zoo_cfg)
     datasets = {p.dataset: load_dataset(p.dataset) for p in plans}  # fail fast on a missing dataset
     try:

@@ -43,7 +43,12 @@ def test_tiny_zoo_layout_metrics_and_determinism(tmp_path):
     first = _weights(str(tmp_path / "a" / "mnist-cnn_s"))
     key = "module_list.0.weight"
     assert not torch.equal(first["m00000"][key], first["m00001"][key])  # models of one zoo differ
-    build_zoos(_cfg(), str(tmp_path / "b"), show_progress=False)
+    torch.set_num_threads(2)
+    try:  # zoo.num_threads is the build's own: the caller's thread count comes back afterwards
+        build_zoos(_cfg(num_threads=1), str(tmp_path / "b"), show_progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     again = _weights(str(tmp_path / "b" / "mnist-cnn_s"))
     assert all(torch.equal(first[m][k], again[m][k]) for m in first for k in first[m])  # same seed, same zoo
 

@@ -55,4 +55,6 @@ def test_bench_zoo_compares_batched_with_one_model_and_bounds_it_by_the_convolut
     # the convolution kernels are part of the batched step, so they cannot take longer than all of it
     assert 0 < out["batch10_convolution_ms_per_model_step"] < first["population_step_ms"] / first["population"]
     assert out["batch10_speedup_ceiling_convolutions_only"] > first["speedup"] > 0
+    assert out["target_speedup_batch10"] == 10
+    assert out["meets_target"] == (first["speedup"] >= 10)
     assert out["evals_per_s_batched"] > 0 and out["evals_per_s_single"] > 0

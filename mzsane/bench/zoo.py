@@ -28,10 +28,12 @@ PROTOCOL_EPOCHS, PROTOCOL_IMAGES = 50, 50_000
 TARGET_SPEEDUP = 10.0  # models per hour batched / one model per core, at the protocol's batch 10
 
 
-def _single_model_step_s(train, batch_size: int, steps: int) -> float:
-    """Seconds per optimizer step of one CNN-s in a plain PyTorch loop."""
+def _single_model_step_s(train, batch_size: int, steps: int, channels_last: bool = False) -> float:
+    """Seconds per optimizer step of one CNN-s in a plain PyTorch loop (optionally channels-last, the
+    layout the batched side uses: it makes the single model faster too, so it is reported as well)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(1)
-    model = build_model("cnn_s", activation="tanh", init="kaiming_uniform")
+    model = build_model("cnn_s", activation="tanh", init="kaiming_uniform").to(memory_format=fmt)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = epoch_order(len(train), 1, 1)
     start = None
@@ -40,7 +42,7 @@ def _single_model_step_s(train, batch_size: int, steps: int) -> float:
             start = time.perf_counter()
         index = order[(s * batch_size) % (len(train) - batch_size):][:batch_size]
         opt.zero_grad()
-        F.cross_entropy(model(train.x[index]), train.y[index]).backward()
+        F.cross_entropy(model(train.x[index].contiguous(memory_format=fmt)), train.y[index]).backward()
         opt.step()
     return (time.perf_counter() - start) / steps
 
@@ -68,8 +70,8 @@ def _convolution_ms(train, batch_size: int, steps: int, num_models: int) -> floa
     """Milliseconds per model-step spent inside oneDNN's convolution kernels (forward and backward).
 
     Why: it bounds what batching can reach here. Even if everything but the convolutions cost nothing,
-    a population step cannot beat this, so ``single_step_ms / this`` is the best speedup available with
-    PyTorch's CPU kernels on this machine; the >= 10x target needs that ratio above 10.
+    a population step cannot beat this, so (the faster single-model step) / this is the best speedup
+    available with PyTorch's CPU kernels on this machine; the >= 10x target needs that ratio above 10.
     """
     run_steps = _population_run(train, batch_size, steps, num_models, "batched")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -112,6 +114,7 @@ def run(args) -> dict:
         for batch_size, backend in ((10, "batched"), (64, "batched"), (64, "loop")):
             num_models = min(64, models_per_call(spec, batch_size, TRAIN_BUDGET_BYTES)) if backend == "batched" else 16
             single = _single_model_step_s(data.train, batch_size, steps)
+            single_cl = _single_model_step_s(data.train, batch_size, steps, channels_last=True)
             batched = _population_step_s(data.train, batch_size, steps, num_models, backend)
             steps_per_model = PROTOCOL_EPOCHS * math.ceil(PROTOCOL_IMAGES / batch_size)
             out["runs"].append({
@@ -119,13 +122,16 @@ def run(args) -> dict:
                 "single_step_ms": 1e3 * single, "population_step_ms": 1e3 * batched,
                 "models_per_hour_single_core": 3600 / (single * steps_per_model),
                 "models_per_hour_batched_core": 3600 * num_models / (batched * steps_per_model),
-                "speedup": single * num_models / batched})
+                "speedup": single * num_models / batched,
+                "single_step_ms_channels_last": 1e3 * single_cl,
+                "speedup_vs_channels_last_single": single_cl * num_models / batched})
         out.update(_eval_rates(data.test.subset(2000 if quick else 10_000, seed=0), 16 if quick else 64))
         first = out["runs"][0]
         out["speedup_batch10"] = first["speedup"]
         conv_ms = _convolution_ms(data.train, 10, steps, first["population"])
         out["batch10_convolution_ms_per_model_step"] = conv_ms
-        out["batch10_speedup_ceiling_convolutions_only"] = first["single_step_ms"] / conv_ms
+        best_single_ms = min(first["single_step_ms"], first["single_step_ms_channels_last"])  # the conservative one
+        out["batch10_speedup_ceiling_convolutions_only"] = best_single_ms / conv_ms
         out["target_speedup_batch10"] = TARGET_SPEEDUP
         out["meets_target"] = first["speedup"] >= TARGET_SPEEDUP
         return out

@@ -4,7 +4,7 @@ Why it is shaped like this: a zoo build is hours of CPU on real sizes, so it mus
 Every model is written checkpoints-first and its ``model.json`` (or modelzoos.cc ``result.json``) last;
 a re-run lists what is finished and trains only the rest, with the same hyper-parameters (recipes are
 deterministic in the zoo seed). Models are trained in populations of ``zoo.population_batch`` that
-share activation, dropout and batch size (the vmapped structure), see ``population.py``. A diverged
+share activation, dropout and batch size (one batched structure), see ``population.py``. A diverged
 model is written with ``status: "diverged"`` and the reason, and listed in the summary; a population
 that crashes is listed as failed and retried on the next run.
 """

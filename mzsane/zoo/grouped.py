@@ -8,8 +8,8 @@ all models, no gradients) stays on ``vmap``: there NCHW with strided max pooling
 13.0 CNN-s models/s on 2,000 images, one thread), even with the first convolution run as one dense conv.
 
 Supported: the ``SequentialNet`` layouts of the registry (``cnn_s``, ``cnn_l``, ``mlp``): Conv2d
-(groups=1, zero padding), MaxPool2d, elementwise activations, Dropout, Flatten and Linear, in any order a
-feed-forward net uses them. Anything else (BatchNorm, residual nets) returns ``None`` from
+(groups=1, zero padding) and MaxPool2d layers, one Flatten, then Linear layers, with elementwise
+activations and Dropout anywhere. Anything else (BatchNorm, residual nets) returns ``None`` from
 ``grouped_forward`` and the caller keeps ``vmap``.
 
 Layouts inside: spatial maps are ``[B, M*C, H, W]`` (channels-last in memory; channel ``m*C + c`` is

@@ -203,6 +203,10 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
     eval_splits = {"val": dataset.val, "test": dataset.test} if eval_splits is None else eval_splits
     save = set(range(num_epochs + 1)) if save_epochs is None else set(save_epochs)
     batch_size, num_models = int(first["batch_size"]), len(hparams)
+    if backend == "auto":
+        backend = auto_backend(spec, batch_size)
+    if backend not in BACKENDS:
+        raise DataError(f"unknown population backend {backend!r}; use one of auto, {', '.join(BACKENDS)}")
     results = [MemberResult(hparams=dict(h)) for h in hparams]
 
     if init_state_dicts is None:
@@ -217,13 +221,11 @@ def train_population(spec: dict, hparams: Sequence[dict], dataset: ImageDataset,
         p.requires_grad_(True)
     optimizer = _StackedOptimizer(params, hparams)
     active_M = torch.ones(num_models, dtype=torch.bool)
-    fn = training_call(template, [torch.Generator().manual_seed(_dropout_seed(h.get("seed", 0), seed))
-                                  for h in hparams])
     param_list = list(params.values())
-    if backend == "auto":
-        backend = auto_backend(spec, batch_size)
-    if backend not in BACKENDS:
-        raise DataError(f"unknown population backend {backend!r}; use one of auto, {', '.join(BACKENDS)}")
+    if backend == "batched":  # per-model dropout generators only where there is dropout to draw
+        generators = ([torch.Generator().manual_seed(_dropout_seed(h.get("seed", 0), seed)) for h in hparams]
+                      if spec["dropout"] > 0 else None)
+        fn = training_call(template, generators)
     retain_freed_memory()
 
     def step_batched(x_MB, y_MB):  # one forward/backward for all models (grouped convolutions)

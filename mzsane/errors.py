@@ -30,5 +30,9 @@ class CheckpointError(MzsaneError):
     """A training checkpoint is missing or was written by an incompatible config."""
 
 
+class DivergedError(MzsaneError, FloatingPointError):
+    """Training produced a non-finite loss; raised on every rank at once, so a retry would only repeat it."""
+
+
 class ClusterError(MzsaneError):
     """The Ray or Kubernetes cluster cannot run the request (address, resources, API)."""

@@ -19,8 +19,10 @@ Scrape configuration (see also deploy/): locally, every rank's target is written
         scrape_interval: 5s
         file_sd_configs: [{files: ["/path/to/runs/<run>/metrics_targets.json"]}]
 
-On KubeRay set ``metrics.host=0.0.0.0`` and a fixed ``metrics.port`` (rank r serves ``port + r``) and let a
-PodMonitor select the Ray worker pods on that port range.
+On KubeRay set ``metrics.host=0.0.0.0`` and a fixed ``metrics.port``: the rank with local rank r serves
+``port + r`` (each pod declares one port per rank *it* runs, so a PodMonitor finds every rank without
+down targets). ``metrics.host=node`` binds the node's own address (several Ray nodes on one machine,
+as in the loopback test cluster, can then share a port).
 """
 from __future__ import annotations
 
@@ -43,6 +45,13 @@ _GAUGES = {
     "checkpoint/save_s": ("mzsane_checkpoint_save_seconds", "seconds the last checkpoint took to save"),
     "mem/host_rss_bytes": ("mzsane_host_rss_bytes", "peak resident set size of this worker process"),
     "mem/gpu_bytes": ("mzsane_gpu_memory_bytes", "CUDA memory allocated by this worker"),
+    "train/target_steps": ("mzsane_train_target_steps", "optimizer steps this run is planned to take (progress)"),
+    "checkpoint/last_time": ("mzsane_checkpoint_last_timestamp_seconds",
+                             "unix time the last checkpoint of this run was reported (checkpoint age)"),
+}
+_TOTALS = {  # code key holds a running total; the counter follows it (the loop does not track increments)
+    "data/read_bytes": ("mzsane_data_read_bytes_total", "on-disk bytes of the shard row groups this rank read"),
+    "data/rows": ("mzsane_data_rows_read_total", "checkpoint rows this rank read"),
 }
 _COUNTERS = {  # code key holds the increment since the last log call
     "perf/data_wait_s": ("mzsane_perf_data_wait_seconds_total", "seconds spent waiting for the next batch"),
@@ -81,16 +90,25 @@ class FanOut:
 
 
 class JsonlSink:
-    """Rank 0's ``{run}/log.jsonl``: appended in place locally; rewritten whole on object stores (no append)."""
+    """Rank 0's ``{run}/log.jsonl``: appended in place locally; rewritten whole on object stores (no append).
 
-    def __init__(self, url: str):
+    Idempotent per step: a resumed run (or a restarted worker group) continues after its checkpoint's
+    step ``start_step``, so rows past it left by the interrupted attempt are dropped first and every step
+    appears once.
+    """
+
+    def __init__(self, url: str, start_step: int = 0):
         self.url = url
         self._local = storage.local_path(url)
         self._lines: list[str] = []
-        if not self._local and storage.exists(url):  # resumed run on S3: keep the earlier lines
-            self._lines = storage.read_text(url).splitlines()
+        if storage.exists(url):
+            earlier = storage.read_text(url).splitlines()
+            self._lines = [line for line in earlier if line.strip() and _step_of(line) <= start_step]
+            if len(self._lines) != len(earlier):
+                storage.write_text(url, "".join(line + "\n" for line in self._lines))
         if self._local:
             os.makedirs(os.path.dirname(self._local), exist_ok=True)
+            self._lines = []  # appended in place from here on
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, "time": round(time.time(), 3)}
@@ -108,9 +126,10 @@ class JsonlSink:
 
 
 class PrometheusSink:
-    """One HTTP exporter per rank on ``port + world_rank`` (port 0: a free port); ``.target`` is host:port."""
+    """One HTTP exporter per rank on ``port + local_rank`` (port 0: a free port); ``.target`` is host:port."""
 
-    def __init__(self, run: str, world_rank: int, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, run: str, world_rank: int, host: str = "127.0.0.1", port: int = 0,
+                 local_rank: int | None = None):
         import prometheus_client as prom
 
         self.registry = prom.CollectorRegistry()
@@ -119,11 +138,15 @@ class PrometheusSink:
         self._gauges = {k: prom.Gauge(n, h, labels, registry=self.registry) for k, (n, h) in _GAUGES.items()}
         self._counters = {k: prom.Counter(n.removesuffix("_total"), h, labels, registry=self.registry)
                           for k, (n, h) in _COUNTERS.items()}
-        self._loss = {p: prom.Gauge(n, f"{p.rstrip('/')} loss terms", labels + ("term",), registry=self.registry)
+        self._loss = {p: prom.Gauge(n, f"{p.rstrip('/')} loss terms", (*labels, "term"), registry=self.registry)
                       for p, n in _LOSS_PREFIXES.items()}
+        self._totals = {k: prom.Counter(n.removesuffix("_total"), h, labels, registry=self.registry)
+                        for k, (n, h) in _TOTALS.items()}
+        self._seen_totals: dict[str, float] = {}
         self._step_time = prom.Histogram("mzsane_perf_step_time_seconds", "wall seconds per optimizer step", labels,
                                          buckets=_STEP_BUCKETS, registry=self.registry)
-        self._server, self._thread = prom.start_http_server(port + world_rank if port else 0, addr=host,
+        offset = world_rank if local_rank is None else local_rank
+        self._server, self._thread = prom.start_http_server(port + offset if port else 0, addr=host,
                                                             registry=self.registry)
         self.port = int(self._server.server_port)
         self.target = f"{host}:{self.port}"
@@ -137,6 +160,10 @@ class PrometheusSink:
                     self._gauges[key].labels(**self._labels).set(float(value))
                 elif key in self._counters:
                     self._counters[key].labels(**self._labels).inc(max(float(value), 0.0))
+                elif key in self._totals:
+                    delta = float(value) - self._seen_totals.get(key, 0.0)
+                    self._totals[key].labels(**self._labels).inc(max(delta, 0.0))
+                    self._seen_totals[key] = max(float(value), self._seen_totals.get(key, 0.0))
                 elif key == _STEP_TIME_KEY:
                     for seconds in value:
                         self._step_time.labels(**self._labels).observe(float(seconds))
@@ -151,17 +178,26 @@ class PrometheusSink:
         self._server.server_close()
 
 
-def make_sink(cfg_metrics: Any, run: str, run_url: str, world_rank: int) -> tuple[FanOut, str]:
+def make_sink(cfg_metrics: Any, run: str, run_url: str, world_rank: int, local_rank: int | None = None,
+              node: str = "127.0.0.1", start_step: int = 0) -> tuple[FanOut, str]:
     """The sinks of one rank and its scrape target ('' when Prometheus export is disabled)."""
     sinks: list[MetricSink] = []
     target = ""
     if cfg_metrics.enabled:
-        prom_sink = PrometheusSink(run, world_rank, cfg_metrics.host, cfg_metrics.port)
+        host = node if cfg_metrics.host == "node" else cfg_metrics.host
+        prom_sink = PrometheusSink(run, world_rank, host, cfg_metrics.port, local_rank)
         sinks.append(prom_sink)
         target = prom_sink.target
     if world_rank == 0:
-        sinks.append(JsonlSink(storage.join(run_url, "log.jsonl")))
+        sinks.append(JsonlSink(storage.join(run_url, "log.jsonl"), start_step))
     return FanOut(sinks), target
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line of a killed run: dropped with the steps being redone
 
 
 def write_targets(run_url: str, targets: list[str]) -> None:

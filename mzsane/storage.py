@@ -16,19 +16,26 @@ its upload completes, so a plain PUT (or completed multipart upload) is already 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import posixpath
 import shutil
 import tempfile
 import uuid
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
 
 from mzsane.errors import StorageError
 
 ENDPOINT_VARS = ("MZSANE_S3_ENDPOINT", "AWS_ENDPOINT_URL")
+# other ways botocore finds credentials that are legitimate beside an explicit endpoint (profiles, web identity,
+# container credentials); without any of them it would fall back to the EC2 instance-metadata lookup
+_OTHER_CREDENTIAL_VARS = ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                          "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+TMP_PREFIX = ".tmp-"  # local atomic writes: ``.tmp-{pid}-{random}`` beside the target, renamed into place
 _S3_ERRORS_UNREACHABLE = ("Could not connect", "ConnectTimeout", "EndpointConnectionError", "Connection refused",
                           "Cannot connect to host", "ConnectionError")
 _S3_ERRORS_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidClientTokenId",
@@ -71,7 +78,21 @@ def s3_options() -> dict[str, Any]:
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
         options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    else:
+        _require_credentials()
     return options
+
+
+def _require_credentials() -> None:
+    """With an explicit endpoint (SeaweedFS, MinIO) and no credentials, botocore would try the EC2 instance
+    metadata service and fail after seconds with an unrelated message; say what is missing instead."""
+    ep = endpoint()
+    if not ep or any(os.environ.get(v) for v in _OTHER_CREDENTIAL_VARS):
+        return
+    if os.path.exists(os.path.expanduser("~/.aws/credentials")):
+        return
+    raise StorageError(f"S3 endpoint {ep} is set but no credentials are: export AWS_ACCESS_KEY_ID and "
+                       f"AWS_SECRET_ACCESS_KEY (on Kubernetes, from the storage Secret)")
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -92,20 +113,53 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _translate(err: BaseException, url: str, action: str) -> StorageError:
     text = f"{type(err).__name__}: {err}"
     where = endpoint() or "the default AWS endpoint"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return disk_full(url)
+    if "NoSuchBucket" in text or "bucket does not exist" in text or "NoSuchBucket" in repr(err.__cause__):
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return StorageError(f"cannot {action} '{url}': bucket '{bucket}' does not exist at {where}; create it "
+                            f"first or fix the URL")
     if isinstance(err, (FileNotFoundError, KeyError)) or "NoSuchKey" in text or "Not Found" in text:
         return StorageError(f"cannot {action} '{url}': it does not exist; check the URL")
     if isinstance(err, PermissionError) and not is_remote(url):
         return StorageError(f"cannot {action} '{url}': permission denied; choose a writable location")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return StorageError(f"cannot {action} '{url}': {os.strerror(err.errno).lower()} "
+                            f"({err.filename or url}); choose a writable location")
     if any(s in text for s in _S3_ERRORS_UNREACHABLE):
         return StorageError(f"cannot {action} '{url}': S3 endpoint {where} is unreachable; "
                             f"check MZSANE_S3_ENDPOINT and that the server is running")
     if any(s in text for s in _S3_ERRORS_CREDENTIALS) or isinstance(err, PermissionError):
         return StorageError(f"cannot {action} '{url}': access denied by {where}; "
                             f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
-    if "NoSuchBucket" in text:
-        return StorageError(f"cannot {action} '{url}': the bucket does not exist; create it first")
     first_line = text.splitlines()[0][:200] if text else type(err).__name__
     return StorageError(f"cannot {action} '{url}': {first_line}")
+
+
+def disk_full(url: str, needed: int = 0) -> StorageError:
+    """The one-line ENOSPC error: which path, how much is free there, and (when known) how much is needed."""
+    path = local_path(url) or url
+    probe = os.path.dirname(path) if path else "."
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    try:
+        free = shutil.disk_usage(probe or ".").free
+    except OSError:
+        free = -1
+    need = f"about {_mib(needed)} more are needed; " if needed > 0 else ""
+    return StorageError(f"no space left on the device writing '{url}' ({_mib(free)} free there); {need}"
+                        f"free space or choose another location (this run's partial files were removed)")
+
+
+def _mib(n: int) -> str:
+    return "unknown" if n < 0 else f"{n / 2**20:.1f} MiB"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, also when pyarrow or torch re-raised it without the errno (their messages keep the text)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(err) or "[Errno 28]" in str(err)
 
 
 @contextlib.contextmanager
@@ -208,13 +262,19 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
         directory = os.path.dirname(path) or "."
         with _errors(url, "write"):
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=directory)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    yield fh
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.chmod(tmp, file_mode())  # mkstemp makes 0600; others on a shared volume must read it
+                os.replace(tmp, path)
+            except OSError as err:
+                if is_disk_full(err):
+                    raise disk_full(url) from None
+                raise
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -260,6 +320,51 @@ class _MemoryBuffer:
     @property
     def closed(self) -> bool:
         return False
+
+
+def file_mode() -> int:
+    """0666 minus the process umask: what ``open()`` would have given the file (mkstemp gives 0600)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)  # no /proc: read it the only other way, and put it straight back
+    os.umask(current)
+    return 0o666 & ~current
+
+
+def remove_stale_temps(url: str) -> list[str]:
+    """Delete leftover ``.tmp-*`` files of killed writers in one local folder; returns their names.
+
+    A file is stale when the pid in its name is no longer running (or it predates pid-named temps). Live
+    writers' files are kept, so two processes writing different files of one folder do not interfere."""
+    directory = local_path(url)
+    if not directory or not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        if not name.startswith(TMP_PREFIX):
+            continue
+        pid_text = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if pid_text.isdigit() and _alive(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -337,9 +442,11 @@ def pyarrow_fs(url: str) -> tuple[Any, str]:
         if os.environ.get("AWS_ACCESS_KEY_ID"):
             kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
             kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        else:
+            _require_credentials()
         return pafs.S3FileSystem(**kwargs), url.split("://", 1)[1].rstrip("/")
     if kind == "memory":
-        from pyarrow.fs import PyFileSystem, FSSpecHandler
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         fs, path = _fs(url)
         return PyFileSystem(FSSpecHandler(fs)), path

@@ -14,8 +14,11 @@ Layout::
      "zoos": {zoo: {"dataset", "architecture", "arch_kwargs", "layout_id", "num_tokens", "source",
                     "num_models", "num_rows", "splits": {"train": n, "val": n, "test": n}}},
      "models": [{"zoo", "model_id", "split", "status", "file", "row", "epochs", "test_acc", "val_acc"}],
-     "files": [{"path", "zoo", "split", "num_rows", "num_bytes", "rows_per_row_group"}],
+     "files": [{"path", "zoo", "split", "num_rows", "num_bytes", "sha256", "rows_per_row_group"}],
      "skipped": [{"zoo", "model_id", "epoch", "reason"}]}
+
+``sha256`` (hex, of the whole file) is absent in manifests written before checksums were recorded; those
+still read, with sizes checked but no hash (see reader.py).
 
 A model's rows are contiguous in one file, starting at ``row``, one per entry of ``epochs``; row group g
 of a file holds rows [g*R, (g+1)*R) with R its ``rows_per_row_group``.
@@ -83,7 +86,7 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, url: str) -> "Manifest":
+    def from_dict(cls, d: dict, url: str) -> Manifest:
         version = int(d.get("schema_version", 0)) if isinstance(d, dict) else 0
         if version > SCHEMA_VERSION:
             raise DataError(f"shard manifest '{storage.join(url, MANIFEST)}' has schema_version {version}, newer than "
@@ -106,7 +109,8 @@ def settings_of(tokens_cfg: Any, encoding: str, compression: str) -> dict:
     """The build settings every zoo of one dataset must share."""
     return {"tokensize": int(tokens_cfg.tokensize), "include_bn": bool(tokens_cfg.include_bn),
             "include_running_stats": bool(tokens_cfg.include_running_stats),
-            "weight_threshold": _json_float(float(tokens_cfg.weight_threshold)), "encoding": encoding, "compression": compression}
+            "weight_threshold": _json_float(float(tokens_cfg.weight_threshold)), "encoding": encoding,
+            "compression": compression}
 
 
 def read_manifest(url: str) -> Manifest:
@@ -159,14 +163,15 @@ def write_manifest(manifest: Manifest) -> None:
 
 def summary(manifest: Manifest) -> dict:
     """What `mzsane shards info` prints: zoos, models, tokens, bytes and splits."""
-    splits = {s: 0 for s in SPLITS}
+    splits = dict.fromkeys(SPLITS, 0)
     zoos = {}
     for zoo, info in sorted(manifest.zoos.items()):
         zoo_bytes = sum(f["num_bytes"] for f in manifest.files if f["zoo"] == zoo)
         zoos[zoo] = {"dataset": info["dataset"], "architecture": info["architecture"],
                      "models": info["num_models"], "checkpoints": info["num_rows"], "splits": info["splits"],
                      "tokens_per_checkpoint": info["num_tokens"], "bytes": zoo_bytes,
-                     "bytes_per_model": zoo_bytes // max(info["num_models"], 1)}
+                     "bytes_per_model": zoo_bytes // max(info["num_models"], 1),
+                     "rows_per_epoch": _rows_per_epoch(manifest, zoo)}
         for s, n in info["splits"].items():
             splits[s] = splits.get(s, 0) + n
     return {"url": manifest.url, "schema_version": manifest.schema_version, "tokensize": manifest.tokensize,
@@ -178,8 +183,40 @@ def summary(manifest: Manifest) -> dict:
             "max_positions": manifest.max_positions}
 
 
+def _rows_per_epoch(manifest: Manifest, zoo: str) -> dict[str, dict[str, int]]:
+    """Checkpoints of one zoo per saved epoch and split, so ``data.epochs`` can be chosen knowingly."""
+    out: dict[str, dict[str, int]] = {}
+    for m in manifest.models:
+        if m["zoo"] == zoo:
+            for e in m["epochs"]:
+                counts = out.setdefault(str(int(e)), dict.fromkeys(SPLITS, 0))
+                counts[m["split"]] = counts.get(m["split"], 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def size_mismatches(manifest: Manifest) -> list[str]:
+    """Part files whose size on storage differs from the manifest (missing ones included): one stat each."""
+    bad = []
+    for entry in manifest.files:
+        url = manifest.file_url(entry["path"])
+        try:
+            actual = storage.size(url)
+        except StorageError:
+            actual = -1
+        if actual != int(entry["num_bytes"]):
+            bad.append(f"{entry['path']}: {'missing' if actual < 0 else f'{actual} bytes'}, manifest "
+                       f"{entry['num_bytes']}")
+    return bad
+
+
 def shards_info_cli(args: Any) -> dict:
-    """``mzsane shards info URL``: print the summary as JSON."""
-    out = summary(read_manifest(args.url))
+    """``mzsane shards info URL``: print the summary as JSON; sizes are compared with the manifest."""
+    manifest = read_manifest(args.url)
+    out = summary(manifest)
+    out["size_mismatches"] = size_mismatches(manifest)
+    out["checksums"] = "sha256" if all(f.get("sha256") for f in manifest.files) else "none (built before checksums)"
     print(json.dumps(out, indent=2, sort_keys=True))
+    if out["size_mismatches"]:
+        raise DataError(f"{len(out['size_mismatches'])} part file(s) of '{args.url}' differ from the manifest "
+                        f"({out['size_mismatches'][0]}); the dataset is damaged, rebuild it")
     return out

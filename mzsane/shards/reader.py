@@ -8,19 +8,27 @@ Rank split: the selected row groups are shuffled with (seed, epoch), their rows 
 takes the r-th of ``world_size`` equal contiguous slices (the remainder, < world_size rows, is dropped:
 DistributedSampler's drop_last). So ranks are disjoint, yield exactly the same number of samples (DDP
 collectives stay in lockstep) and read disjoint row groups except at most one shared group per boundary.
+
+Integrity: every file's size is compared with the manifest when it is opened (one seek), and Parquet page
+checksums (written since manifests carry ``sha256``) are verified on every page read; a truncated or
+bit-flipped file is a one-line ``DataError`` naming it. ``verify_hash=True`` also hashes each file in full the
+first time this reader opens it; ``mzsane shards verify`` does that for a whole dataset. Manifests written
+before checksums existed (no ``sha256`` entry) are read as before: size checked, no hash.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from mzsane import storage
-from mzsane.errors import DataError
+from mzsane.errors import DataError, MzsaneError
 from mzsane.shards.manifest import Manifest, read_manifest
 from mzsane.shards.schema import table_tokens
 from mzsane.shards.select import RowRef, Selection
@@ -45,8 +53,11 @@ class Sample:
 class ShardReader:
     """Iterates the rows of ``selection`` from the shard dataset at ``url``."""
 
-    def __init__(self, url: str, selection: Selection, manifest: Manifest | None = None, max_open_files: int = 2):
+    def __init__(self, url: str, selection: Selection, manifest: Manifest | None = None, max_open_files: int = 2,
+                 verify_hash: bool = False):
         self.url = url
+        self.verify_hash = verify_hash
+        self._hashed: set[str] = set()
         self.manifest = manifest if manifest is not None else read_manifest(url)
         self.selection = selection
         self._files = {f["path"]: f for f in self.manifest.files}
@@ -87,8 +98,17 @@ class ShardReader:
             return self._open[path][0]
         while len(self._open) >= self._max_open:
             _close(*self._open.popitem(last=False)[1])
+        entry = self._files[path]
+        if self.verify_hash and path not in self._hashed and entry.get("sha256"):
+            check_file(self.manifest, entry, full=True)
+            self._hashed.add(path)
         fh = storage.open_read(self.manifest.file_url(path))
-        self._open[path] = (pq.ParquetFile(fh), fh)
+        try:
+            _check_size(self.manifest, entry, _size_of(fh))
+            self._open[path] = (pq.ParquetFile(fh, page_checksum_verification=True), fh)
+        except BaseException:
+            getattr(fh, "close", lambda: None)()
+            raise
         return self._open[path][0]
 
     def read_unit(self, unit: Unit, refs: list[RowRef]) -> Iterator[Sample]:
@@ -96,9 +116,8 @@ class ShardReader:
         path, group = unit
         try:
             table = self._file(path).read_row_group(group)
-        except OSError as err:
-            raise DataError(f"shard file '{self.manifest.file_url(path)}' cannot be read ({str(err).splitlines()[0]}"
-                            f"); the dataset is corrupt, rebuild it") from None
+        except (OSError, pa.ArrowException, MzsaneError) as err:  # ArrowInvalid is not an OSError
+            raise corrupt(self.manifest.file_url(path), err) from None
         zoo = self.manifest.zoos[refs[0].zoo]
         tokens = table_tokens(table.column("tokens"), zoo["num_tokens"], self.manifest.tokensize)
         base = group * int(self._files[path]["rows_per_row_group"])
@@ -139,6 +158,81 @@ class ShardReader:
             _close(*self._open.popitem()[1])
 
 
+def corrupt(url: str, err: BaseException) -> DataError:
+    """One line naming the damaged file (already one line when it is our own size/hash error)."""
+    if isinstance(err, DataError) and url in str(err):
+        return DataError(str(err).splitlines()[0])
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return DataError(f"shard file '{url}' cannot be read ({text}); the dataset is corrupt or truncated, rebuild "
+                     f"it (mzsane shards verify lists every damaged file)")
+
+
+def _size_of(fh: object) -> int:
+    fh.seek(0, 2)  # type: ignore[attr-defined]  (S3: from the object's metadata, no data read)
+    size = int(fh.tell())  # type: ignore[attr-defined]
+    fh.seek(0)  # type: ignore[attr-defined]
+    return size
+
+
+def _check_size(manifest: Manifest, entry: dict, size: int) -> None:
+    expected = int(entry.get("num_bytes", -1))
+    if expected >= 0 and size != expected:
+        raise DataError(f"shard file '{manifest.file_url(entry['path'])}' has {size} bytes, the manifest says "
+                        f"{expected}; it is truncated or was replaced, rebuild the dataset")
+
+
+def check_file(manifest: Manifest, entry: dict, full: bool = True) -> str:
+    """Check one part file against its manifest entry: size, then (``full``) its sha256 and every page checksum
+    of every row group. Returns what was checked; raises a one-line DataError naming the file."""
+    url = manifest.file_url(entry["path"])
+    try:
+        with storage.open_read(url) as fh:
+            _check_size(manifest, entry, _size_of(fh))
+            if not full:
+                return "size"
+            checked = "size"
+            if entry.get("sha256"):
+                digest = hashlib.sha256()
+                for block in iter(lambda: fh.read(8 * 2**20), b""):
+                    digest.update(block)
+                if digest.hexdigest() != entry["sha256"]:
+                    raise DataError(f"shard file '{url}' does not match its manifest checksum (sha256); it is "
+                                    f"corrupt, rebuild the dataset")
+                checked += "+sha256"
+            fh.seek(0)
+            parquet = pq.ParquetFile(fh, page_checksum_verification=True)
+            for group in range(parquet.num_row_groups):
+                parquet.read_row_group(group)
+            return checked + "+pages"
+    except (OSError, pa.ArrowException, MzsaneError) as err:
+        raise corrupt(url, err) from None
+
+
 def _close(parquet_file: pq.ParquetFile, fh: object) -> None:
     parquet_file.close()
     getattr(fh, "close", lambda: None)()
+
+
+def verify_dataset(url: str) -> dict:
+    """Check every part file of a shard dataset (size, sha256, page checksums); the files that fail, by name."""
+    manifest = read_manifest(url)
+    results, damaged = {}, []
+    for entry in manifest.files:
+        try:
+            results[entry["path"]] = check_file(manifest, entry, full=True)
+        except DataError as err:
+            results[entry["path"]] = f"DAMAGED: {err}"
+            damaged.append(entry["path"])
+    return {"url": url, "files": len(manifest.files), "damaged": damaged, "results": results}
+
+
+def verify_cli(args: object) -> dict:
+    """``mzsane shards verify URL``: prints JSON, fails (one line) when any file is damaged."""
+    import json
+
+    out = verify_dataset(args.url)  # type: ignore[attr-defined]
+    print(json.dumps(out, indent=2, sort_keys=True))
+    if out["damaged"]:
+        raise DataError(f"{len(out['damaged'])} of {out['files']} part files of '{out['url']}' are damaged "
+                        f"({', '.join(out['damaged'][:3])}); rebuild the dataset")
+    return out

@@ -12,6 +12,8 @@ lets the reader plan row-group reads from the manifest alone. Row groups and fil
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 import sys
@@ -25,8 +27,15 @@ from tqdm import tqdm
 from mzsane import storage
 from mzsane.errors import DataError
 from mzsane.shards import manifest as mf
-from mzsane.shards.schema import DEFAULT_COMPRESSION, DEFAULT_ENCODING, SCHEMA_VERSION, SPLITS, Row, arrow_schema, \
-    rows_to_table
+from mzsane.shards.schema import (
+    DEFAULT_COMPRESSION,
+    DEFAULT_ENCODING,
+    SCHEMA_VERSION,
+    SPLITS,
+    Row,
+    arrow_schema,
+    rows_to_table,
+)
 from mzsane.tokens.layout import TokenLayout, layout_from_state_dict
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.architectures import build_model
@@ -84,7 +93,40 @@ def tokenize_like(state_dict: dict, layout: TokenLayout, cache: dict, where: str
                 raise DataError(f"checkpoint '{where}' does not match the zoo's architecture (its tensors differ from "
                                 f"a freshly built model); fix zoo.json's architecture/arch_kwargs or remove the model")
         cache[keys] = own
-    return tokenize(state_dict, cache[keys]).numpy()
+    try:
+        return tokenize(state_dict, cache[keys]).numpy()
+    except (DataError, RuntimeError, ValueError, KeyError) as err:  # same keys, other shapes
+        raise DataError(f"checkpoint '{where}' does not match the zoo's architecture ({_first_line(err)}); fix "
+                        f"zoo.json's architecture/arch_kwargs or remove the model") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:160]
+
+
+class _HashingFile:
+    """Passes Parquet's writes through to the storage file while hashing them: the manifest's checksum and size
+    cost no second read of the file (on S3 that would be a second download)."""
+
+    def __init__(self, fh: Any):
+        self._fh, self.sha256, self.num_bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        self.num_bytes += memoryview(data).nbytes
+        self._fh.write(data)
+        return memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self.num_bytes
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    @property
+    def closed(self) -> bool:
+        return False
 
 
 class _PartFile:
@@ -95,9 +137,11 @@ class _PartFile:
         self.num_rows = 0
         self._buffer: list[Row] = []
         self._ctx = storage.open_write(url)
-        self._fh = fh = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(fh, arrow_schema(layout.num_tokens, layout.tokensize, encoding),
-                                        compression=compression, write_statistics=["epoch", "model_id"])
+        self._fh = _HashingFile(self._ctx.__enter__())
+        # page checksums (CRC32 per data page) let every reader detect a flipped byte in the pages it reads
+        self._writer = pq.ParquetWriter(self._fh, arrow_schema(layout.num_tokens, layout.tokensize, encoding),
+                                        compression=compression, write_statistics=["epoch", "model_id"],
+                                        write_page_checksum=True)
 
     def add(self, row: Row) -> None:
         self._buffer.append(row)
@@ -111,19 +155,17 @@ class _PartFile:
             self._writer.write_table(table, row_group_size=len(self._buffer))
             self._buffer = []
 
-    def close(self) -> int:
+    def close(self) -> tuple[int, str]:
+        """(bytes, sha256 hex) of the finished file, once it is in place."""
         self._flush()
         self._writer.close()
-        num_bytes = self._fh.tell()  # saves a stat request per file on S3
         self._ctx.__exit__(None, None, None)
-        return int(num_bytes)
+        return self._fh.num_bytes, self._fh.sha256.hexdigest()
 
     def abort(self, exc: BaseException) -> None:
         """Drop the half-written file (the object never appears)."""
-        try:
+        with contextlib.suppress(Exception):  # the file is being discarded anyway
             self._writer.close()
-        except Exception:  # the file is being discarded anyway
-            pass
         self._ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
@@ -145,6 +187,7 @@ def _write_zoo(reader: ZooReader, layout: TokenLayout, out_url: str, settings: d
     files: list[dict] = []
     models: list[dict] = []
     index = first_index
+    row_count = sum(map(len, epochs_of.values()))
     bar = tqdm(total=sum(map(len, epochs_of.values())), desc=f"shards {zoo}", unit="ckpt", disable=not progress,
                file=sys.stderr)
     current: _PartFile | None = None
@@ -188,7 +231,12 @@ def _write_zoo(reader: ZooReader, layout: TokenLayout, out_url: str, settings: d
                 current = None
     except BaseException as err:
         if current is not None:
-            current.abort(err)
+            with contextlib.suppress(Exception):  # the temp file goes either way; keep the original error
+                current.abort(err)
+        for entry in files:  # this zoo's finished part files: no part manifest will ever reference them
+            storage.remove(storage.join(out_url, entry["path"]))
+        if storage.is_disk_full(err):
+            raise storage.disk_full(out_url, needed=row_count * row_bytes) from None
         raise
     finally:
         bar.close()
@@ -206,9 +254,9 @@ def _num(x: float) -> float | None:
 
 
 def _file_entry(part: _PartFile, zoo: str, split: str, out_url: str) -> dict:
-    num_bytes = part.close()
+    num_bytes, sha256 = part.close()
     return {"path": part.url.rsplit("/", 1)[-1], "zoo": zoo, "split": split, "num_rows": part.num_rows,
-            "num_bytes": num_bytes, "rows_per_row_group": part.rows_per_group}
+            "num_bytes": num_bytes, "sha256": sha256, "rows_per_row_group": part.rows_per_group}
 
 
 def _check_compatible(out_url: str, parts: dict[str, dict], settings: dict) -> None:
@@ -237,6 +285,9 @@ def build_shards(zoo_urls: list[str], out_url: str, tokens_cfg: Any, shards_cfg:
     settings = mf.settings_of(tokens_cfg, encoding, compression)
     split_cfg = {"fractions": [float(f) for f in shards_cfg.split_fractions], "seed": int(shards_cfg.split_seed),
                  "epochs": sorted(int(e) for e in shards_cfg.epochs)}
+    for folder in (out_url, storage.join(out_url, mf.PARTS_DIR)):  # temp files of a killed earlier build
+        for name in storage.remove_stale_temps(folder):
+            print(f"removed {name}, a partial file of an interrupted build, from {folder}", file=sys.stderr)
     parts = mf.read_parts(out_url)
     _check_compatible(out_url, parts, settings)
     layouts = []

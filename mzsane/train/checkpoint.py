@@ -14,9 +14,11 @@ that is a ``CheckpointError`` naming the differing keys rather than a state_dict
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -41,6 +43,16 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
+def is_checkpoint_url(url: str) -> bool:
+    return bool(_NAME.match(os.path.basename(url.rstrip("/"))))
+
+
+def step_of(url: str) -> int:
+    """The step in a ``checkpoint_*`` URL's name; -1 for anything else."""
+    match = _NAME.match(os.path.basename(str(url).rstrip("/")))
+    return int(match.group(1)) if match else -1
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
@@ -56,12 +68,33 @@ def save(directory: str, model: nn.Module, state: dict[str, Any], cfg: Config) -
     """Write one checkpoint into a local directory (the caller uploads or reports it)."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
-    save_file(tensors, os.path.join(directory, MODEL_FILE))
-    torch.save(state, os.path.join(directory, STATE_FILE))
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
-        fh.write(config_mod.dumps(cfg))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in unwrap(model).state_dict().items()}
+        save_file(tensors, os.path.join(directory, MODEL_FILE))
+        torch.save(state, os.path.join(directory, STATE_FILE))
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            fh.write(config_mod.dumps(cfg))
+    except Exception as err:  # torch.save re-raises ENOSPC as RuntimeError, safetensors as SafetensorError
+        if not storage.is_disk_full(err):
+            raise
+        shutil.rmtree(directory, ignore_errors=True)
+        needed = sum(t.numel() * t.element_size() for t in tensors.values()) if "tensors" in locals() else 0
+        raise storage.disk_full(directory, needed=needed) from None
+
+
+def upload(directory: str, url: str) -> None:
+    """Copy a saved checkpoint to ``url`` with config.json last (its presence marks completeness there too);
+    on failure the partial copy is removed, so a full disk is not kept full by it."""
+    names = sorted(os.listdir(directory), key=lambda n: (n == CONFIG_FILE, n))
+    try:
+        for name in names:
+            with open(os.path.join(directory, name), "rb") as fh:
+                storage.write_bytes(storage.join(url, name), fh.read())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.remove(url, recursive=True)
+        raise
 
 
 def _flat(cfg: Config, key: str) -> Any:

@@ -105,7 +105,7 @@ class LocalContext(_Collectives):
         if checkpoint_dir is None or self.world_rank != 0:
             return
         name = os.path.basename(checkpoint_dir.rstrip("/"))
-        storage.upload_dir(checkpoint_dir, storage.join(self.run_url, name))
+        ckpt.upload(checkpoint_dir, storage.join(self.run_url, name))
         if self.num_to_keep > 0:
             for _, url in ckpt.list_checkpoints(self.run_url)[:-self.num_to_keep]:
                 storage.remove(url, recursive=True)
@@ -169,7 +169,10 @@ class RayContext(LocalContext):
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:  # a fresh Ray run over an existing run folder (``--resume``)
+        newest = ckpt.latest_checkpoint_url(self.run_url)
+        # None: a fresh Ray run over an existing run folder (``--resume``). Ray's snapshot can also be older
+        # than the newest complete checkpoint in the folder (its bookkeeping lags a report): take the newest
+        if checkpoint is None or (newest is not None and ckpt.step_of(newest) > ckpt.step_of(checkpoint.path)):
             return super().latest_checkpoint()
         scratch = tempfile.mkdtemp(prefix="mzsane-ckpt-")
         self._scratch.append(scratch)

@@ -16,15 +16,16 @@ starting workers is checked in the driver, so bad input fails in seconds with on
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 import uuid
 from typing import Any
 
 from mzsane import config as config_mod
-from mzsane import storage
+from mzsane import errors, storage
 from mzsane.config import Config
-from mzsane.errors import ClusterError, ConfigError, MzsaneError
+from mzsane.errors import CheckpointError, ClusterError, ConfigError, DataError, DivergedError, MzsaneError
 from mzsane.train import checkpoint as ckpt
 
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
@@ -32,6 +33,10 @@ HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 # (a Kubernetes Secret on KubeRay, the shell that ran `ray start` locally), or the driver's for local Ray
 _FORWARD_ENV = ("MZSANE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# written when training hit an error that a retry would only repeat (diverged, corrupt shard, bad checkpoint):
+# the workers stop without Ray's max_failures retries and the driver raises it as one line
+FAILED_FILE = "failed.json"
+_DETERMINISTIC = (DataError, CheckpointError, ConfigError)
 
 
 def new_run_name() -> str:
@@ -41,9 +46,7 @@ def new_run_name() -> str:
 def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
     """Resolve the config and run URL and check everything checkable before any worker starts."""
     if resume:
-        run_url = storage.absolute(resume.rstrip("/"))
-        if not storage.exists(storage.join(run_url, ckpt.CONFIG_FILE)):
-            raise ConfigError(f"--resume '{resume}' is not a run folder (no config.json); pass {{root}}/runs/<run>")
+        run_url = resume_run_url(resume)
         saved = config_mod.loads(storage.read_text(storage.join(run_url, ckpt.CONFIG_FILE)))
         saved.cluster, saved.metrics = cfg.cluster, cfg.metrics  # where it runs may change, what it trains not
         cfg = saved
@@ -66,6 +69,25 @@ def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
         ckpt.check_compatible(saved_cfg, cfg, latest)
     storage.write_text(storage.join(run_url, ckpt.CONFIG_FILE), config_mod.dumps(cfg))
     return cfg, run_url
+
+
+def resume_run_url(resume: str) -> str:
+    """The run folder ``--resume`` continues: a run URL, or a checkpoint URL of that run (explicitly accepted
+    when it is the run's newest complete checkpoint). Nothing is ever written into a checkpoint folder."""
+    url = storage.absolute(resume.rstrip("/"))
+    if ckpt.is_checkpoint_url(url):
+        run_url = url.rsplit("/", 1)[0]
+        newest = ckpt.latest_checkpoint_url(run_url)
+        if newest is None or newest.rstrip("/") != url:
+            raise ConfigError(f"--resume '{resume}' is not the newest complete checkpoint of its run "
+                              f"({newest or 'none'}); resuming from it would overwrite newer ones: pass the run "
+                              f"folder '{run_url}' or start a new run")
+    else:
+        run_url = url
+    if not storage.exists(storage.join(run_url, ckpt.CONFIG_FILE)):
+        raise ConfigError(f"--resume '{resume}' is not a run folder (no config.json); pass {{root}}/runs/<run> or "
+                          f"one of its checkpoint_* folders")
+    return run_url
 
 
 def train(cfg: Config, address: str | None = None, resume: str = "", no_ray: bool = False) -> str:
@@ -100,12 +122,47 @@ def _worker(config: dict[str, Any]) -> None:
     from mzsane.train.context import RayContext
     from mzsane.train.loop import train_loop
 
+    _watch_driver(config.get("driver", {}))
+    failed_url = storage.join(config["run_url"], FAILED_FILE)
+    if storage.exists(failed_url):  # Ray's retry after a deterministic error of this fit: it would only repeat
+        return
     cfg = config_mod.loads(config["cfg"])
     ctx = RayContext(config["run_url"])
     try:
         train_loop(cfg, ctx, config["run_url"])
+    except DivergedError as err:
+        # raised on every rank at once (an all-reduced check) and deterministic from the last checkpoint: letting
+        # Ray retry would diverge again max_failures times. Stop cleanly; the driver reads the reason.
+        if ctx.world_rank == 0:
+            storage.write_json(failed_url, {"error": type(err).__name__, "message": str(err)})
+    except _DETERMINISTIC as err:
+        # possibly on this rank only (others wait in a collective): fail this attempt so Ray tears the group
+        # down, and leave the reason so the retry's workers return at once
+        storage.write_json(failed_url, {"error": type(err).__name__, "message": str(err)})
+        raise
     finally:
         ctx.close()
+
+
+def _watch_driver(driver: dict[str, Any], poll_s: float = 0.25) -> None:
+    """Exit this worker soon after a driver on the same host dies (e.g. SIGKILL): Ray notices a dead driver only
+    after its own heartbeat timeouts, and until then the workers keep training and writing into the run folder.
+    Drivers on other hosts (a RayJob submitter) rely on Ray's job fate-sharing alone."""
+    if not driver or driver.get("host") != socket.gethostname():
+        return
+    pid = int(driver["pid"])
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(75)  # no cleanup on purpose: nothing of this run may be written any more
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="mzsane-driver-watch", daemon=True).start()
 
 
 def _init_ray(cfg: Config, address: str) -> None:
@@ -147,13 +204,15 @@ def _fit(cfg: Config, run_url: str, address: str) -> None:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": config_mod.dumps(cfg), "run_url": run_url},
+        train_loop_config={"cfg": config_mod.dumps(cfg), "run_url": run_url,
+                           "driver": {"pid": os.getpid(), "host": socket.gethostname()}},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=root_path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=max(cfg.train.num_checkpoints_to_keep, 1))))
+    storage.remove(storage.join(run_url, FAILED_FILE))  # from an earlier attempt of this run
     stop = threading.Event()
     bar = threading.Thread(target=_follow_progress, args=(run_url, cfg.train.num_steps, stop), daemon=True)
     bar.start()
@@ -169,6 +228,12 @@ def _fit(cfg: Config, run_url: str, address: str) -> None:
     if getattr(result, "error", None) is not None:
         _reraise(result.error)
         raise ClusterError(f"training run '{run_url}' failed: {str(result.error).splitlines()[0][:200]}")
+    failed_url = storage.join(run_url, FAILED_FILE)
+    if storage.exists(failed_url):
+        failed = storage.read_json(failed_url)
+        kind = getattr(errors, str(failed.get("error", "")), None)
+        kind = kind if isinstance(kind, type) and issubclass(kind, MzsaneError) else ClusterError
+        raise kind(str(failed.get("message", "training failed")).splitlines()[0])
 
 
 def _reraise(err: BaseException) -> None:

@@ -149,7 +149,8 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
         bar.set_description(f"{plan.name} ({len(chunk)} models)")
         try:
             results = train_population(shared, [hp for _, hp in chunk], data, sizes["num_epochs"], save,
-                                       train=train, eval_splits=evals, seed=cfg.seed, progress=functools.partial(_advance, bar),
+                                       train=train, eval_splits=evals, seed=cfg.seed,
+                                       progress=functools.partial(_advance, bar),
                                        epoch0_train_images=len(evals["test"]))
         except (RuntimeError, ValueError) as err:  # a crashed population is reported, retried next run
             for mid, _ in chunk:
@@ -220,4 +221,4 @@ def build_zoos_cli(args) -> dict:
     return summary
 
 
-__all__ = ["ZooPlan", "plan_zoos", "build_zoos", "build_zoos_cli"]
+__all__ = ["ZooPlan", "build_zoos", "build_zoos_cli", "plan_zoos"]

@@ -48,7 +48,7 @@ class ZooInfo:
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "ZooInfo":
+    def from_dict(cls, d: dict, where: str) -> ZooInfo:
         return cls(**_known(cls, d, where))
 
 
@@ -69,7 +69,7 @@ class ModelRecord:
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "ModelRecord":
+    def from_dict(cls, d: dict, where: str) -> ModelRecord:
         return cls(**_known(cls, d, where))
 
     def metrics(self, epoch: int) -> dict:
@@ -77,7 +77,7 @@ class ModelRecord:
         for row in self.epochs:
             if int(row.get("epoch", -1)) == int(epoch):
                 return {k: float(row.get(k, math.nan)) for k in ACC_KEYS}
-        return {k: math.nan for k in ACC_KEYS}
+        return dict.fromkeys(ACC_KEYS, math.nan)
 
 
 def _known(cls: Any, d: dict, where: str) -> dict:
@@ -128,11 +128,14 @@ def load_untrusted(data: bytes, where: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        culprit = re.search(r"GLOBAL ([\w.]+ ?[\w.]*)", str(err))
-        names = [culprit.group(1)] if culprit else _pickle_globals(data)
+        # the names come from the pickle's own opcodes; torch's message ("GLOBAL posix.system whose module
+        # posix is blocked") is only a fallback, read up to the first space
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
+        names = _pickle_globals(data) or ([culprit.group(1)] if culprit else [])
         if names:
             raise DataError(f"checkpoint '{where}' is a pickle that carries code ({', '.join(names[:3])}); refused: "
-                            f"untrusted checkpoints must hold tensors only (safetensors or a plain state_dict)") from None
+                            "untrusted checkpoints must hold tensors only (safetensors or a plain state_dict)"
+                            ) from None
         raise DataError(f"checkpoint '{where}' is corrupt or not a plain tensor pickle; refused: re-create it as "
                         f"safetensors or torch.save(model.state_dict())") from None
     except Exception as err:
@@ -153,6 +156,15 @@ def _pickle_globals(data: bytes) -> list[str]:
     import pickletools
 
     names, strings = [], []
+    if data.startswith(b"PK"):  # torch.save's zip container: the pickle is its */data.pkl member
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), "")
+                data = archive.read(member) if member else b""
+        except (zipfile.BadZipFile, KeyError, OSError):
+            return []
     try:
         for op, arg, _ in pickletools.genops(data):
             if op.name == "GLOBAL":
@@ -163,7 +175,8 @@ def _pickle_globals(data: bytes) -> list[str]:
                 strings.append(arg)
     except Exception:  # truncated or not a pickle at all
         pass
-    return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))]
+    # what a plain tensor pickle needs (``_codecs.encode`` rebuilds bytes in protocols 0-2) is not a culprit
+    return [n for n in names if not n.startswith(("torch.", "collections.OrderedDict", "_codecs.encode"))]
 
 
 def _read_checkpoint(url: str, weight_threshold: float) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ The record types, the reader interface and the checkpoint filters shared by both
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -61,12 +62,22 @@ class ZooWriter:
         from safetensors.torch import save as st_save
 
         base = self.model_url(record.model_id)
-        for epoch, state_dict in sorted(checkpoints.items()):
-            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-            storage.write_bytes(storage.join(base, f"epoch_{int(epoch):04d}.safetensors"),
-                                st_save(tensors, metadata={"key_order": json.dumps(list(tensors))}))
-        record.checkpoint_epochs = sorted(int(e) for e in checkpoints)
-        storage.write_json(storage.join(base, "model.json"), asdict(record))
+        storage.remove_stale_temps(base)  # a SIGKILLed earlier build's partial epoch file of this model
+        written: list[str] = []
+        try:
+            for epoch, state_dict in sorted(checkpoints.items()):
+                tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+                url = storage.join(base, f"epoch_{int(epoch):04d}.safetensors")
+                storage.write_bytes(url, st_save(tensors, metadata={"key_order": json.dumps(list(tensors))}))
+                written.append(url)
+            record.checkpoint_epochs = sorted(int(e) for e in checkpoints)
+            storage.write_json(storage.join(base, "model.json"), asdict(record))
+        except StorageError:
+            # an unfinished model is redone by a re-run anyway; its epochs would only keep a full disk full
+            for url in written:
+                with contextlib.suppress(StorageError):
+                    storage.remove(url)
+            raise
 
     def finished_models(self) -> set[str]:
         root = storage.join(self.url, "models")

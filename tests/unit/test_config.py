@@ -1,7 +1,9 @@
 """Config: presets, YAML files, --set overrides and strict validation."""
 import dataclasses
+import json
 import math
 
+import jsonschema
 import pytest
 
 from mzsane import config, presets
@@ -46,7 +48,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
 
 
 def test_bad_values_and_files(tmp_path):
-    with pytest.raises(ConfigError, match="train.num_steps' must be a int"):
+    with pytest.raises(ConfigError, match="train.num_steps' must be an integer"):
         config.load("tiny", [], ["train.num_steps=many"])
     with pytest.raises(ConfigError, match="norm_mode"):
         config.load("tiny", [], ["loss.norm_mode=perlayer"])
@@ -84,3 +86,110 @@ def test_a_file_section_merges_onto_the_preset(tmp_path):
     assert cfg.sample.target_zoo == "mnist-cnn_s" and cfg.train.num_steps == 7
     assert cfg.sample.num_anchors == tiny.sample.num_anchors != config.SampleConfig().num_anchors
     assert cfg.train.batch_size == tiny.train.batch_size
+
+
+def _one_line_error(overrides, *needles):
+    with pytest.raises(ConfigError) as info:
+        config.load("tiny", [], overrides)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def test_counts_must_be_at_least_one():
+    # batch_size 0 used to hang forever with growing memory; num_steps -5 exited 0 with an empty run
+    _one_line_error(["train.batch_size=0"], "train.batch_size", "= 0", ">= 1")
+    _one_line_error(["train.num_steps=-5"], "train.num_steps", "-5", ">= 1")
+    _one_line_error(["model.num_heads=0"], "model.num_heads", ">= 1")
+    _one_line_error(["model.d_model=-4"], "model.d_model", "-4")
+
+
+def test_rates_must_be_positive_and_finite():
+    _one_line_error(["train.lr=-1"], "train.lr", "-1.0", "> 0")
+    _one_line_error(["train.lr=0"], "train.lr", "> 0")
+    _one_line_error(["train.lr=.nan"], "train.lr", "nan")
+    _one_line_error(["train.lr=.inf"], "train.lr", "finite")
+    assert math.isinf(config.load("tiny", [], ["tokens.weight_threshold=.inf"]).tokens.weight_threshold)
+
+
+def test_upper_bounds():
+    _one_line_error(["loss.gamma=1.5"], "loss.gamma", "<= 1")
+    _one_line_error(["model.dropout=1.0"], "model.dropout", "< 1")
+    _one_line_error(["metrics.port=70000"], "metrics.port", "<= 65535")
+
+
+def test_integers_are_not_truncated():
+    _one_line_error(["train.num_steps=1.5"], "train.num_steps", "integer", "1.5")
+    _one_line_error(["train.num_steps='1.5'"], "train.num_steps", "integer")
+    assert config.load("tiny", [], ["train.num_steps=3.0"]).train.num_steps == 3  # exact, not truncated
+
+
+def test_choices_and_sentinels():
+    _one_line_error(["train.precision=fp8"], "train.precision", "'fp8'", "auto, fp32, bf16, fp16")
+    _one_line_error(["data.num_models_per_zoo=0"], "data.num_models_per_zoo", ">= 1 or -1")
+    _one_line_error(["train.checkpoint_every_n_steps=-2"], "train.checkpoint_every_n_steps", "or -1")
+    assert config.load("tiny", [], ["train.checkpoint_every_n_steps=-1"]).train.checkpoint_every_n_steps == -1
+
+
+def test_list_length_and_items():
+    _one_line_error(["shards.split_fractions=[0.5, 0.5]"], "shards.split_fractions", "exactly 3")
+    _one_line_error(["shards.split_fractions=[1.5, -0.25, -0.25]"], "shards.split_fractions[0]", "<= 1")
+    _one_line_error(["evaluate.soup_sizes=[1, 0]"], "evaluate.soup_sizes[1]", ">= 1")
+
+
+def test_cross_field_rules():
+    _one_line_error(["model.num_heads=3"], "model.d_model=32", "model.num_heads=3")
+    _one_line_error(["shards.split_fractions=[0.5, 0.25, 0.125]"], "sum to 1")
+    _one_line_error(["sample.num_keep=9"], "sample.num_keep=9", "num_candidates=8")
+
+
+def test_yaml_file_values_are_validated_too(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  batch_size: -3\n")
+    with pytest.raises(ConfigError, match=r"train.batch_size' = -3 is out of range"):
+        config.load("tiny", [str(path)])
+
+
+def test_config_directory_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory") as info:
+        config.load("tiny", [str(tmp_path)])
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_schema_is_draft7_and_matches_the_cli_rules():
+    schema = config.json_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    # the presets pass both checks
+    for name in presets.PRESETS:
+        values = json.loads(json.dumps(config.to_dict(config.load(name)), allow_nan=True))
+        values["tokens"].pop("weight_threshold")  # inf is not JSON
+        assert not list(validator.iter_errors(values)), name
+    train = schema["properties"]["train"]
+    assert train["additionalProperties"] is False
+    assert train["properties"]["batch_size"] == {"type": "integer", "minimum": 1, "default": 16}
+    assert train["properties"]["lr"]["exclusiveMinimum"] == 0
+    assert train["properties"]["precision"]["enum"] == ["auto", "fp32", "bf16", "fp16"]
+    assert not validator.is_valid({"train": {"num_stepz": 3}})
+    assert not validator.is_valid({"data": {"num_models_per_zoo": 0}})  # >= 1 or the sentinel -1
+    assert validator.is_valid({"data": {"num_models_per_zoo": -1}})
+    # every field whose schema has a bound: a value just past it is refused by the schema AND by the CLI
+    checked = 0
+    for section, sub in schema["properties"].items():
+        for key, prop in sub.get("properties", {}).items():
+            bound = prop.get("anyOf", [prop])[0]
+            if "minimum" in bound:
+                bad = bound["minimum"] - (1 if prop["type"] == "integer" else 0.5)
+            elif "exclusiveMinimum" in bound:
+                bad = bound["exclusiveMinimum"]
+            else:
+                continue
+            if bad in prop.get("anyOf", [{}, {}])[1].get("enum", []):
+                bad -= 1
+            assert not validator.is_valid({section: {key: bad}}), (section, key, bad)
+            with pytest.raises(ConfigError, match=f"{section}.{key}"):
+                config.load("tiny", [], [f"{section}.{key}={bad}"])
+            checked += 1
+    assert checked > 50

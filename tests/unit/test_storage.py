@@ -34,10 +34,9 @@ def test_write_read_list_remove(root):
 def test_failed_write_leaves_previous_object_intact(root):
     url = storage.join(root, "manifest.json")
     storage.write_json(url, {"version": 1})
-    with pytest.raises(RuntimeError):
-        with storage.open_write(url) as fh:
-            fh.write(b'{"version": 2, "trunc')
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), storage.open_write(url) as fh:
+        fh.write(b'{"version": 2, "trunc')
+        raise RuntimeError("crash mid-write")
     assert storage.read_json(url) == {"version": 1}
     assert storage.listdir(root) == ["manifest.json"]  # no temporary left behind
 
@@ -73,7 +72,8 @@ def test_local_dir_roundtrip(tmp_path):
     url = "memory://dir-roundtrip"
     storage.upload_dir(str(src), url)
     out = storage.download_dir(url, str(tmp_path / "dst"))
-    assert open(os.path.join(out, "d", "f.txt")).read() == "x"
+    with open(os.path.join(out, "d", "f.txt")) as fh:
+        assert fh.read() == "x"
     storage.remove(url, recursive=True)
 
 

@@ -1,8 +1,9 @@
 """The sweep chart rendered and linted by real Helm (helm-python-sdk bundles Helm's Go SDK).
 
-Every RayJob is validated against KubeRay's own CRD schema (``../shared/kuberay/ray.io_rayjobs.yaml``,
-v1 openAPIV3Schema) made strict on field names, and core objects against Kubernetes' OpenAPI schemas
-with kubernetes-validate, so a misspelled field fails here rather than on a cluster.
+Every RayJob is validated against KubeRay's own CRD schema (v1.7.0 ``ray.io_rayjobs.yaml``, v1
+openAPIV3Schema, from $MZSANE_KUBERAY_CRDS or ``../shared/kuberay/``) made strict on field names, and core
+objects against Kubernetes' OpenAPI schemas with kubernetes-validate, so a misspelled field fails here
+rather than on a cluster. What the operator then makes of each RayJob is test_operator_contract.py's.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from mzsane import sweep  # noqa: E402
 from mzsane.errors import ConfigError  # noqa: E402
+from tests.integration import kuberay  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "mzsane"
 JOBS = sorted(glob.glob(str(ROOT / "jobs" / "*.yaml")))
-CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayjobs.yaml"
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -49,15 +50,20 @@ def _strict(schema):
 
 @functools.lru_cache(maxsize=1)
 def _rayjob_validator():
-    if not CRD.exists():
-        pytest.skip(f"KubeRay CRD not found at {CRD}")
-    crd = yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load(kuberay.crd_file("ray.io_rayjobs.yaml").read_text(),
+                    Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return jsonschema.Draft4Validator(_strict(v1["schema"]["openAPIV3Schema"]))
 
 
-def _render(values: dict | None, release: str = "sweep1") -> list[dict]:
-    out = helm_python.Chart.load(str(CHART)).render(values, name=release, namespace="mzsane")
+def _render(values: dict | None, release: str = "sweep1", api_versions: tuple[str, ...] = ()) -> list[dict]:
+    """helm template; api_versions as with --api-versions (Chart.render has no such argument, the native
+    call it wraps does)."""
+    from helm_python import _native
+
+    chart = helm_python.Chart.load(str(CHART))
+    opts = {"name": release, "namespace": "mzsane", "api_versions": list(api_versions)}
+    out = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
     return [d for k, t in out.items() if k.endswith(".yaml") for d in yaml.safe_load_all(t) if d]
 
 
@@ -103,7 +109,7 @@ def test_every_jobs_file_renders_lints_and_validates(path):
                                           "template": pod}, "1.33.0", strict=True)
     config_maps = [o for o in objs if o["kind"] == "ConfigMap"]
     assert len(config_maps) == len(jobs)
-    for obj in objs:
+    for obj in objs + _render(values, api_versions=("monitoring.coreos.com/v1",)):
         if obj["kind"] not in ("RayJob", "PodMonitor"):  # CRDs: no core schema to validate against
             kubernetes_validate.validate(obj, "1.33.0", strict=True)
     lint = helm_python.lint(str(CHART), values, strict=True, namespace="mzsane", kube_version="1.33.0")
@@ -186,7 +192,7 @@ def test_pods_run_restricted_and_name_their_metrics_ports():
             assert pod["metadata"]["labels"]["mzsane.io/sweep"] == "grid"
         workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
         ports = {p["name"]: p["containerPort"] for p in workers["template"]["spec"]["containers"][0]["ports"]}
-        assert ports["metrics"] == 9500 and ports["metrics-1"] == 9501
+        assert ports == {"metrics": 8080, "mzsane-r0": 9500}  # KubeRay's name for Ray's 8080; one rank per CPU pod
 
 
 def test_no_credentials_in_rendered_output():
@@ -201,13 +207,23 @@ def test_no_credentials_in_rendered_output():
     assert not re.search(r"(?i)(secret_?access_?key|password)\s*[:=]\s*[\"']?[A-Za-z0-9/+]{8,}", text)
 
 
-def test_podmonitor_renders_when_enabled():
+def test_podmonitor_only_where_the_api_exists_and_scrapes_what_pods_declare():
     values = _values(str(ROOT / "jobs" / "zoo-size.yaml"))
-    values["metrics"] = {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}}
-    monitors = [o for o in _render(values) if o["kind"] == "PodMonitor"]
-    assert len(monitors) == 1
-    ports = [e["port"] for e in monitors[0]["spec"]["podMetricsEndpoints"]]
-    assert ports == ["metrics", "metrics-1"]
+    assert not [o for o in _render(values) if o["kind"] == "PodMonitor"]  # no monitoring.coreos.com/v1
+    values["worker"] = {"replicas": 2, "resources": {"cpu": "8", "memory": "32Gi", "gpu": 2}}
+    values["head"] = {"resources": {"cpu": "2", "memory": "8Gi", "gpu": 1}}
+    objs = _render(values, api_versions=("monitoring.coreos.com/v1",))
+    (monitor,) = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # kube-prometheus-stack selects it
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [e["port"] for e in endpoints] == ["metrics", "as-metrics", "dash-metrics", "mzsane-r0", "mzsane-r1"]
+    for e in endpoints:
+        assert {r["targetLabel"] for r in e["relabelings"]} >= {"sweep", "point", "ray_io_cluster"}
+    declared = set()
+    for job in _rayjobs(objs):
+        for pod in list(_pods(job))[:2]:
+            declared |= {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert {e["port"] for e in endpoints} <= declared
 
 
 @pytest.mark.parametrize("values,needle", [
@@ -223,6 +239,24 @@ def test_podmonitor_renders_when_enabled():
     ({"sweep": {"runs": [{"name": "n100-mnist", "zooSize": 5, "zoos": ["mnist-cnn_s"]}]}}, "n100-mnist"),
     ({"sweep": {"grid": {"zooSizes": [100], "compositions": []}}}, "sweep.grid.zooSizes"),
     ({"sweep": {"gird": {}}}, "gird"),
+    ({"head": {"replicas": 2, "resources": {"cpu": "1", "memory": "1Gi"}}}, "replicas"),
+    ({"worker": {"resources": {"cpu": "0", "memory": "1Gi"}}}, "/worker/resources/cpu"),
+    ({"worker": {"resources": {"cpu": "2", "memory": "0"}}}, "/worker/resources/memory"),
+    ({"worker": {"resources": {"cpu": "2", "memory": 1073741824}}}, "/worker/resources/memory"),  # 1.07e+09
+    ({"worker": {"resources": {"cpu": "1", "memory": "8Gi", "gpu": 2}},
+      "head": {"resources": {"cpu": "1", "memory": "8Gi", "gpu": 1}}},
+     "worker.resources.cpu 1 is below its GPU count 2"),
+    ({"sweep": {"targetZoo": "cifar10-cnn_s"}}, "cifar10-cnn_s"),  # no such dataset to build it from
+    ({"sweep": {"targetZoo": "mnist-resnet18"}}, "mnist-resnet18"),  # 3x32x32 net, 1x28x28 data
+    ({"sweep": {"config": {"train": {"num_step": 10}}}}, "num_step"),
+    ({"sweep": {"config": {"loss": {"norm_mode": "bogus"}}}}, "/sweep/config/loss/norm_mode"),
+    ({"sweep": {"config": {"cluster": {"num_workers": 8}}}}, "num_workers"),  # the chart sets it (worker.replicas)
+    ({"sweep": {"runs": [{"name": "r", "zooSize": 5, "zoos": ["mnist-cnn_s"], "set": {"train.num_step": 1}}]}},
+     "train.num_step"),
+    ({"sweep": {"grid": {"axes": [{"path": "loss.norm_mode", "values": ["bogus"]}]}}}, "/sweep/grid/axes/0/values/0"),
+    ({"sweep": {"grid": {"axes": [{"path": "train.lr", "values": ["fast"]}]}}}, "/sweep/grid/axes/0/values/0"),
+    ({"metrics": {"port": 12000}}, "/metrics/port"),  # inside Ray's worker ports 10002-19999
+    ({"job": {"rayAuth": True, "rayVersion": "2.50.0"}}, "job.rayAuth needs Ray 2.52.0"),
 ])
 def test_bad_values_are_rejected_naming_the_value(values, needle):
     with pytest.raises(helm_python.HelmError) as err:
@@ -230,9 +264,23 @@ def test_bad_values_are_rejected_naming_the_value(values, needle):
     assert needle in str(err.value)
 
 
+def test_good_values_at_the_schema_edges_render():
+    for values in ({"worker": {"replicas": 1, "resources": {"cpu": 0.5, "memory": "1Gi"}}},
+                   {"worker": {"replicas": 1, "resources": {"cpu": "500m", "memory": "1.5Gi"}}},
+                   {"sweep": {"config": {"train": {"lr": 0.001}}, "grid": {"zooSizes": [10], "compositions": [
+                       {"zoos": ["mnist-cnn_s"]}], "axes": [{"path": "train.num_steps", "values": [10, 20]}]}}},
+                   {"metrics": {"port": 20000}, "job": {"rayAuth": False, "queueName": "q"}}):
+        jobs = _rayjobs(_render(values))
+        assert jobs
+        for job in jobs:
+            _check_rayjob(job)
+
+
 def test_sweep_render_goes_through_helm(tmp_path):
     objs = sweep.render([str(ROOT / "jobs" / "composition.yaml")], release="r1", namespace="ns1")
-    assert [o["kind"] for o in objs] == ["ConfigMap"] * 3 + ["RayJob"] * 3
+    kinds = [o["kind"] for o in objs]
+    assert kinds[:6] == ["ConfigMap"] * 3 + ["RayJob"] * 3
+    assert sorted(kinds[6:]) == ["NetworkPolicy"] * 3 + ["Pod"]  # the Pod is the helm test hook
     assert {o["metadata"]["namespace"] for o in objs} == {"ns1"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweep: {grid: {zooSizes: [-1]}}\n")
@@ -241,20 +289,72 @@ def test_sweep_render_goes_through_helm(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_deploy_manifests_validate_and_dashboard_uses_exported_metrics():
+def test_deploy_manifests_validate():
     for path in sorted((ROOT / "deploy" / "object-store").glob("*.yaml")):
         for obj in yaml.safe_load_all(path.read_text()):
             if obj:
                 kubernetes_validate.validate(obj, "1.33.0", strict=True)
+
+
+def _scrape_real_exporter() -> set[str]:
+    """Start mzsane's own exporter (one rank, loopback, free port), log one step of every kind of key the
+    training loop logs, and return the metric family names its HTTP endpoint serves."""
+    import urllib.request
+
+    from mzsane import metrics
+
+    sink = metrics.PrometheusSink("contract-run", world_rank=0, host="127.0.0.1", port=0)
+    try:
+        sink.log({"train/loss": 1.0, "train/loss_recon": 0.5, "val/loss": 1.1, "train/lr": 1e-3,
+                  "train/grad_norm": 2.0, "perf/tokens_per_s": 10.0, "perf/data_wait_fraction": 0.1,
+                  "perf/data_wait_s": 0.2, "perf/step_time_s": [0.05, 0.06], "train/samples": 8, "train/steps": 2,
+                  "checkpoint/save_s": 0.3, "mem/host_rss_bytes": 1e8, "mem/gpu_bytes": 0.0,
+                  "train/target_steps": 4, "checkpoint/last_time": 1.7e9, "data/read_bytes": 100, "data/rows": 1},
+                 step=2)
+        text = urllib.request.urlopen(f"http://{sink.target}/metrics", timeout=10).read().decode()
+    finally:
+        sink.close()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("mzsane_")}
+
+
+def test_dashboard_and_monitoring_read_metrics_the_real_exporter_serves():
+    served = _scrape_real_exporter()
+    assert "mzsane_train_step" in served and "mzsane_perf_step_time_seconds_bucket" in served
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "mzsane-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"mzsane_\w+", e)}
-    exported = (ROOT / "mzsane" / "metrics.py").read_text()
-    assert used and all(f'"{name}"' in exported for name in used), used
+    exprs += [v.get("query", "") if isinstance(v.get("query"), str) else v.get("query", {}).get("query", "")
+              for v in dashboard.get("templating", {}).get("list", [])]
+    for path in sorted((ROOT / "deploy" / "prometheus").glob("rules*")):
+        exprs += re.findall(r"expr:\s*(.+)", path.read_text())
+    used = {m for e in exprs for m in re.findall(r"mzsane_\w+", e)}
+    assert used and used <= served, sorted(used - served)
 
 
 def test_sweep_render_rejects_unknown_config_paths(tmp_path):
     bad = tmp_path / "typo.yaml"
     bad.write_text("sweep: {grid: {axes: [{path: loss.norm_mod, values: [token]}]}}\n")
-    with pytest.raises(ConfigError, match=r"sweep point 'n100-mnist-token'.*loss\.norm_mod"):
+    with pytest.raises(ConfigError, match=r"/sweep/grid/axes/0/path"):  # at install time, by the schema
         sweep.render([str(bad)])
+
+
+def test_deploy_scrape_configs_use_the_charts_ports_and_target_labels():
+    """deploy/prometheus/ (for Prometheus set up by hand) scrapes the same ports with the same target labels
+    as the chart's own PodMonitor, for up to 8 local ranks per pod."""
+    values = _values(str(ROOT / "jobs" / "zoo-size.yaml"))
+    values["worker"] = {"replicas": 1, "resources": {"cpu": "8", "memory": "32Gi", "gpu": 8}}
+    values["head"] = {"resources": {"cpu": "2", "memory": "8Gi", "gpu": 1}}
+    (chart,) = [o for o in _render(values, api_versions=("monitoring.coreos.com/v1",)) if o["kind"] == "PodMonitor"]
+    chart_ports = [e["port"] for e in chart["spec"]["podMetricsEndpoints"]]
+    chart_labels = {r["targetLabel"] for r in chart["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    (deploy,) = yaml.safe_load_all((ROOT / "deploy" / "prometheus" / "podmonitor.yaml").read_text())
+    assert [e["port"] for e in deploy["spec"]["podMetricsEndpoints"]] == chart_ports
+    for endpoint in deploy["spec"]["podMetricsEndpoints"]:
+        assert {r["targetLabel"] for r in endpoint["relabelings"]} == chart_labels
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus-in-cluster.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    port_rule = next(r for r in job["relabel_configs"]
+                     if r["source_labels"] == ["__meta_kubernetes_pod_container_port_name"])
+    assert all(re.fullmatch(port_rule["regex"], p) for p in [*chart_ports, "mzsane-r15"])
+    assert not re.fullmatch(port_rule["regex"], "dashboard")
+    replaced = {r["target_label"] for r in job["relabel_configs"] if r.get("target_label")}
+    assert chart_labels <= replaced

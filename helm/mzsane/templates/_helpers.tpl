@@ -5,9 +5,27 @@ Why so much here: every object of a sweep point (RayJob, ConfigMap) must agree o
 point's resolved config, so all of it is computed once by "mzsane.points" and read by the templates.
 */}}
 
-{{/* Chart name and the chart label value. */}}
+{{/* Chart name (nameOverride replaces it) and the chart label value. */}}
 {{- define "mzsane.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The prefix of every object name: fullnameOverride, else the release name when it already contains the
+sweep name (helm install zoo-size -f jobs/zoo-size.yaml), else "{release}-{sweep}". Two releases of one
+sweep name therefore never share an object name. At most 30 characters (hashed beyond) so that point
+names still fit KubeRay's 47-character RayJob limit.
+*/}}
+{{- define "mzsane.fullname" -}}
+{{- $full := .Values.fullnameOverride -}}
+{{- if not $full -}}
+{{- if contains .Values.sweep.name .Release.Name -}}
+{{- $full = .Release.Name -}}
+{{- else -}}
+{{- $full = printf "%s-%s" .Release.Name .Values.sweep.name -}}
+{{- end -}}
+{{- end -}}
+{{- include "mzsane.hashName" (dict "name" (include "mzsane.slug" $full) "max" 30) -}}
 {{- end -}}
 
 {{- define "mzsane.chart" -}}
@@ -72,6 +90,16 @@ mzsane.io/point: {{ .point.name }}
 {{- max $n 1 -}}
 {{- end -}}
 
+{{/* A CPU quantity as a float string (500m -> 0.5, "2" -> 2, 0.5 -> 0.5). */}}
+{{- define "mzsane.cpuFloat" -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "m" $q -}}
+{{- divf (float64 (trimSuffix "m" $q)) 1000.0 -}}
+{{- else -}}
+{{- float64 $q -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "mzsane.cpusPerWorker" -}}
 {{- max (div (int (include "mzsane.wholeCpus" .Values.worker.resources.cpu)) (int (include "mzsane.ranksPerPod" .))) 1 -}}
 {{- end -}}
@@ -107,9 +135,36 @@ Checks that the schema cannot express; each failure names the offending value an
 {{- end -}}
 {{- $paths = append $paths .path -}}
 {{- end -}}
-{{- $lastRankPort := add (int $v.metrics.port) (int (include "mzsane.numWorkers" .)) -}}
-{{- if and $v.metrics.enabled (le (int $v.metrics.port) 8080) (gt $lastRankPort 8080) -}}
-{{- fail (printf "metrics.port %d puts a training rank on 8080, Ray's own metrics port; use e.g. 9500" (int $v.metrics.port)) -}}
+{{- if $v.metrics.enabled -}}
+{{- $first := int $v.metrics.port -}}
+{{- $last := add $first (int (include "mzsane.ranksPerPod" .)) | int -}}
+{{- $last = sub $last 1 | int -}}
+{{- range $rayPort := list 6379 8000 8080 8265 10001 44217 44227 52365 -}}
+{{- if and (le $first $rayPort) (ge $last $rayPort) -}}
+{{- fail (printf "metrics.port %d: local ranks serve on %d..%d, which includes Ray's port %d; use e.g. 9500" $first $first $last $rayPort) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (le $first 19999) (ge $last 10002) -}}
+{{- fail (printf "metrics.port %d: local ranks serve on %d..%d, inside Ray's worker-port range 10002-19999; use e.g. 9500" $first $first $last) -}}
+{{- end -}}
+{{- if gt $last 32767 -}}
+{{- fail (printf "metrics.port %d: the last local rank would serve on %d, inside the kernel's ephemeral range (32768+) that Ray's random ports use; use e.g. 9500" $first $last) -}}
+{{- end -}}
+{{- end -}}
+{{- $wgpu := int (default 0 $v.worker.resources.gpu) -}}
+{{- $hgpu := int (default 0 $v.head.resources.gpu) -}}
+{{- if and (gt $wgpu 0) (eq $hgpu 0) -}}
+{{- fail (printf "worker.resources.gpu is %d but head.resources.gpu is 0: sample and evaluate run in the job driver on the head and would run on CPU; set head.resources.gpu: 1" $wgpu) -}}
+{{- end -}}
+{{- range $group := list "head" "worker" -}}
+{{- $res := (get $v $group).resources -}}
+{{- $gpu := int (default 0 $res.gpu) -}}
+{{- if and (gt $gpu 0) (lt (float64 (include "mzsane.cpuFloat" $res.cpu)) (float64 $gpu)) -}}
+{{- fail (printf "%s.resources.cpu %v is below its GPU count %d: every GPU rank needs at least one CPU; set cpu to %d or more" $group $res.cpu $gpu $gpu) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.job.rayAuth (semverCompare "<2.52.0" $v.job.rayVersion) -}}
+{{- fail (printf "job.rayAuth needs Ray 2.52.0 or later (KubeRay authOptions.mode token), job.rayVersion is %s; set job.rayAuth: false or use a newer image" $v.job.rayVersion) -}}
 {{- end -}}
 {{- if gt (len (toString $v.sweep.name)) 63 -}}
 {{- fail (printf "sweep.name %q is longer than 63 characters; choose a shorter name" $v.sweep.name) -}}
@@ -154,10 +209,12 @@ axes ({path: value}) and overrides (the nested config overrides the point runs w
 {{- fail (printf "sweep point %q is defined twice (grid and runs, or repeated values); rename the run or drop the duplicate" $p.base) -}}
 {{- end -}}
 {{- $seen = append $seen $name -}}
-{{- $full := printf "%s-%s" $v.sweep.name $name -}}
+{{- $prefix := include "mzsane.fullname" $ -}}
+{{- if not (regexMatch "^[a-z]" $prefix) }}{{ $prefix = printf "m%s" $prefix }}{{ end -}}{{/* DNS-1035 */}}
+{{- $full := printf "%s-%s" $prefix $name -}}
 {{- $job := $full -}}
-{{- if gt (len $full) 47 -}}{{/* keep the point readable: cut the sweep name first, hash the full name */}}
-{{- $short := printf "%s-%s" ($v.sweep.name | trunc 14 | trimSuffix "-") $name -}}
+{{- if gt (len $full) 47 -}}{{/* keep the point readable: cut the prefix first, hash the full name */}}
+{{- $short := printf "%s-%s" ($prefix | trunc 14 | trimSuffix "-") $name -}}
 {{- $job = printf "%s-%s" ($short | trunc 38 | trimSuffix "-") (sha256sum $full | trunc 8) -}}
 {{- end -}}
 {{- $runName := printf "%s-%s" $v.sweep.name $name -}}
@@ -234,25 +291,54 @@ seccompProfile:
 {{- end -}}
 
 {{/*
+Training-rank metrics ports of one worker pod: local rank r serves Prometheus on metrics.port + r and the
+port is named mzsane-r{r}. The names "metrics" (8080), "dashboard", "client" and "gcs-server" stay
+KubeRay's own: with no port named "metrics" KubeRay adds metrics: 8080 itself and the head Service then
+carries 8080 twice, which the API server rejects. Output: a JSON list of {name, containerPort}.
+*/}}
+{{- define "mzsane.rankPorts" -}}
+{{- $out := list -}}
+{{- if .Values.metrics.enabled -}}
+{{- range $r := until (int (include "mzsane.ranksPerPod" .)) -}}
+{{- $out = append $out (dict "name" (printf "mzsane-r%d" $r) "containerPort" (add (int $.Values.metrics.port) $r)) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/*
 The one pod template used by the head group, the worker group and the job submitter.
 Usage: include "mzsane.podTemplate" (dict "root" $ "point" $p "role" "head"|"worker"|"submitter" "group" $groupValues)
 Writable paths under a read-only root filesystem: /tmp (Ray's /tmp/ray session dirs, HOME, caches) and
 /dev/shm (Ray's object store) are emptyDirs; the point's overrides are mounted at /etc/mzsane.
+Every escape hatch of values.pod (labels, annotations, env, volumes, priorityClassName, schedulerName) and
+of the group (nodeSelector, tolerations, affinity) lands here, so the three pods cannot drift apart.
 */}}
 {{- define "mzsane.podTemplate" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
+{{- $pod := default dict $v.pod -}}
 {{- $p := .point -}}
 {{- $res := .group.resources -}}
 {{- $gpu := int (default 0 $res.gpu) -}}
+{{- $ray := ne .role "submitter" -}}
 metadata:
   labels:
-    {{- include "mzsane.pointLabels" (dict "root" $root "point" $p) | nindent 4 }}
+    {{- with $pod.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- /* app.kubernetes.io/name stays KubeRay's "kuberay": the head Service the RayJob controller makes
+           (common/job.go BuildHeadServiceForRayJob) selects on it */}}
+    {{- $labels := include "mzsane.pointLabels" (dict "root" $root "point" $p) | fromYaml }}
+    {{- $_ := unset $labels "app.kubernetes.io/name" }}
+    {{- toYaml $labels | nindent 4 }}
     app.kubernetes.io/component: {{ .role }}
-spec:
-  {{- if ne .role "submitter" }}
-  enableServiceLinks: false
+  {{- with $pod.annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
   {{- end }}
+spec:
+  enableServiceLinks: false
   {{- if eq .role "submitter" }}
   restartPolicy: Never
   {{- end }}
@@ -260,6 +346,12 @@ spec:
   serviceAccountName: {{ . }}
   {{- end }}
   automountServiceAccountToken: false
+  {{- with $pod.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $pod.schedulerName }}
+  schedulerName: {{ . }}
+  {{- end }}
   securityContext:
     {{- include "mzsane.podSecurityContext" $root | nindent 4 }}
   {{- with $v.image.pullSecrets }}
@@ -276,39 +368,49 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with .group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ if eq .role "submitter" }}ray-job-submitter{{ else }}ray-{{ .role }}{{ end }}
       image: {{ printf "%s:%s" $v.image.repository $v.image.tag | quote }}
       imagePullPolicy: {{ default "IfNotPresent" $v.image.pullPolicy }}
       env:
         {{- include "mzsane.homeEnv" $root | nindent 8 }}
-        {{- if ne .role "submitter" }}
+        {{- if $ray }}
         {{- include "mzsane.s3Env" $root | nindent 8 }}
+        {{- end }}
+        {{- with $pod.env }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
       resources:
         requests:
           cpu: {{ $res.cpu | quote }}
           memory: {{ $res.memory | quote }}
+          {{- with $res.ephemeralStorage }}
+          ephemeral-storage: {{ . | quote }}
+          {{- end }}
         limits:
           cpu: {{ $res.cpu | quote }}
           memory: {{ $res.memory | quote }}
           {{- if gt $gpu 0 }}
           nvidia.com/gpu: {{ $gpu | quote }}
           {{- end }}
-      {{- if ne .role "submitter" }}
+      {{- if $ray }}
       ports:
+        # KubeRay's own names and numbers (common/pod.go, common/service.go of v1.7.0)
+        - {name: metrics, containerPort: 8080}
         {{- if eq .role "head" }}
         - {name: gcs-server, containerPort: 6379}
         - {name: dashboard, containerPort: 8265}
         - {name: client, containerPort: 10001}
+        - {name: as-metrics, containerPort: 44217}
+        - {name: dash-metrics, containerPort: 44227}
         {{- end }}
-        # Ray's own metrics agent (rayStartParams metrics-export-port defaults to 8080); KubeRay's
-        # default name for it, "metrics", belongs to mzsane's training ranks here
-        - {name: ray-metrics, containerPort: 8080}
-        {{- if and (eq .role "worker") $v.metrics.enabled }}
-        {{- range $rank := until (int (include "mzsane.numWorkers" $root)) }}
-        - name: {{ if eq $rank 0 }}metrics{{ else }}metrics-{{ $rank }}{{ end }}
-          containerPort: {{ add (int $v.metrics.port) $rank }}
+        {{- if eq .role "worker" }}
+        {{- range include "mzsane.rankPorts" $root | fromJsonArray }}
+        - {name: {{ .name }}, containerPort: {{ int .containerPort }}}
         {{- end }}
         {{- end }}
       {{- end }}
@@ -316,19 +418,25 @@ spec:
         {{- include "mzsane.containerSecurityContext" $root | nindent 8 }}
       volumeMounts:
         - {name: tmp, mountPath: /tmp}
-        {{- if ne .role "submitter" }}
+        {{- if $ray }}
         - {name: shm, mountPath: /dev/shm}
         - {name: point-config, mountPath: /etc/mzsane, readOnly: true}
+        {{- with $pod.volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
         {{- end }}
   volumes:
     - name: tmp
       emptyDir: {}
-    {{- if ne .role "submitter" }}
+    {{- if $ray }}
     - name: shm
       emptyDir: {medium: Memory, sizeLimit: {{ $res.memory | quote }}}
     - name: point-config
       configMap:
         name: {{ $p.job }}
+    {{- with $pod.volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
     {{- end }}
 {{- end -}}
 
@@ -349,4 +457,12 @@ Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json am
       (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $zoo) (squote $out))
       (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $out) (squote $zoo))
     | join " && " -}}
+{{- end -}}
+
+{{/* The one target-label scheme of every scrape path (also in deploy/prometheus/). */}}
+{{- define "mzsane.targetRelabelings" -}}
+- {sourceLabels: [__meta_kubernetes_pod_label_mzsane_io_sweep], targetLabel: sweep}
+- {sourceLabels: [__meta_kubernetes_pod_label_mzsane_io_point], targetLabel: point}
+- {sourceLabels: [__meta_kubernetes_pod_label_ray_io_cluster], targetLabel: ray_io_cluster}
+- {sourceLabels: [__meta_kubernetes_pod_label_ray_io_node_type], targetLabel: ray_node_type}
 {{- end -}}

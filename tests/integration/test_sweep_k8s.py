@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -69,6 +69,19 @@ def kubeconfig(kube_api, tmp_path, monkeypatch):
     return path
 
 
+def _labels(node):
+    """Every (key, value) of every ``labels`` map in an object, pod templates included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "labels" and isinstance(value, dict):
+                yield from value.items()
+            else:
+                yield from _labels(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _labels(value)
+
+
 def _raw_api(url):
     cfg = client.Configuration()
     cfg.host = url
@@ -78,8 +91,10 @@ def _raw_api(url):
 def test_submit_creates_configmaps_and_rayjobs_then_status_reports_them(kubeconfig, kube_api):
     objs = sweep.render([str(ROOT / "jobs" / "composition.yaml")], release="composition", namespace=NS)
     created = sweep.submit(objs, NS)
-    assert [r["action"] for r in created] == ["created"] * 6
-    assert [r["action"] for r in sweep.submit(objs, NS)] == ["exists"] * 6  # re-submitting is safe
+    assert sorted(r["kind"] for r in created) == ["ConfigMap"] * 3 + ["NetworkPolicy"] * 3 + ["RayJob"] * 3
+    assert [r["action"] for r in created] == ["created"] * 9  # not the `helm test` Pod: install never creates it
+    assert any(o["kind"] == "Pod" for o in objs)
+    assert [r["action"] for r in sweep.submit(objs, NS)] == ["exists"] * 9  # re-submitting is safe
 
     raw = _raw_api(kube_api)
     core, custom = client.CoreV1Api(raw), client.CustomObjectsApi(raw)
@@ -88,6 +103,11 @@ def test_submit_creates_configmaps_and_rayjobs_then_status_reports_them(kubeconf
     assert stored["spec"]["entrypoint"] == jobs[0]["spec"]["entrypoint"]
     cm = core.read_namespaced_config_map(jobs[0]["metadata"]["name"], NS)
     assert yaml.safe_load(cm.data["overrides.yaml"])["data"]["num_models_per_zoo"] == 100
+    # Helm does not own what `sweep submit` creates: no object, pod template included, claims it does
+    assert jobs[0]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"  # as rendered
+    for obj in (stored, cm.to_dict()):
+        labels = [v for k, v in _labels(obj) if k == "app.kubernetes.io/managed-by"]
+        assert labels and set(labels) == {"mzsane"}, labels
 
     # a RayJob of another sweep must not show up
     other = dict(jobs[0], metadata={"name": "other-job", "labels": {"mzsane.io/sweep": "other"}})
@@ -99,7 +119,7 @@ def test_submit_creates_configmaps_and_rayjobs_then_status_reports_them(kubeconf
                    "startTime": "2026-01-01T10:00:00Z", "endTime": "2026-01-01T10:30:00Z"}})
     custom.patch_namespaced_custom_object_status("ray.io", "v1", NS, "rayjobs", jobs[1]["metadata"]["name"], {
         "status": {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running", "startTime": "2026-01-01T10:00:00Z"}})
-    now = datetime(2026, 1, 1, 10, 10, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, 10, 10, tzinfo=UTC)
     rows = {r["job"]: r for r in sweep.status("composition", NS, now=now)}
     assert set(rows) == {j["metadata"]["name"] for j in jobs}
     done, running, new = (rows[j["metadata"]["name"]] for j in jobs)
@@ -114,7 +134,7 @@ def test_status_cli_prints_a_table(kubeconfig, capsys):
     sweep.status_cli(type("Args", (), {"sweep": "smoke", "namespace": NS})())
     out = capsys.readouterr().out
     assert "smoke" in out and "PENDING" in out and "1 points: 1 pending" in out
-    with pytest.raises(ClusterError, match="no RayJobs labelled mzsane.io/sweep=nothing"):
+    with pytest.raises(ClusterError, match=r"no RayJobs labelled mzsane\.io/sweep=nothing"):
         sweep.status_cli(type("Args", (), {"sweep": "nothing", "namespace": NS})())
 
 

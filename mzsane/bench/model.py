@@ -70,7 +70,7 @@ class _ModelCase:
 
     def step(self) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            z, zp, recon = self.model(self.tokens, self.positions, self.valid)
+            _, zp, recon = self.model(self.tokens, self.positions, self.valid)
             half = self.batch // 2
             terms = sane_loss(recon[:half], recon[half:], zp[:half], zp[half:], self.tokens[:half],
                               self.tokens[half:], self.mask[:half], self.cfg.loss, self.positions[:half, :, 1])

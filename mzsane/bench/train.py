@@ -142,8 +142,9 @@ def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
         for sel in selection:
             rows += sum(1 for _ in ShardReader(shards_url, sel, manifest).iter_samples(shuffle_buffer=1))
     dt = time.perf_counter() - t0
-    out["pyarrow_row_groups"] = {"rows_per_s": round(rows / dt, 1), "mib_per_s": round(repeats * nbytes / 2**20 / dt, 1)}
-    fs, path = storage.pyarrow_fs(shards_url)
+    out["pyarrow_row_groups"] = {"rows_per_s": round(rows / dt, 1),
+                                 "mib_per_s": round(repeats * nbytes / 2**20 / dt, 1)}
+    fs, _ = storage.pyarrow_fs(shards_url)
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2",
              configure_logging=False, log_to_driver=False)
     try:
@@ -161,7 +162,8 @@ def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
                                         "mib_per_s": round(len(warm) * nbytes / 2**20 / warm_s, 1)}
     finally:
         ray.shutdown()
-    out["pyarrow_speedup"] = round(out["pyarrow_row_groups"]["rows_per_s"] / out["ray_data_read_parquet"]["rows_per_s"], 2)
+    out["pyarrow_speedup"] = round(out["pyarrow_row_groups"]["rows_per_s"]
+                                   / out["ray_data_read_parquet"]["rows_per_s"], 2)
     return out
 
 

@@ -3,61 +3,18 @@ models can be averaged (soups) or compared (novelty) neuron by neuron.
 
 Why: two models trained from different seeds are close only up to the permutation symmetries of
 ``symmetries.py``; coordinate descent over those groups, one exact linear sum assignment per group per
-sweep, finds the permutation that best matches a reference.
+sweep, finds the permutation that best matches a reference. The assignment is scipy's exact, compiled
+solver (the field's standard), not a copy of it.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
-import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from mzsane.errors import DataError
 from mzsane.tokens.symmetries import PermSpec, permute_state_dict, permute_tensor, spec_builder
-
-
-def linear_sum_assignment(cost: np.ndarray) -> np.ndarray:
-    """Minimum-cost perfect matching of a square matrix: ``col[i]`` assigned to row ``i``.
-
-    Exact Hungarian algorithm (shortest augmenting paths with potentials, O(n^3)), with the inner scan
-    vectorized in numpy; ~1 s for n=512. scipy is not a dependency, hence this small implementation.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    n = cost.shape[0]
-    assert cost.shape == (n, n), "square cost matrix expected"
-    INF = np.inf
-    u, v = np.zeros(n + 1), np.zeros(n + 1)
-    p = np.zeros(n + 1, dtype=np.int64)  # p[j]: row matched to column j (1-based; 0 = free)
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv = np.full(n + 1, INF)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            cur = cost[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            better = free & (cur < minv[1:])
-            minv[1:][better] = cur[better]
-            way[1:][better] = j0
-            cand = np.where(free, minv[1:], INF)
-            j1 = int(np.argmin(cand)) + 1
-            delta = cand[j1 - 1]
-            used_idx = np.nonzero(used)[0]
-            u[p[used_idx]] += delta
-            v[used_idx] -= delta
-            minv[~used] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    col = np.empty(n, dtype=np.int64)
-    col[p[1:] - 1] = np.arange(n)
-    return col
 
 
 def _axis_rows(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -92,7 +49,7 @@ def match_weights(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str
                 others = tuple(None if ax == axis else grp for ax, grp in enumerate(spec.axes[key]))
                 wb = permute_tensor(b[key], others, perms)
                 score += _axis_rows(a[key], axis, n) @ _axis_rows(wb, axis, n).T
-            new = torch.from_numpy(linear_sum_assignment(-score.numpy()))
+            new = torch.from_numpy(linear_sum_assignment(score.numpy(), maximize=True)[1])
             old_val = score[torch.arange(n), perms[g]].sum()
             new_val = score[torch.arange(n), new].sum()
             if new_val > old_val + 1e-12 * max(1.0, abs(float(old_val))):
@@ -110,4 +67,4 @@ def align(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
     return permute_state_dict(state_dict, perms, spec)
 
 
-__all__ = ["align", "linear_sum_assignment", "match_weights"]
+__all__ = ["align", "match_weights"]

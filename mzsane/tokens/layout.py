@@ -24,9 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -82,7 +82,7 @@ class TokenLayout:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TokenLayout":
+    def from_dict(cls, d: Mapping) -> TokenLayout:
         if int(d.get("version", LAYOUT_VERSION)) > LAYOUT_VERSION:
             raise DataError(f"token layout version {d['version']} is newer than this mzsane ({LAYOUT_VERSION}); "
                             "upgrade mzsane")

@@ -12,7 +12,7 @@ Legend: N tokens in a whole model, D token width, K gathered slots, B batch, S c
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 

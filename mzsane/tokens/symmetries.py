@@ -16,8 +16,8 @@ channels (conv1/bn1) are free. Final outputs are never permuted.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 
@@ -135,4 +135,4 @@ def permute_state_dict(state_dict: Mapping[str, torch.Tensor], perms: Mapping[st
             for k, v in state_dict.items()}
 
 
-__all__ = ["PermSpec", "permute_state_dict", "resnet_spec", "sequential_spec", "spec_builder", "SPEC_FAMILIES"]
+__all__ = ["SPEC_FAMILIES", "PermSpec", "permute_state_dict", "resnet_spec", "sequential_spec", "spec_builder"]

@@ -7,14 +7,14 @@ Legend: N tokens in a whole model, D token width (= tokensize).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from mzsane.errors import DataError
 from mzsane.tokens.layout import LayoutEntry, TokenLayout, layout_from_state_dict
 
-__all__ = ["tokenize", "detokenize", "layout_from_state_dict", "tokens_of"]
+__all__ = ["detokenize", "layout_from_state_dict", "tokenize", "tokens_of"]
 
 
 def _rows_view(flat_ND: torch.Tensor, e: LayoutEntry, tokensize: int) -> torch.Tensor:

@@ -12,8 +12,8 @@ Pure torch: no Ray, fsspec or Prometheus imports.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -275,5 +275,17 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHITECTURES", "ACTIVATIONS", "INITS", "Architecture", "BasicBlock", "ResNet", "SequentialNet",
-           "build_model", "get_architecture", "init_weights", "num_params", "register"]
+__all__ = [
+    "ACTIVATIONS",
+    "ARCHITECTURES",
+    "INITS",
+    "Architecture",
+    "BasicBlock",
+    "ResNet",
+    "SequentialNet",
+    "build_model",
+    "get_architecture",
+    "init_weights",
+    "num_params",
+    "register",
+]

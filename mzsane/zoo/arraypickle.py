@@ -9,9 +9,10 @@ ndarray. Names are never imported; the three constructors a plain array needs ar
 and rebuilt with :func:`numpy.frombuffer`, and object dtypes (whose elements would be arbitrary pickled
 objects) are refused. Anything else in the stream is an error naming the opcode or the name.
 
-Supported shapes of a pickled array: ``numpy.core.multiarray._reconstruct`` + ``BUILD`` (protocols 0–4,
+Supported shapes of a pickled array: ``numpy.core.multiarray._reconstruct`` + ``BUILD`` (protocols 0-4,
 ``numpy.core`` or ``numpy._core``), raw data as bytes or as ``_codecs.encode(str, 'latin1')``
-(protocol 2 from Python 3) or ``bytes()`` when empty, and ``numpy.core.numeric._frombuffer`` (protocol 5, in-band buffers).
+(protocol 2 from Python 3) or ``bytes()`` when empty, and ``numpy.core.numeric._frombuffer`` (protocol 5, in-band
+buffers).
 """
 from __future__ import annotations
 

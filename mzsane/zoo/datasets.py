@@ -253,7 +253,10 @@ def load_dataset(name: str) -> ImageDataset:
         mean, std = spec.mean_std
     else:
         mean, std = float(x_all[train_idx].mean()), float(x_all[train_idx].std())
-    norm = lambda x: ((x - mean) / std).contiguous()
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return ((x - mean) / std).contiguous()
+
     return ImageDataset(
         name=name,
         train=Split(norm(x_all[train_idx]), y_all[train_idx].clone()),

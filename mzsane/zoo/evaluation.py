@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,8 +18,16 @@ from torch import nn
 from mzsane.errors import DataError
 from mzsane.zoo.datasets import ImageDataset
 from mzsane.zoo.population import train_population
-from mzsane.zoo.stacked import (evaluate_group, group_by_structure, models_per_call, split_params, stack_state_dicts,
-                                template_for, unstack_state_dict, vmapped)
+from mzsane.zoo.stacked import (
+    evaluate_group,
+    group_by_structure,
+    models_per_call,
+    split_params,
+    stack_state_dicts,
+    template_for,
+    unstack_state_dict,
+    vmapped,
+)
 
 
 def evaluate_models(arch_kwargs: dict | Sequence[dict], state_dicts: Sequence[dict], split_x: torch.Tensor,

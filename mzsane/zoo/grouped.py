@@ -18,7 +18,7 @@ per model, C channels, F features, K classes.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import nn
 
 from mzsane.zoo.architectures import ACTIVATIONS, SequentialNet
 
-_ELEMENTWISE = tuple({type(factory()) for factory in ACTIVATIONS.values()}) + (nn.Dropout,)
+_ELEMENTWISE = (*{type(factory()) for factory in ACTIVATIONS.values()}, nn.Dropout)
 Forward = Callable[[dict, dict, torch.Tensor], torch.Tensor]
 
 

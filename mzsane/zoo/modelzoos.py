@@ -63,7 +63,7 @@ class ModelzoosZooReader(ZooReader):
         epochs = []
         if "result.json" in names:
             lines = storage.read_text(storage.join(url, "result.json")).splitlines()
-            for i, line in enumerate(l for l in lines if l.strip()):
+            for i, line in enumerate(x for x in lines if x.strip()):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:

@@ -27,8 +27,8 @@ import functools
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,17 @@ from mzsane.errors import DataError
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import ImageDataset, Split, epoch_order
 from mzsane.zoo.grouped import grouped_forward
-from mzsane.zoo.stacked import (TRAIN_BUDGET_BYTES, evaluate_group, model_kwargs, models_per_call, training_call,
-                                split_params, stack_state_dicts, template_for, unstack_state_dict)
+from mzsane.zoo.stacked import (
+    TRAIN_BUDGET_BYTES,
+    evaluate_group,
+    model_kwargs,
+    models_per_call,
+    split_params,
+    stack_state_dicts,
+    template_for,
+    training_call,
+    unstack_state_dict,
+)
 
 OPTIMIZERS = ("adam", "sgd")
 BACKENDS = ("batched", "loop")
@@ -160,7 +169,7 @@ class _StackedOptimizer:
 
 
 def _metrics(prefix: str, loss_M: torch.Tensor, acc_M: torch.Tensor) -> list[dict]:
-    return [{f"{prefix}_loss": float(l), f"{prefix}_acc": float(a)} for l, a in zip(loss_M, acc_M)]
+    return [{f"{prefix}_loss": float(loss), f"{prefix}_acc": float(acc)} for loss, acc in zip(loss_M, acc_M)]
 
 
 def _dropout_seed(model_seed: int, base: int) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +69,12 @@ class _MaxPool2x2(torch.autograd.Function):
         return out, base + offset
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: ANN001 - autograd API
+    def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(inputs[0], output[1])
 
     @staticmethod
-    def backward(ctx, grad, _grad_index):  # noqa: ANN001 - autograd API
+    def backward(ctx, grad, _grad_index):
         x, index = ctx.saved_tensors
         return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, index)
 

@@ -1,6 +1,6 @@
 """Zoos and shards on a real S3 server (SeaweedFS on 127.0.0.1, started by the ``s3_server`` fixture):
 write, list, read back, resume an interrupted build, sub-zoo selection, and one-line errors for wrong
-credentials and an unreachable endpoint that leave earlier data intact."""
+credentials and an unreachable endpoint that strike mid-build and leave earlier data intact."""
 import json
 import uuid
 
@@ -79,29 +79,57 @@ def test_resume_interrupted_build_on_s3(s3_server, prefix, monkeypatch, tmp_path
     assert total == 12
 
 
-def test_wrong_credentials_and_unreachable_endpoint_one_line_data_intact(s3_server, prefix, monkeypatch, tmp_path):
+def _num_samples(out, manifest) -> int:
+    return sum(len(list(ShardReader(out, select(manifest, split=s)).iter_samples())) for s in ("train", "val", "test"))
+
+
+def _fail_mid_build(monkeypatch, after_calls: int, env: dict[str, str]) -> None:
+    """Let the build tokenize ``after_calls`` checkpoints (and write their part files), then break S3."""
+    real, calls = writer.tokenize, []
+
+    def breaking(state_dict, layout):
+        calls.append(1)
+        if len(calls) == after_calls + 1:
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+        return real(state_dict, layout)
+
+    monkeypatch.setattr(writer, "tokenize", breaking)
+
+
+@pytest.mark.parametrize("fault", ["wrong_credentials", "dead_endpoint"])
+def test_s3_failure_mid_build_is_one_line_and_leaves_earlier_data_intact(s3_server, prefix, monkeypatch, tmp_path,
+                                                                          fault):
+    """The failure hits after the new build has written objects under the output: the manifest readers
+    see must still be the earlier one, and a re-run must complete."""
     out = storage.join(prefix, "shards")
     build([make_zoo(str(tmp_path / "zoos"), "za", num_models=3, epochs=(0,))], out)
     before = storage.read_bytes(storage.join(out, "manifest.json"))
-    extra = make_zoo(storage.join(prefix, "zoos"), "zb", num_models=1, epochs=(0,))  # a zoo on S3 too
+    before_objects = set(storage.listdir(out))
+    extra = make_zoo(str(tmp_path / "zoos"), "zb", num_models=4, epochs=(0,))
+    if fault == "wrong_credentials":
+        env, match = {"AWS_SECRET_ACCESS_KEY": "wrong-secret"}, "access denied.*AWS_ACCESS_KEY_ID"
+    else:
+        env, match = {"MZSANE_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}, "unreachable.*MZSANE_S3_ENDPOINT"
 
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    with pytest.raises(StorageError, match="access denied.*AWS_ACCESS_KEY_ID") as err:
-        build([extra], out)
+    _fail_mid_build(monkeypatch, after_calls=2, env=env)
+    with pytest.raises(StorageError, match=match) as err:
+        build([extra], out, cfg(rows_per_file=1))
     assert "\n" not in str(err.value)
-    with pytest.raises(StorageError, match="access denied"):
-        read_manifest(out)
-    assert cli_main(["shards", "info", out]) == 2
+    if fault == "wrong_credentials":
+        with pytest.raises(StorageError, match="access denied"):
+            read_manifest(out)
+        assert cli_main(["shards", "info", out]) == 2
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("MZSANE_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageError, match="unreachable.*MZSANE_S3_ENDPOINT") as err:
-        build([extra], out)
-    assert "\n" not in str(err.value)
-
     monkeypatch.setenv("MZSANE_S3_ENDPOINT", s3_server.endpoint)
+    monkeypatch.setattr(writer, "tokenize", tokenize)
+    touched = set(storage.listdir(out))
+    assert touched != before_objects, "the fault must hit after the build wrote something under the output"
     assert storage.read_bytes(storage.join(out, "manifest.json")) == before
     m = read_manifest(out)
-    assert set(m.zoos) == {"za"} and len(list(ShardReader(out, select(m)).iter_samples())) == 1
+    assert set(m.zoos) == {"za"} and _num_samples(out, m) == 3
+    m = build([extra], out, cfg(rows_per_file=1))  # the re-run completes and adds the zoo
+    assert set(m.zoos) == {"za", "zb"} and _num_samples(out, m) == 7
     with pytest.raises(DataError, match="no shard dataset"):
         read_manifest(storage.join(prefix, "nothing"))

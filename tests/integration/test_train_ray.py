@@ -156,7 +156,7 @@ def test_bad_inputs_fail_fast_with_one_line(s3_server, shards_root, ray_cluster,
         launch.train(cfg, address=ray_cluster.address)
     cfg = _cfg(shards_root, "bad")
     cfg.tokens.tokensize = 32
-    with pytest.raises(DataError, match="tokens of size 64 but tokens.tokensize=32"):
+    with pytest.raises(DataError, match=r"tokens of size 64 but tokens\.tokensize=32"):
         launch.train(cfg, address=ray_cluster.address)
     cfg = _cfg(shards_root, "bad")
     cfg.data.zoos = ["nope"]

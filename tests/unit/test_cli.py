@@ -17,7 +17,7 @@ def _all_commands():
 @pytest.mark.parametrize("argv", _all_commands(), ids=" ".join)
 def test_help_on_every_subcommand(argv, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(argv + ["--help"])
+        cli.main([*argv, "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: mzsane" in out and "--set" in out

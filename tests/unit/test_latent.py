@@ -29,7 +29,7 @@ def test_token_mode_one_anchor_per_sample_and_noise_per_token():
 def test_seeded_and_independent_of_batching():
     anchors = _anchors()
     z_all, _ = sample_latents(anchors, range(10), "token", 0.5, seed=3)
-    z_a, _ = sample_latents(anchors, range(0, 4), "token", 0.5, seed=3)
+    z_a, _ = sample_latents(anchors, range(4), "token", 0.5, seed=3)
     z_b, _ = sample_latents(anchors, range(4, 10), "token", 0.5, seed=3)
     assert torch.equal(z_all, torch.cat([z_a, z_b]))
     z_other, _ = sample_latents(anchors, range(10), "token", 0.5, seed=4)

@@ -127,6 +127,7 @@ def test_reestimate_bn_moves_running_stats_to_the_data(data):
     assert float(stack_state_dicts(sds)["bn1.running_mean"].mean()) == 5.0  # inputs not mutated
 
 
+@pytest.mark.slow  # ~40 s on 2 shared cores
 def test_finetune_returns_improving_curves(data):
     spec = {**SPEC, "activation": "tanh"}
     sds = init_population({**spec, "init": "kaiming_uniform"}, [1, 2])

@@ -74,7 +74,7 @@ def test_padding_values_do_not_change_loss_or_gradients():
     for fill in (0.0, 50.0):
         x = torch.where(mask, tokens, fill)
         model.zero_grad()
-        z, zp, recon = model(x, pos, valid)
+        _, zp, recon = model(x, pos, valid)
         out = sane_loss(recon[:2], recon[2:], zp[:2], zp[2:], x[:2], x[2:], mask[:2] & mask[2:],
                         LossConfig(gamma=0.5, norm_mode="token"), pos[:2, :, 1])
         out["loss"].backward()
@@ -88,7 +88,7 @@ def test_positions_beyond_the_tables_raise_a_clear_error():
     model = SANE(CFG, D, MAXPOS)
     tokens, pos = _inputs()
     pos[0, 0, 2] = MAXPOS[2]
-    with pytest.raises(DataError, match="row position 10 exceeds .* size 10"):
+    with pytest.raises(DataError, match=r"row position 10 exceeds .* size 10"):
         model(tokens, pos)
     with pytest.raises(DataError, match="tokensize"):
         model(torch.zeros(1, 2, D + 1), torch.zeros(1, 2, 3, dtype=torch.long))
@@ -140,7 +140,7 @@ def _train(steps, seed, samples, layouts, permuters, max_positions, fixed_views)
         x = torch.cat([views.view1_BTD, views.view2_BTD])
         pos = torch.cat([views.positions_BTP, views.positions_BTP])
         valid = torch.cat([views.valid_BT, views.valid_BT])
-        z, zp, recon = model(x, pos, valid)
+        _, zp, recon = model(x, pos, valid)
         B = len(samples)
         out = sane_loss(recon[:B], recon[B:], zp[:B], zp[B:], views.view1_BTD, views.view2_BTD, views.mask_BTD,
                         loss_cfg, views.layer_BT)
@@ -160,6 +160,7 @@ def test_same_seed_same_loss_bit_for_bit():
     assert [h["loss"] for h in a] != [h["loss"] for h in c]
 
 
+@pytest.mark.slow  # 400 optimizer steps: ~30 s on 2 shared cores
 def test_tiny_model_overfits_a_mixed_batch_of_two_architectures():
     data = _mixed_batch()
     assert min(t.shape[0] for t, _ in data[0]) < presets.tiny().data.window_size  # a padded window is in it

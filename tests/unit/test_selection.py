@@ -28,19 +28,55 @@ class IdentityBackbone(nn.Module):
 
 
 class NoTestDataset:
-    """Train and val like an ImageDataset; touching ``.test`` fails the test."""
+    """Train and val like an ImageDataset; records every split read (``.reads``), and reading ``.test`` fails."""
 
     def __init__(self, seed: int = 0, channels: int = 1):
         g = torch.Generator().manual_seed(seed)
-        self.train = Split(torch.randn(96, channels, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g))
-        self.val = Split(torch.randn(64, channels, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+        self._train = Split(torch.randn(96, channels, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g))
+        self._val = Split(torch.randn(64, channels, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g))
+        self.reads: set[str] = set()
+
+    @property
+    def train(self):
+        self.reads.add("train")
+        return self._train
+
+    @property
+    def val(self):
+        self.reads.add("val")
+        return self._val
 
     @property
     def test(self):
+        self.reads.add("test")
         raise AssertionError("selection read the test split")
 
     def split(self, name):
         return getattr(self, name)
+
+
+def _toy_zoo(tmp_path, num_models: int = 6) -> str:
+    """A stored cnn_s zoo of freshly initialized models (one checkpoint each at epoch 0)."""
+    from mzsane.zoo.records import ModelRecord, ZooInfo
+    from mzsane.zoo.store import ZooWriter
+
+    zoo_url = str(tmp_path / "zoo")
+    writer = ZooWriter(zoo_url, ZooInfo(zoo="toy", dataset="mnist", architecture="cnn_s", arch_kwargs={},
+                                        num_models=num_models))
+    for i in range(num_models):
+        torch.manual_seed(i)
+        sd = build_model("cnn_s").state_dict()
+        rec = ModelRecord(zoo="toy", model_id=f"model_{i:03d}", dataset="mnist", architecture="cnn_s",
+                          hparams={"seed": i, "init": "default"}, epochs=[{"epoch": 0, "val_acc": 0.1}],
+                          checkpoint_epochs=[0])
+        writer.write_model(rec, {0: sd})
+    return zoo_url
+
+
+def _tiny_backbone() -> tuple[nn.Module, Config]:
+    cfg = Config()
+    cfg.tokens.tokensize = 64
+    return IdentityBackbone(), cfg
 
 
 def _anchors(arch: str = "cnn_s", k: int = 3, tokensize: int = 64) -> Anchors:
@@ -72,7 +108,8 @@ def test_keeps_top_n_by_val_accuracy_and_never_reads_test():
 
     ds = NoTestDataset()
     gen = generate(IdentityBackbone(), _anchors(), ds, _cfg(), score=score)
-    assert all(split is ds.val for split, _ in seen)  # scored on val only
+    assert all(split is ds._val for split, _ in seen)  # scored on val only
+    assert "test" not in ds.reads
     assert [n for _, n in seen] == [3, 3, 2]  # streamed in candidate batches
     assert len(gen.candidates) == 8 and len(gen.kept) == 3
     ranked = sorted(gen.candidates, key=lambda c: (-c["val_acc"], c["index"]))[:3]
@@ -108,25 +145,12 @@ def test_batchnorm_statistics_are_reestimated_on_train_images():
 
 
 def test_sample_stage_writes_loadable_checkpoints(tmp_path):
-    from mzsane.zoo.records import ModelRecord, ZooInfo
-    from mzsane.zoo.store import ZooWriter
-
-    zoo_url = str(tmp_path / "zoo")
-    writer = ZooWriter(zoo_url, ZooInfo(zoo="toy", dataset="mnist", architecture="cnn_s", arch_kwargs={}, num_models=6))
-    for i in range(6):
-        torch.manual_seed(i)
-        sd = build_model("cnn_s").state_dict()
-        rec = ModelRecord(zoo="toy", model_id=f"model_{i:03d}", dataset="mnist", architecture="cnn_s",
-                          hparams={"seed": i, "init": "default"}, epochs=[{"epoch": 0, "val_acc": 0.1}],
-                          checkpoint_epochs=[0])
-        writer.write_model(rec, {0: sd})
-    cfg = Config()
-    cfg.tokens.tokensize = 64
+    zoo_url = _toy_zoo(tmp_path)
     out = str(tmp_path / "out")
     results = sample("backbone-url", zoo_url, out, _cfg(num_anchors=2), dataset=NoTestDataset(),
-                     backbone=(IdentityBackbone(), cfg), progress=False)
-    assert results["selection"]["test_used"] is False
-    on_disk = json.loads(open(os.path.join(out, "sample_results.json")).read())
+                     backbone=_tiny_backbone(), progress=False)
+    with open(os.path.join(out, "sample_results.json")) as fh:
+        on_disk = json.load(fh)
     assert on_disk["anchors"]["model_ids"] == results["anchors"]["model_ids"]
     assert len(set(results["anchors"]["model_ids"])) == 2
     assert len(on_disk["generated"]) == 3
@@ -137,23 +161,47 @@ def test_sample_stage_writes_loadable_checkpoints(tmp_path):
         assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_anchors_come_from_train_and_val_models_only(tmp_path):
-    from mzsane.sample.anchors import choose, model_splits
+def test_sampling_never_reads_the_test_split(tmp_path, monkeypatch):
+    """The stage loads the target's dataset itself (no ``dataset=``): every split it reads is recorded."""
+    import mzsane.zoo.datasets
 
-    ids = [f"m{i:02d}" for i in range(20)]
-    splits = model_splits(ids, [0.7, 0.15, 0.15], 42, "zoo")
-    assert sorted(splits.values()).count("test") == 3
-    pool = sorted(m for m, s in splits.items() if s != "test")
-    for seed in range(5):
-        picked = choose(pool, 5, seed)
-        assert len(set(picked)) == 5 and all(splits[m] != "test" for m in picked)
-    assert choose(pool, 5, 1) == choose(pool, 5, 1)
+    loaded = []
+
+    def load_dataset(name):
+        loaded.append(NoTestDataset())
+        return loaded[-1]
+
+    monkeypatch.setattr(mzsane.zoo.datasets, "load_dataset", load_dataset)
+    sample("backbone-url", _toy_zoo(tmp_path), str(tmp_path / "out"), _cfg(num_anchors=2),
+           backbone=_tiny_backbone(), progress=False)
+    assert len(loaded) == 1
+    assert loaded[0].reads == {"train", "val"}  # BN statistics from train, selection on val, never test
+
+
+def test_anchors_come_from_train_and_val_models_only(tmp_path):
+    """load_anchors on a real zoo: asking for every train/val model must return exactly those, for any seed."""
+    from mzsane.config import ShardsConfig, TokensConfig
+    from mzsane.sample.anchors import load_anchors
+    from mzsane.shards.writer import split_models
+
+    zoo_url = _toy_zoo(tmp_path, num_models=20)
+    shards_cfg = ShardsConfig()
+    ids = [f"model_{i:03d}" for i in range(20)]
+    splits = split_models(ids, list(shards_cfg.split_fractions), shards_cfg.split_seed, "toy")  # the shards' split
+    allowed = {m for m, s in splits.items() if s != "test"}
+    assert 0 < len(allowed) < 20
+    for seed in range(3):
+        anchors = load_anchors(zoo_url, len(allowed), 0, seed, TokensConfig(tokensize=64), shards_cfg)
+        assert set(anchors.model_ids) == allowed
+    one = load_anchors(zoo_url, 3, 0, 1, TokensConfig(tokensize=64), shards_cfg).model_ids
+    assert one == load_anchors(zoo_url, 3, 0, 1, TokensConfig(tokensize=64), shards_cfg).model_ids
 
 
 @pytest.mark.parametrize("bad", [dict(num_keep=9), dict(num_keep=0)])
 def test_bad_counts_raise(tmp_path, bad):
+    """On a valid zoo, so that only the count check can raise (generation would otherwise just run)."""
     from mzsane.errors import DataError
 
-    with pytest.raises(DataError):
-        sample("b", str(tmp_path), str(tmp_path / "o"), _cfg(**bad), dataset=NoTestDataset(),
-               backbone=(IdentityBackbone(), Config()))
+    with pytest.raises(DataError, match=r"sample\.num_keep"):
+        sample("b", _toy_zoo(tmp_path), str(tmp_path / "o"), _cfg(num_anchors=2, **bad), dataset=NoTestDataset(),
+               backbone=_tiny_backbone(), progress=False)

@@ -112,7 +112,7 @@ def test_loss_falls_and_checkpoints_are_complete(tmp_path):
     assert sum(list(losses.values())[-5:]) / 5 < 0.5 * sum(list(losses.values())[:5]) / 5
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [40, 60]  # num_to_keep=2 pruned step 20
     assert "val/loss" in last and last["step"] == 60
-    weights, state, saved = ckpt.load(ckpt.latest_checkpoint_url(run), cfg)
+    _, state, saved = ckpt.load(ckpt.latest_checkpoint_url(run), cfg)
     assert state["step"] == 60 and state["ranks"][0]["data"]["epoch"] >= 1
     assert saved.train.num_steps == 60
 
@@ -218,11 +218,13 @@ def _ddp_rank(rank: int, world: int, port: int, run: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned interpreters importing torch: ~50 s on 2 shared cores
 def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
+    """Spawned ranks: forking after torch started its threads can deadlock the children."""
     import torch.multiprocessing as mp
 
     two = str(tmp_path / "two")
-    mp.start_processes(_ddp_rank, args=(2, _free_port(), two), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_ddp_rank, args=(2, _free_port(), two), nprocs=2, join=True, start_method="spawn")
     cfg = _cfg(num_steps=6, batch_size=6, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0)
     one = str(tmp_path / "one")
     train_loop(cfg, LocalContext(one), one, _parts(cfg, noise=0.0))

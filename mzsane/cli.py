@@ -9,16 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mzsane import config as config_mod
 from mzsane import presets
 from mzsane.errors import MzsaneError
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, helm_values: bool = False) -> None:
     parser.add_argument("--preset", default="default", help=f"named config preset: {', '.join(presets.PRESETS)}")
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable)")
+    if helm_values:  # sweep commands: --set sets chart values, as `helm install --set` does
+        parser.add_argument("--set", action="append", default=[], dest="sets", metavar="PATH=VALUE",
+                            help="a chart value, parsed as helm --set does: --set sweep.grid.zooSizes={4,8}")
+        return
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.num_steps=100 (repeatable)")
 
@@ -74,6 +78,12 @@ def _cmd_shards_info(args: argparse.Namespace) -> None:
     manifest.shards_info_cli(args)
 
 
+def _cmd_shards_verify(args: argparse.Namespace) -> None:
+    from mzsane.shards import reader
+
+    reader.verify_cli(args)
+
+
 # ----------------------------------------------------------------------------------------- train
 
 
@@ -115,6 +125,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     report.evaluate_cli(args)
 
 
+def _add_probe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True, help="SANE run or checkpoint URL")
+    p.add_argument("--zoo", required=True, nargs="+", action="append", help="zoo name(s) in the shard manifest")
+    p.add_argument("--shards", default="", help="shard dataset URL (default: the backbone's data.shards_url)")
+    p.add_argument("--out", default="", help="output URL (default: {backbone}/probe)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from mzsane.probe import report
+
+    report.probe_cli(args)
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller version that runs in a few minutes")
     p.add_argument("--out", default="", help="demo root URL (default: {storage.root})")
@@ -136,9 +160,9 @@ def _add_sweep_render(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sweep_render(args: argparse.Namespace) -> None:
-    from mzsane import sweep
+    from mzsane.sweep import chart
 
-    sweep.render_cli(args)
+    chart.render_cli(args)
 
 
 def _add_sweep_submit(p: argparse.ArgumentParser) -> None:
@@ -146,9 +170,9 @@ def _add_sweep_submit(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sweep_submit(args: argparse.Namespace) -> None:
-    from mzsane import sweep
+    from mzsane.sweep import cluster
 
-    sweep.submit_cli(args)
+    cluster.submit_cli(args)
 
 
 def _add_sweep_status(p: argparse.ArgumentParser) -> None:
@@ -157,9 +181,9 @@ def _add_sweep_status(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sweep_status(args: argparse.Namespace) -> None:
-    from mzsane import sweep
+    from mzsane.sweep import cluster
 
-    sweep.status_cli(args)
+    cluster.status_cli(args)
 
 
 def _add_sweep_report(p: argparse.ArgumentParser) -> None:
@@ -168,9 +192,23 @@ def _add_sweep_report(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_sweep_report(args: argparse.Namespace) -> None:
-    from mzsane import sweep
+    from mzsane.sweep import results
 
-    sweep.report_cli(args)
+    results.report_cli(args)
+
+
+def _add_sweep_run(p: argparse.ArgumentParser) -> None:
+    _add_sweep_render(p)
+    p.add_argument("--address", default="", help="an existing Ray cluster (default: start a local one on loopback)")
+    p.add_argument("--max-parallel", type=int, default=0, help="points at once (default: as many as the CPUs fit)")
+    p.add_argument("--storage", default="", help="where the chart's storage.root lives here (default: mzsane-data "
+                   "with local Ray, the chart's s3:// root with --address)")
+
+
+def _cmd_sweep_run(args: argparse.Namespace) -> None:
+    from mzsane.sweep import local
+
+    local.run_cli(args)
 
 
 # ----------------------------------------------------------------------------------------- bench
@@ -178,6 +216,16 @@ def _cmd_sweep_report(args: argparse.Namespace) -> None:
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+
+
+def _add_bench_scale(p: argparse.ArgumentParser) -> None:
+    _add_bench(p)
+    p.add_argument("--sizes", default="", help="zoo sizes, comma-separated (default 10,100,300; --quick 10,100)")
+    p.add_argument("--arch", default="", help="architecture of the synthetic zoo (default resnet18; --quick "
+                                              "resnet_mini)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per size (default 30; --quick 4)")
+    p.add_argument("--s3-max-models", type=int, default=0, help="build S3 shards up to this size (default 100)")
+    p.add_argument("--out", default="", help="also write the figures so far to this JSON file after every size")
 
 
 def _bench(stage: str) -> Callable[[argparse.Namespace], None]:
@@ -200,20 +248,25 @@ COMMANDS: dict[str, dict[str, tuple[Callable, Callable, str]]] = {
     "shards": {
         "build": (_add_shards_build, _cmd_shards_build, "tokenize zoo checkpoints into Parquet shards"),
         "info": (_add_shards_info, _cmd_shards_info, "zoos, models, tokens, bytes and splits of a shard dataset"),
+        "verify": (_add_shards_info, _cmd_shards_verify, "check every part file's size, sha256 and page checksums"),
     },
     "sweep": {
         "render": (_add_sweep_render, _cmd_sweep_render, "render the sweep's RayJobs with Helm, for review"),
         "submit": (_add_sweep_submit, _cmd_sweep_submit, "create the sweep's RayJobs through the Kubernetes API"),
         "status": (_add_sweep_status, _cmd_sweep_status, "RayJobs of a sweep: point, status, duration"),
         "report": (_add_sweep_report, _cmd_sweep_report, "collect sweep results into a table, CSV and plot"),
+        "run": (_add_sweep_run, _cmd_sweep_run, "run the sweep's rendered points on local Ray (or --address)"),
     },
     "bench": {name: (_add_bench, _bench(name), f"throughput figures of the {name} stage as JSON")
-              for name in ("tokens", "shards", "zoo", "model", "train", "sample")},
+              for name in ("tokens", "shards", "zoo", "model", "train", "sample")}
+    | {"scale": (_add_bench_scale, _bench("scale"), "shards build and training vs zoo size (10 to 1,000 models)")}
+    | {"norm": (_add_bench, _bench("norm"), "loss-normalization ablation on a ResNet zoo: Figure-2 histograms")},
 }
 SINGLE: dict[str, tuple[Callable, Callable, str]] = {
     "train": (_add_train, _cmd_train, "pretrain a SANE backbone with Ray Train DDP over token shards"),
     "sample": (_add_sample, _cmd_sample, "generate weights zero-shot for a target zoo"),
     "evaluate": (_add_evaluate, _cmd_evaluate, "compare generated models against baselines"),
+    "probe": (_add_probe, _cmd_probe, "linear probes of model properties on backbone embeddings"),
     "demo": (_add_demo, _cmd_demo, "the whole pipeline on the embedded default"),
 }
 
@@ -231,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
         for name, (add, cmd, help_text) in subs.items():
             p = sub.add_parser(name, help=help_text, description=help_text)
-            _common(p)
+            _common(p, helm_values=group == "sweep")
             add(p)
             p.set_defaults(func=cmd)
     return parser
@@ -240,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.cfg = config_mod.load(args.preset, args.config, args.overrides)
+        args.cfg = config_mod.load(args.preset, args.config, getattr(args, "overrides", []))
         args.func(args)
     except MzsaneError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -74,7 +74,8 @@ def conditioned(kwargs: dict[str, Any], state_dicts: list[dict], dataset: Any, s
     from mzsane.sample.generate import conditioning_images
 
     images = conditioning_images(dataset, sample_cfg.bn_iterations * sample_cfg.bn_batch_size, sample_cfg.seed)
-    return condition_bn(kwargs, state_dicts, images, sample_cfg.bn_iterations, sample_cfg.bn_batch_size, sample_cfg.seed)
+    return condition_bn(kwargs, state_dicts, images, sample_cfg.bn_iterations, sample_cfg.bn_batch_size,
+                        sample_cfg.seed)
 
 
 def order_pool(anchor_ids: list[str], other_ids: list[str], seed: int) -> list[str]:

@@ -4,14 +4,32 @@ This is the only stage that reads the test split of the target dataset (sampling
 that needs BatchNorm statistics (soups, random inits) gets the same re-estimation the generated models got,
 from the settings recorded in ``sample_results.json``, so rows differ only in their weights.
 
+Honest figures, everywhere (issue 13): every selected figure stands beside its unselected one, and the
+headline says whether its anchors were ever seen by the backbone:
+
+* ``generated``: the top n of the candidates by validation accuracy (selected);
+  ``generated_unselected``: the first n candidates by index (random draws, no selection); and the
+  validation-accuracy distribution of all candidates (mean, median, 10/90% quantiles) beside the top n's;
+* ``reconstruction``: the anchors decoded from their own latents without noise (decode(encode(m))): the
+  ceiling of generation for this backbone, on held-out models when the anchors are held out;
+* ``anchors`` (the K prompts, unselected) and ``anchors_selected``: the best n of the whole anchor pool by
+  validation accuracy on the same validation images the candidates were ranked on (selection on equal
+  footing);
+* ``headline``: the generated figure with a flag saying whether every anchor is held out (never in the
+  backbone's training selection, verified from its shards);
+* novelty ``matched``: generated-to-nearest-anchor distance and disagreement against zoo models of matched
+  accuracy and equal pool size, with a verdict (new models or near-copies);
+* ``exposure``: what each zoo contributed to the backbone's training (``{run}/exposure.json``).
+
 Output: ``{out}/evaluate/results.json``, ``results.csv`` and PNG plots (``accuracy.png`` bars,
 ``finetune.png`` curves, ``soup.png`` accuracy vs number of averaged models). ``results.json`` is what
 ``mzsane sweep report`` reads::
 
     {"target_zoo", "dataset", "architecture", "backbone", "in_distribution": bool,
-     "rows": [{"method": "generated" | "anchors" | "soup" | "soup_aligned" | "random",
-               "test_acc_mean", "test_acc_std", "n"}, ...],
-     "soup_curve": [...], "finetune": {...}, "novelty": {...}}
+     "headline": {"method", "test_acc_mean", "anchors_held_out": bool, ...},
+     "rows": [{"method": one of METHODS, "test_acc_mean", "test_acc_std", "n"}, ...],
+     "candidates": {"val_acc": {...}, "kept_val_acc": {...}}, "anchors": {...}, "exposure": {...},
+     "soup_curve": [...], "finetune": {...}, "novelty": {..., "matched": {...}}}
 """
 from __future__ import annotations
 
@@ -26,16 +44,44 @@ import numpy as np
 from mzsane import storage
 from mzsane.config import EvaluateConfig, SampleConfig
 from mzsane.evaluate import baselines
-from mzsane.evaluate.novelty import novelty
-from mzsane.sample.generate import load_results, read_state_dict
+from mzsane.evaluate import finetune as finetune_mod
+from mzsane.evaluate.novelty import matched_novelty, novelty
+from mzsane.sample.generate import load_results, read_state_dict, score_candidates, selection_split
 
-METHODS = ("generated", "anchors", "soup", "soup_aligned", "random")
+METHODS = ("generated", "generated_unselected", "reconstruction", "anchors", "anchors_selected", "soup",
+           "soup_aligned", "random")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
     arr = np.array(values, dtype=float)
     return {"test_acc_mean": float(np.nanmean(arr)) if arr.size else float("nan"),
             "test_acc_std": float(np.nanstd(arr)) if arr.size else float("nan"), "n": int(arr.size)}
+
+
+def distribution(values: list[float]) -> dict[str, float]:
+    """Mean, median and 10/90% quantiles (NaN-free values only)."""
+    arr = np.array([v for v in values if v is not None and v == v], dtype=float)
+    if arr.size == 0:
+        return {"mean": float("nan"), "median": float("nan"), "q10": float("nan"), "q90": float("nan"), "n": 0}
+    return {"mean": float(arr.mean()), "median": float(np.median(arr)), "q10": float(np.quantile(arr, 0.1)),
+            "q90": float(np.quantile(arr, 0.9)), "n": int(arr.size)}
+
+
+def select_best(ids: list[str], val_acc: list[float], k: int) -> list[str]:
+    """The ``k`` ids of highest validation accuracy (ties: the smaller id), best first."""
+    order = sorted(range(len(ids)), key=lambda i: (-val_acc[i], ids[i]))
+    return [ids[i] for i in order[:max(k, 0)]]
+
+
+def _exposure(backbone: str) -> dict:
+    """The backbone run's per-zoo exposure (``{run}/exposure.json``); empty when the run predates it."""
+    from mzsane.train.budget import EXPOSURE_FILE
+
+    url = storage.join(backbone, EXPOSURE_FILE)
+    try:
+        return storage.read_json(url) if storage.exists(url) else {}
+    except Exception:
+        return {}
 
 
 def _sample_cfg(results: dict) -> SampleConfig:
@@ -49,22 +95,6 @@ def _test_accs(kwargs: dict, state_dicts: list[dict], dataset: Any) -> list[floa
     if not state_dicts:
         return []
     return [float(a) for _, a in evaluate_models(kwargs, state_dicts, dataset.test.x, dataset.test.y, 1000)]
-
-
-def _curves(kwargs: dict, state_dicts: list[dict], dataset: Any, ecfg: EvaluateConfig, hparams: dict) -> dict:
-    from mzsane.zoo.evaluation import finetune
-
-    rows = finetune(kwargs, state_dicts, dataset, epochs=ecfg.finetune_epochs, lr=ecfg.finetune_lr,
-                    optimizer=str(hparams.get("optimizer", "adam")), batch_size=int(hparams.get("batch_size", 32)),
-                    weight_decay=float(hparams.get("weight_decay", 0.0)), seed=ecfg.seed,
-                    max_train_images=ecfg.finetune_max_train_images)
-    epochs = max(len(r) for r in rows)
-    acc = np.full((len(rows), epochs), np.nan)
-    for i, r in enumerate(rows):
-        for j, row in enumerate(r):
-            acc[i, j] = float(row.get("test_acc", np.nan))
-    return {"epoch": list(range(epochs)), "test_acc_mean": np.nanmean(acc, 0).tolist(),
-            "test_acc_std": np.nanstd(acc, 0).tolist(), "n": len(rows)}
 
 
 def evaluate(samples_url: str, zoo_url: str, eval_cfg: EvaluateConfig | None = None, *, dataset: Any = None,
@@ -100,8 +130,18 @@ def evaluate(samples_url: str, zoo_url: str, eval_cfg: EvaluateConfig | None = N
 
     anchors = [load(m) for m in anchor_ids]
     order = list(anchors[0])  # safetensors stores keys sorted; populations need the module's key order
-    generated = [{k: sd[k] for k in order} for sd in
-                 (read_state_dict(storage.join(samples_url, g["file"])) for g in res["generated"])]
+
+    def written(key: str) -> list[dict]:
+        return [{k: sd[k] for k in order} for sd in
+                (read_state_dict(storage.join(samples_url, g["file"])) for g in res.get(key, []))]
+
+    generated, unselected, reconstructed = written("generated"), written("unselected"), written("reconstructed")
+    # selection on equal footing: the best n of every model that could have been an anchor, ranked on the same
+    # validation images the candidates were ranked on
+    pool_all = [m for m in res["anchors"].get("pool_ids", anchor_ids) if m in have_epoch] or anchor_ids
+    val_split = selection_split(dataset, scfg.max_val_images, scfg.seed)
+    pool_val = [a for _, a in score_candidates(kwargs, [load(m) for m in pool_all], val_split)]
+    best_ids = select_best(pool_all, pool_val, min(len(generated) or scfg.num_keep, len(pool_all)))
     randoms = baselines.conditioned(kwargs, baselines.random_models(kwargs, hparams.get("init", "default"),
                                                                     ecfg.num_random, ecfg.seed), dataset, scfg)
     soup_pool = [load(m) for m in pool_ids[:max(max(ecfg.soup_sizes, default=1), len(anchor_ids))]]
@@ -116,24 +156,40 @@ def evaluate(samples_url: str, zoo_url: str, eval_cfg: EvaluateConfig | None = N
             if n == len(anchor_ids):
                 soups["soup_aligned" if aligned else "soup"] = sd
 
-    per_method = {"generated": generated, "anchors": anchors, "soup": [soups["soup"]],
+    per_method = {"generated": generated, "generated_unselected": unselected, "reconstruction": reconstructed,
+                  "anchors": anchors, "anchors_selected": [load(m) for m in best_ids], "soup": [soups["soup"]],
                   "soup_aligned": [soups["soup_aligned"]], "random": randoms}
     accs = {m: _test_accs(kwargs, sds, dataset) for m, sds in per_method.items()}
-    rows = [{"method": m, **_stats(accs[m])} for m in METHODS]
+    rows = [{"method": m, **_stats(accs[m])} for m in METHODS if per_method[m]]
+    provenance = {k: v for k, v in res["anchors"].items() if k != "pool_ids"}
+    held_out = bool(provenance.get("held_out_verified")) and not provenance.get("seen", anchor_ids)
+    headline = {"method": "generated", **_stats(accs["generated"]), "anchors_held_out": held_out,
+                "anchor_pool": provenance.get("pool", "any"),
+                "unselected_test_acc_mean": _stats(accs["generated_unselected"])["test_acc_mean"],
+                "reconstruction_test_acc_mean": _stats(accs["reconstruction"])["test_acc_mean"]}
+    candidates = {"val_acc": distribution([c["val_acc"] for c in res.get("candidates", [])]),
+                  "kept_val_acc": distribution([g["val_acc"] for g in res["generated"]]),
+                  "anchor_pool_val_acc": distribution(pool_val), "anchors_selected": best_ids}
 
-    finetune: dict[str, Any] = {"epochs": ecfg.finetune_epochs, "lr": ecfg.finetune_lr, "curves": {}}
-    if ecfg.finetune_epochs > 0:
-        k = max(ecfg.num_finetune_models, 1)
-        for m in ("generated", "soup", "soup_aligned", "random"):
-            finetune["curves"][m] = _curves(kwargs, per_method[m][:k], dataset, ecfg, hparams)
+    # every start (generated, hypernet, random, anchors, soups) with one budget: evaluate/finetune.py
+    finetune = finetune_mod.compare(kwargs, per_method, dataset, ecfg, scfg, hparams)
 
     x_nov = dataset.test.x[:max(ecfg.num_novelty_images, 1)]
     nov = novelty(kwargs, generated, dict(zip(anchor_ids, anchors)), {m: load(m) for m in train_ids}, x_nov)
+    # reference zoo models for the matched comparison: never an anchor, any split (they are only compared)
+    reference_ids = baselines.order_pool([], [m for m in have_epoch if m not in anchor_ids], ecfg.seed)
+    reference_ids = reference_ids[:max(ecfg.max_train_models, 2)]
+    reference = {m: load(m) for m in reference_ids}
+    reference_acc = dict(zip(reference_ids, _test_accs(kwargs, list(reference.values()), dataset)))
+    nov["matched"] = matched_novelty(kwargs, generated, accs["generated"], dict(zip(anchor_ids, anchors)), reference,
+                                     reference_acc, x_nov, ecfg.seed)
 
     results = {
         "schema_version": 1, "target_zoo": res["target_zoo"], "dataset": res["dataset"],
         "architecture": res["architecture"], "backbone": res["backbone"],
         "in_distribution": bool(res["in_distribution"]), "epoch": epoch, "anchors": anchor_ids,
+        "anchor_provenance": provenance, "headline": headline, "candidates": candidates,
+        "exposure": _exposure(res["backbone"]),
         "rows": rows, "per_model": {m: accs[m] for m in METHODS},
         "generated_val_acc": [g["val_acc"] for g in res["generated"]],
         "soup_curve": curve, "finetune": finetune, "novelty": nov,
@@ -178,7 +234,8 @@ def write_plots(results: dict, out_url: str) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     rows = results["rows"]
     ax.bar([r["method"] for r in rows], [r["test_acc_mean"] for r in rows], yerr=[r["test_acc_std"] for r in rows],
-           color=["tab:green", "tab:blue", "tab:orange", "tab:red", "tab:gray"][:len(rows)], capsize=4)
+           color=[f"C{i}" for i in range(len(rows))], capsize=4)
+    ax.tick_params(axis="x", labelrotation=30)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"zero-shot, {title}")
@@ -209,11 +266,27 @@ def write_plots(results: dict, out_url: str) -> dict[str, str]:
 
 
 def format_table(results: dict) -> str:
-    """One block: method, mean +- std test accuracy, n; then fine-tuning and novelty in one line each."""
-    lines = [f"{results['target_zoo']} [{'ID' if results['in_distribution'] else 'OOD'}] backbone {results['backbone']}",
-             f"  {'method':<14}{'test acc':>10}{'std':>9}{'n':>5}"]
+    """One block: the headline (with its anchors' provenance), method rows, the candidates before and after
+    selection, fine-tuning, novelty and its verdict."""
+    kind = "ID" if results["in_distribution"] else "OOD"
+    lines = [f"{results['target_zoo']} [{kind}] backbone {results['backbone']}"]
+    h = results.get("headline")
+    if h:
+        p = results.get("anchor_provenance", {})
+        where = ("held-out anchors (never in the backbone's training selection)" if h["anchors_held_out"] else
+                 f"anchors NOT all held out ({len(p.get('seen', []))} seen by the backbone"
+                 f"{'' if p.get('held_out_verified') else ', provenance unverified'})")
+        lines.append(f"  headline: generated {h['test_acc_mean']:.4f} +- {h['test_acc_std']:.4f} (top {h['n']} by val) "
+                     f"on {where}; unselected {h['unselected_test_acc_mean']:.4f}; "
+                     f"reconstruction ceiling {h['reconstruction_test_acc_mean']:.4f}")
+    lines.append(f"  {'method':<22}{'test acc':>10}{'std':>9}{'n':>5}")
     for r in results["rows"]:
-        lines.append(f"  {r['method']:<14}{r['test_acc_mean']:>10.4f}{r['test_acc_std']:>9.4f}{r['n']:>5}")
+        lines.append(f"  {r['method']:<22}{r['test_acc_mean']:>10.4f}{r['test_acc_std']:>9.4f}{r['n']:>5}")
+    cand = results.get("candidates")
+    if cand:
+        v, k = cand["val_acc"], cand["kept_val_acc"]
+        lines.append(f"  candidates (val acc, before selection): mean {v['mean']:.4f} median {v['median']:.4f} "
+                     f"q10 {v['q10']:.4f} q90 {v['q90']:.4f} (n={v['n']}) | kept top {k['n']}: mean {k['mean']:.4f}")
     for m, c in results["finetune"]["curves"].items():
         lines.append(f"  finetune {m:<13}" + " ".join(f"{a:.3f}" for a in c["test_acc_mean"]))
     s = results["novelty"]["summary"]
@@ -222,6 +295,13 @@ def format_table(results: dict) -> str:
                      s["generated_to_anchor_distance"]["mean"], s["generated_to_anchor_disagreement"]["mean"],
                      s["generated_to_train_distance"]["mean"], s["generated_to_train_disagreement"]["mean"],
                      s["zoo_pair_distance"]["mean"], s["zoo_pair_disagreement"]["mean"]))
+    mt = results["novelty"].get("matched")
+    if mt and mt.get("generated"):
+        lines.append("  novelty at matched accuracy (pool {}): generated->nearest anchor dist {:.3f} disagree {:.3f} | "
+                     "zoo models dist {:.3f} disagree {:.3f} | median ratios {:.2f} / {:.2f}: {}".format(
+                         mt["pool_size"], mt["generated_distance"]["mean"], mt["generated_disagreement"]["mean"],
+                         mt["reference_distance"]["mean"], mt["reference_disagreement"]["mean"],
+                         mt["median_distance_ratio"], mt["median_disagreement_ratio"], mt["verdict"]))
     return "\n".join(lines)
 
 

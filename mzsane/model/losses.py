@@ -7,19 +7,26 @@ through the statistics). Modes (``LossConfig.norm_mode``):
 
 * ``batch``  the reference: one mean/std over every valid entry of the batch (both views), eps added to
              the std, so the loss is masked MSE / (sigma + eps)^2.
-* ``token``  mean/std of each token over its own valid entries. Tokens with fewer than
-             ``min_valid_per_token`` valid entries (BatchNorm tokens hold 1-2 values) or a (numerically)
-             constant token (std < eps, e.g. a freshly initialised constant bias row) fall back to the
-             batch statistics, so no token gets a near-zero denominator and a 1e8 weight.
+* ``token``  masked per-token normalization as the MZ-SANE paper means it: mean/std of each token over its
+             own valid entries. A token with fewer than ``min_valid_per_token`` valid entries (every BatchNorm
+             token: 1-2 values) or a (numerically) constant one (std < eps, e.g. a constant bias row) has no
+             usable statistics of its own; it gets the masked statistics of *its own layer* in the same sample
+             (all valid entries of that layer's tokens in the window), then of that layer across the batch,
+             and only when both are unusable the batch's. BN layers thus keep their own scale (weights ~1,
+             biases ~0) instead of being measured against the conv weights' (~0.05), which is the point of
+             the paper's Figure 2. No token gets a near-zero denominator and a 1e8 weight.
+* ``token_unmasked`` the naive per-token normalization the masked one fixes (ablation, Figure 2): each
+             token's std over all D entries, zero padding included, so a BN token's 2 values among 286 zeros
+             get a tiny std; only an all-zero token falls back to the batch std.
 * ``layer``  mean/std per (sample, layer index) over the valid entries of that layer's tokens in the
-             window; the same fallback for groups that are too small or constant.
+             window; groups too small or constant fall back to the same layer across the batch, then the batch.
 * ``none``   plain masked MSE.
 
 Shape legend: B batch, T tokens in window, D token width, F projection width, N = 2B rows in NT-Xent.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from mzsane.config import LossConfig
 from mzsane.errors import ConfigError
 
-NORM_MODES = ("batch", "token", "layer", "none")
+NORM_MODES = ("batch", "token", "token_unmasked", "layer", "none")
 
 
 def _masked_batch_std(target_BTD: torch.Tensor, mask_BTD: torch.Tensor) -> torch.Tensor:
@@ -65,19 +72,24 @@ def normalization_scale(target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: 
     if mode == "batch":
         return batch_std + eps
     B, T, _ = target_BTD.shape
+    if mode == "token_unmasked":
+        std_BT = target_BTD.std(-1, unbiased=False)  # padding zeros included: the ablation
+        return torch.where(std_BT < eps, batch_std, std_BT) + eps
+    if layer_BT is None:
+        raise ConfigError(f"loss.norm_mode '{mode}' needs the layer index of every token (positions[..., 1])")
+    layer_BT = layer_BT.long()
+    num_layers = int(layer_BT.max()) + 1 if layer_BT.numel() else 1
+    sample_layer_BT = torch.arange(B, device=target_BTD.device)[:, None] * num_layers + layer_BT
+    # fallback chain, coarsest last: the layer across the whole batch, then the batch itself
+    std_BT, count_BT = _grouped_std(target_BTD, mask_BTD, layer_BT, num_layers)
+    scale_BT = torch.where((count_BT < min_valid_per_token) | (std_BT < eps), batch_std, std_BT)
+    std_BT, count_BT = _grouped_std(target_BTD, mask_BTD, sample_layer_BT, B * num_layers)
+    scale_BT = torch.where((count_BT < min_valid_per_token) | (std_BT < eps), scale_BT, std_BT)
     if mode == "token":
-        group_BT = torch.arange(B * T, device=target_BTD.device).view(B, T)
-        num_groups = B * T
-    else:
-        if layer_BT is None:
-            raise ConfigError("loss.norm_mode 'layer' needs the layer index of every token (positions[..., 1])")
-        layer_BT = layer_BT.long()
-        num_layers = int(layer_BT.max()) + 1 if layer_BT.numel() else 1
-        group_BT = torch.arange(B, device=target_BTD.device)[:, None] * num_layers + layer_BT
-        num_groups = B * num_layers
-    std_BT, count_BT = _grouped_std(target_BTD, mask_BTD, group_BT, num_groups)
-    fallback = (count_BT < min_valid_per_token) | (std_BT < eps)
-    return torch.where(fallback, batch_std, std_BT) + eps
+        token_BT = torch.arange(B * T, device=target_BTD.device).view(B, T)
+        std_BT, count_BT = _grouped_std(target_BTD, mask_BTD, token_BT, B * T)
+        scale_BT = torch.where((count_BT < min_valid_per_token) | (std_BT < eps), scale_BT, std_BT)
+    return scale_BT + eps
 
 
 def reconstruction_loss(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: str,

@@ -1,10 +1,20 @@
 """Anchor models: the few trained models of the target zoo that prompt generation (spec section 8.3).
 
-Why a seeded choice from train/val models only: the reference took "the first K" models of a file,
-which were neither random nor guaranteed to be disjoint from the models used for testing. Here the
-anchors are drawn with a seeded generator from the models the shards put in the train or val split
-(the same seeded split by model, ``ShardsConfig.split_fractions``/``split_seed``), so a held-out test
-model of a zoo is never an anchor, whether or not the backbone saw that zoo.
+Why a seeded choice from a declared pool: the reference took "the first K" models of a file, and an
+in-distribution anchor the backbone trained on decodes almost unchanged (memorization), which made
+"generation" look better than it is (the demo's top-10 all came from two trained-on anchors; the one
+held-out anchor decoded to 0.54 against its own 0.94). So every anchor is classified against the
+backbone's recorded training selection (``seen_models``: its config's ``data`` section applied to its
+shard manifest, the same ``training_selection`` the loop read) and drawn, seeded, from one pool
+(``sample.anchor_pool``):
+
+* ``held_out`` (default, the headline): models the backbone never trained on, whatever their split (for
+  an OOD zoo every model);
+* ``seen``: only trained-on models (the memorization control);
+* ``any``: the shards' train and val split models (the earlier behaviour).
+
+When the backbone's shards cannot be read, nothing is known to be seen: the anchors are marked
+``held_out_verified: false`` rather than claimed held out.
 """
 from __future__ import annotations
 
@@ -45,9 +55,58 @@ class Anchors:
     tokens_KND: torch.Tensor
     layout: Any  # mzsane.tokens.TokenLayout
     splits: dict[str, str] = field(default_factory=dict)  # model_id -> split, every ok model of the zoo
+    pool: str = "any"  # sample.anchor_pool the anchors were drawn from
+    pool_ids: list[str] = field(default_factory=list)  # every model of that pool (the "available anchors")
+    seen: list[str] = field(default_factory=list)  # models of this zoo the backbone trained on
+    held_out_verified: bool = False  # False when the backbone's training selection could not be read
 
     def models_in(self, *splits: str) -> list[str]:
         return sorted(m for m, s in self.splits.items() if s in splits)
+
+    def provenance(self) -> dict[str, Any]:
+        """Which anchors are held out (never in the backbone's training selection) and which were seen."""
+        seen = set(self.seen)
+        return {"pool": self.pool, "pool_ids": list(self.pool_ids),
+                "held_out": [m for m in self.model_ids if m not in seen],
+                "seen": [m for m in self.model_ids if m in seen],
+                "held_out_verified": self.held_out_verified, "num_seen_in_zoo": len(seen)}
+
+
+POOLS = ("held_out", "seen", "any")
+
+
+def seen_models(backbone_cfg: Any, zoo: str) -> set[str] | None:
+    """Model ids of ``zoo`` in the backbone's training selection (empty for an OOD zoo); None = unknown
+    (the backbone's shard manifest cannot be read)."""
+    from mzsane import storage
+    from mzsane.errors import MzsaneError
+    from mzsane.shards.manifest import read_manifest
+    from mzsane.shards.select import training_selection
+
+    data = backbone_cfg.data
+    if data.zoos and zoo not in data.zoos:
+        return set()
+    url = data.shards_url or storage.join(backbone_cfg.storage.root, "shards", "default")
+    try:
+        manifest = read_manifest(url)
+    except (MzsaneError, OSError):
+        return None
+    if zoo not in manifest.zoos:
+        return set()
+    selection = training_selection(manifest, data, "train")
+    return {m["model_id"] for m in selection.models if m["zoo"] == zoo}
+
+
+def anchor_pool(candidates: list[str], splits: dict[str, str], seen: set[str] | None, pool: str) -> list[str]:
+    """The models anchors may be drawn from, sorted (see the module docstring for the three pools)."""
+    if pool not in POOLS:
+        raise DataError(f"sample.anchor_pool={pool!r} is unknown; use one of {', '.join(POOLS)}")
+    known = seen or set()
+    if pool == "held_out":
+        return sorted(m for m in candidates if m not in known)
+    if pool == "seen":
+        return sorted(m for m in candidates if m in known)
+    return sorted(m for m in candidates if splits.get(m) in ("train", "val"))
 
 
 def _saved_epochs(record: Any) -> list[int]:
@@ -75,20 +134,21 @@ def usable_records(reader: Any) -> list[Any]:
     return records
 
 
-def choose(model_ids: list[str], num: int, seed: int) -> list[str]:
+def choose(model_ids: list[str], num: int, seed: int, pool: str = "any") -> list[str]:
     """Seeded choice of ``num`` ids (order of the draw kept: anchor 0 is the first drawn)."""
     if num < 1:
         raise DataError(f"sample.num_anchors={num}; use at least 1")
     if num > len(model_ids):
-        raise DataError(f"sample.num_anchors={num} but only {len(model_ids)} train/val models are available; "
-                        "lower sample.num_anchors or grow the zoo")
+        raise DataError(f"sample.num_anchors={num} but only {len(model_ids)} models are in the anchor pool "
+                        f"'{pool}'; lower sample.num_anchors, grow the zoo or set sample.anchor_pool")
     order = np.random.default_rng(seed).permutation(len(model_ids))[:num]
     return [model_ids[i] for i in order]
 
 
 def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_cfg: Any, shards_cfg: Any,
-                 reader: Any = None) -> Anchors:
-    """Pick, load and tokenize the anchors; ``tokens_cfg`` must be the backbone's token settings."""
+                 reader: Any = None, pool: str = "any", seen: set[str] | None = None) -> Anchors:
+    """Pick, load and tokenize the anchors from ``pool`` (``seen``: the zoo's models the backbone trained on,
+    None = unknown); ``tokens_cfg`` must be the backbone's token settings."""
     from mzsane.tokens.layout import layout_from_state_dict
     from mzsane.tokens.tokenize import tokenize
     from mzsane.zoo.store import open_zoo
@@ -98,8 +158,9 @@ def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_c
     splittable = [r.model_id for r in reader.models() if r.status != "failed"]  # exactly what the shards split
     splits = model_splits(splittable, list(shards_cfg.split_fractions), shards_cfg.split_seed, reader.info.zoo)
     epoch = resolve_epoch([r for r in records if splits[r.model_id] != "test"] or records, epoch)
-    pool = sorted(r.model_id for r in records if splits[r.model_id] in ("train", "val") and epoch in _saved_epochs(r))
-    ids = choose(pool, num_anchors, seed)
+    have_epoch = [r.model_id for r in records if epoch in _saved_epochs(r)]
+    pool_ids = anchor_pool(have_epoch, splits, seen, pool)
+    ids = choose(pool_ids, num_anchors, seed, pool)
     state_dicts = [reader.load_checkpoint(m, epoch) for m in ids]
     layout = layout_from_state_dict(state_dicts[0], tokensize=tokens_cfg.tokensize, include_bn=tokens_cfg.include_bn,
                                     include_running_stats=tokens_cfg.include_running_stats)
@@ -110,4 +171,5 @@ def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_c
     return Anchors(zoo=info.zoo, dataset=info.dataset, architecture=info.architecture,
                    arch_kwargs=dict(getattr(first, "arch_kwargs", None) or info.arch_kwargs),
                    hparams=dict(first.hparams), epoch=epoch, model_ids=ids, state_dicts=state_dicts,
-                   tokens_KND=tokens_KND, layout=layout, splits=splits)
+                   tokens_KND=tokens_KND, layout=layout, splits=splits, pool=pool, pool_ids=pool_ids,
+                   seen=sorted(seen or ()), held_out_verified=seen is not None)

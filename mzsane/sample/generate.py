@@ -13,6 +13,12 @@ What is different from the reference and why:
     the val ``Split`` only (``score_candidates``), not the dataset.
   * The kept list is sorted by validation accuracy (the reference evaluated its unsorted sample #0).
   * The config is copied, never mutated; each candidate's latent is seeded by ``(seed, index)``.
+  * ``test_used`` in the results is not a promise but a record: the dataset is wrapped in ``SplitAccess``,
+    which notes every split the stage actually read.
+  * Besides the top n, two honest references are written: ``unselected/`` (the first n candidates by
+    index: random draws, before any selection) and ``reconstructed/`` (every anchor decoded from its own
+    latent with no noise: decode(encode(m)), the ceiling of generation for this backbone; with held-out
+    anchors, the reconstruction accuracy of models the backbone never saw).
 
 Legend: K anchors, N tokens per model, D token width, L latent width, B candidates in a batch.
 """
@@ -23,8 +29,9 @@ import heapq
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,6 +43,8 @@ from mzsane.sample.latent import sample_latents
 
 RESULTS_FILE = "sample_results.json"
 GENERATED_DIR = "generated"
+UNSELECTED_DIR = "unselected"
+RECONSTRUCTED_DIR = "reconstructed"
 
 
 # --------------------------------------------------------------------------- data the stages may see
@@ -52,6 +61,19 @@ def selection_split(dataset: Any, num: int = -1, seed: int = 0) -> Any:
     ``num`` >= 0). Test data is for ``mzsane evaluate`` alone."""
     val = dataset.val
     return val.subset(num, seed=seed) if num >= 0 and hasattr(val, "subset") else val
+
+
+class SplitAccess:
+    """A dataset seen through a recorder: ``read`` holds the names of the splits actually accessed."""
+
+    def __init__(self, dataset: Any):
+        self._dataset = dataset
+        self.read: set[str] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("train", "val", "test"):
+            self.read.add(name)
+        return getattr(self._dataset, name)
 
 
 # ------------------------------------------------------------------------------------- population
@@ -135,6 +157,9 @@ class Generation:
     kept: list[tuple[dict, dict]]  # (info, state_dict), best validation accuracy first
     candidates: list[dict]
     timings: dict[str, float]
+    unselected: list[tuple[dict, dict]] = field(default_factory=list)  # the first num_keep candidates by index
+    reconstructed: list[tuple[dict, dict]] = field(default_factory=list)  # decode(encode(anchor)), no noise
+    splits_read: list[str] = field(default_factory=list)  # dataset splits this stage accessed
 
 
 def generate(backbone: torch.nn.Module, anchors: Anchors, dataset: Any, sample_cfg: Any,
@@ -144,6 +169,7 @@ def generate(backbone: torch.nn.Module, anchors: Anchors, dataset: Any, sample_c
     from mzsane.tokens.tokenize import detokenize
 
     c = sample_cfg
+    dataset = SplitAccess(dataset)
     dtype = compute_dtype(getattr(c, "precision", "fp32"), str(device))
     if dtype != torch.float32:
         backbone = copy.deepcopy(backbone).to(dtype)
@@ -165,7 +191,19 @@ def generate(backbone: torch.nn.Module, anchors: Anchors, dataset: Any, sample_c
     bn_images = conditioning_images(dataset, c.bn_iterations * c.bn_batch_size, c.seed)
     val_split = selection_split(dataset, getattr(c, "max_val_images", -1), c.seed)
 
+    # the ceiling: every anchor decoded from its own latent, no noise, same detokenize/BN/score path
+    t = time.perf_counter()
+    rec_tokens_KND = halo.decode(backbone, anchor_z_KNL, positions_NP, plan, c.encode_batch_size, device,
+                                 compute_dtype=dtype).mul_(mask_ND)
+    rec = [detokenize(tokens_ND, layout, reference) for tokens_ND in rec_tokens_KND]
+    rec = condition_bn(kwargs, rec, bn_images, c.bn_iterations, c.bn_batch_size, c.seed)
+    reconstructed = [({"anchor": m, "val_loss": loss, "val_acc": acc}, sd)
+                     for m, sd, (loss, acc) in zip(anchors.model_ids, rec, score_candidates(kwargs, rec, val_split))]
+    timings["reconstruct_s"] = time.perf_counter() - t
+    del rec_tokens_KND, rec
+
     heap: list[_Kept] = []
+    unselected: list[tuple[dict, dict]] = []
     candidates: list[dict] = []
     bar = _progress(c.num_candidates, progress)
     for lo in range(0, c.num_candidates, max(1, c.candidate_batch_size)):
@@ -190,6 +228,8 @@ def generate(backbone: torch.nn.Module, anchors: Anchors, dataset: Any, sample_c
             acc = acc if acc == acc else -1.0  # NaN (diverged decode) ranks last
             info = {"index": j, "val_loss": loss, "val_acc": acc, "anchor": anchors.model_ids[int(pick_N[0])]}
             candidates.append(info)
+            if j < c.num_keep:
+                unselected.append((info, sd))
             item = _Kept(acc, -j, sd, info)
             if len(heap) < c.num_keep:
                 heapq.heappush(heap, item)
@@ -203,8 +243,9 @@ def generate(backbone: torch.nn.Module, anchors: Anchors, dataset: Any, sample_c
     timings["decode_s_per_candidate"] = timings["decode_s"] / n
     timings["dtype"] = str(dtype).replace("torch.", "")
     timings["total_s"] = sum(v for k, v in timings.items() if k.endswith("_s") and k != "decode_s_per_candidate")
-    timings["candidates_per_s"] = c.num_candidates / max(timings["total_s"] - timings["encode_s"], 1e-9)
-    return Generation(kept, candidates, timings)
+    timings["candidates_per_s"] = c.num_candidates / max(timings["total_s"] - timings["encode_s"]
+                                                         - timings["reconstruct_s"], 1e-9)
+    return Generation(kept, candidates, timings, unselected, reconstructed, sorted(dataset.read))
 
 
 def _progress(total: int, enabled: bool):
@@ -229,7 +270,7 @@ def in_distribution(cfg: Any, zoo: str) -> bool:
     manifest_url = storage.join(shards_url, "manifest.json")
     try:
         return zoo in storage.read_json(manifest_url).get("zoos", {})
-    except Exception:  # noqa: BLE001 - unknown provenance: report as OOD rather than fail sampling
+    except Exception:
         return False
 
 
@@ -247,29 +288,41 @@ def sample(backbone_url: str, zoo_url: str, out_url: str, sample_cfg: Any = None
     c = copy.deepcopy(sample_cfg if sample_cfg is not None else cfg.sample)
     if c.num_keep < 1 or c.num_candidates < c.num_keep:
         raise DataError(f"sample.num_candidates={c.num_candidates} must be >= sample.num_keep={c.num_keep} >= 1")
-    anchors = load_anchors(zoo_url, c.num_anchors, c.target_epoch, c.seed, cfg.tokens, cfg.shards)
+    from mzsane.sample.anchors import seen_models
+    from mzsane.zoo.store import open_zoo
+
+    reader = open_zoo(zoo_url)
+    seen = seen_models(cfg, reader.info.zoo)
+    anchors = load_anchors(zoo_url, c.num_anchors, c.target_epoch, c.seed, cfg.tokens, cfg.shards, reader=reader,
+                           pool=getattr(c, "anchor_pool", "held_out"), seen=seen)
     dataset = dataset if dataset is not None else load_dataset(anchors.dataset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     gen = generate(model, anchors, dataset, c, device=device, progress=progress)
 
-    files = []
-    for rank, (info, sd) in enumerate(gen.kept):
-        name = f"{GENERATED_DIR}/{rank:03d}.safetensors"
-        write_state_dict(storage.join(out_url, name), sd)
-        files.append({"file": name, **info})
+    files = {}
+    for folder, models in ((GENERATED_DIR, gen.kept), (UNSELECTED_DIR, gen.unselected),
+                           (RECONSTRUCTED_DIR, gen.reconstructed)):
+        files[folder] = []
+        for rank, (info, sd) in enumerate(models):
+            name = f"{folder}/{rank:03d}.safetensors"
+            write_state_dict(storage.join(out_url, name), sd)
+            files[folder].append({"file": name, **info})
     results = {
         "schema_version": 1,
         "target_zoo": anchors.zoo, "zoo_url": zoo_url, "dataset": anchors.dataset,
         "architecture": anchors.architecture, "arch_kwargs": anchors.arch_kwargs, "hparams": anchors.hparams,
         "backbone": backbone_url, "in_distribution": in_distribution(cfg, anchors.zoo),
-        "anchors": {"model_ids": anchors.model_ids, "epoch": anchors.epoch},
+        "anchors": {"model_ids": anchors.model_ids, "epoch": anchors.epoch, **anchors.provenance()},
         "layout_id": layout_id(anchors.layout), "num_tokens": anchors.layout.num_tokens,
         "sample": {k: getattr(c, k) for k in vars(c)},
         "tokens": {k: getattr(cfg.tokens, k) for k in vars(cfg.tokens)},
         "split": {"fractions": list(cfg.shards.split_fractions), "seed": cfg.shards.split_seed},
-        "selection": {"bn_images": "train split (un-augmented)", "score": "val split", "test_used": False},
-        "generated": files,
+        "selection": {"bn_images": "train split (un-augmented)", "score": "val split",
+                      "splits_read": gen.splits_read, "test_used": "test" in gen.splits_read},
+        "generated": files[GENERATED_DIR],
+        "unselected": files[UNSELECTED_DIR],  # first num_keep candidates by index: before selection
+        "reconstructed": files[RECONSTRUCTED_DIR],  # decode(encode(anchor)) without noise: the ceiling
         "candidates": gen.candidates,
         "timings": gen.timings,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -301,10 +354,11 @@ def read_state_dict(url: str) -> dict[str, torch.Tensor]:
 
     try:
         return load(storage.read_bytes(url))
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for corrupt files
+    except Exception as err:
         if isinstance(err, DataError) or type(err).__name__ == "StorageError":
             raise
-        raise DataError(f"{url} is not a valid safetensors checkpoint ({type(err).__name__}); re-run mzsane sample") from None
+        raise DataError(f"{url} is not a valid safetensors checkpoint ({type(err).__name__}); "
+                        "re-run mzsane sample") from None
 
 
 def load_results(out_url: str) -> dict:
@@ -319,8 +373,11 @@ def sample_cli(args: Any) -> None:
     cfg = args.cfg
     results = sample(args.backbone, args.zoo, args.out, cfg.sample)
     t = results["timings"]
+    a = results["anchors"]
     print(f"target {results['target_zoo']} ({results['architecture']} on {results['dataset']}, "
-          f"{'in' if results['in_distribution'] else 'out of'} distribution), anchors {results['anchors']['model_ids']}")
+          f"{'in' if results['in_distribution'] else 'out of'} distribution), anchors {a['model_ids']} "
+          f"(pool {a['pool']}: {len(a['held_out'])} held out, {len(a['seen'])} seen by the backbone"
+          f"{'' if a['held_out_verified'] else '; unverified: the backbone shards are unreadable'})")
     for g in results["generated"]:
         print(f"  {g['file']}  val_acc {g['val_acc']:.4f}  (candidate {g['index']}, anchor {g['anchor']})")
     print(f"{len(results['candidates'])} candidates, decode {t['decode_s_per_candidate']:.3f} s/candidate, "

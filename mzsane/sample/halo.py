@@ -21,8 +21,8 @@ T tokens in a chunk (= C), X/Y feature widths (token width D or latent width L),
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -1,5 +1,11 @@
 """Choosing a sub-population at read time: zoos, N models per zoo, one split, some epochs.
 
+Epochs: a zoo stores every saved epoch of every model, epoch 0 (the random initialization) included. The
+reference trains on the *trained tail* (epochs 21-25 of 25); training on every epoch spends a quarter of a
+3-epoch zoo's rows on random inits. So the epochs are chosen here too, at read time: an explicit list
+(``data.epochs``), or the last ``num_tail_epochs`` saved epochs of each model (epoch 0 only when nothing
+else was saved), or every epoch (``num_tail_epochs=-1``).
+
 Why at read time: the paper sweeps 50-300 models over 1-3 zoos; re-sharding for every point would copy the
 data each time. A selection is computed from the manifest alone and is deterministic in its seed. The
 choice is nested: with the same seed, the N=50 models are a subset of the N=100 models, so a sweep over
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,18 +41,34 @@ class Selection:
 
     split: str
     zoos: list[str]
-    epochs: list[int]
+    epochs: list[int]  # explicit epochs; empty = decided by num_tail_epochs
     seed: int
     models: list[dict] = field(default_factory=list)  # manifest model entries
+    num_tail_epochs: int = -1  # with no explicit epochs: the last n saved epochs of each model; -1 = all
+
+    def epochs_of(self, model: dict) -> list[int]:
+        """The saved epochs of one manifest model entry that this selection reads."""
+        saved = [int(e) for e in model["epochs"]]
+        if self.epochs:
+            wanted = set(self.epochs)
+            return [e for e in saved if e in wanted]
+        return tail_epochs(saved, self.num_tail_epochs)
 
     def rows(self) -> list[RowRef]:
-        wanted = set(self.epochs)
         out = []
         for m in self.models:
+            keep = set(self.epochs_of(m))
             for k, epoch in enumerate(m["epochs"]):
-                if not wanted or epoch in wanted:
+                if int(epoch) in keep:
                     out.append(RowRef(m["file"], int(m["row"]) + k, m["zoo"], m["model_id"], int(epoch)))
         return out
+
+    def rows_per_zoo(self) -> dict[str, int]:
+        """Selected rows (checkpoints) of every zoo: the unit an epoch of training passes over."""
+        counts = dict.fromkeys(self.zoos, 0)
+        for ref in self.rows():
+            counts[ref.zoo] = counts.get(ref.zoo, 0) + 1
+        return counts
 
     @property
     def num_rows(self) -> int:
@@ -56,12 +79,37 @@ class Selection:
 
     def to_dict(self) -> dict:
         return {"split": self.split, "zoos": self.zoos, "epochs": self.epochs, "seed": self.seed,
+                "num_tail_epochs": self.num_tail_epochs, "rows_per_zoo": self.rows_per_zoo(),
                 "models": {z: sorted(m["model_id"] for m in self.models if m["zoo"] == z) for z in self.zoos}}
 
 
+def tail_epochs(saved: list[int], num_tail_epochs: int) -> list[int]:
+    """The last ``num_tail_epochs`` of ``saved`` (-1 = all); epoch 0, the untrained init, only if it is alone."""
+    saved = sorted(int(e) for e in saved)
+    if num_tail_epochs < 0:
+        return saved
+    trained = [e for e in saved if e > 0] or saved
+    return trained[-num_tail_epochs:] if num_tail_epochs > 0 else []
+
+
+def training_selection(manifest: Manifest, data_cfg: Any, split: str = "train") -> Selection:
+    """The selection ``mzsane train`` reads for ``split`` under a ``DataConfig`` (val: every model, same epochs).
+
+    One definition, so the loop, the step budget and the held-out check of sampling agree on what a
+    backbone was trained on.
+    """
+    return select(manifest, zoos=list(data_cfg.zoos), split=split, seed=data_cfg.seed,
+                  num_models_per_zoo=data_cfg.num_models_per_zoo if split == "train" else -1,
+                  epochs=list(data_cfg.epochs), num_tail_epochs=int(data_cfg.num_tail_epochs))
+
+
 def select(manifest: Manifest, zoos: list[str] | tuple = (), num_models_per_zoo: int = -1, split: str = "train",
-           epochs: list[int] | tuple = (), seed: int = 0) -> Selection:
-    """Models of ``split`` from ``zoos`` (empty = all), ``num_models_per_zoo`` each (-1 = all), seeded."""
+           epochs: list[int] | tuple = (), seed: int = 0, num_tail_epochs: int = -1) -> Selection:
+    """Models of ``split`` from ``zoos`` (empty = all), ``num_models_per_zoo`` each (-1 = all), seeded;
+    of each model the ``epochs`` listed, or (none listed) its last ``num_tail_epochs`` saved epochs (-1 = all)."""
+    if not epochs and num_tail_epochs == 0:
+        raise DataError("data.num_tail_epochs=0 selects no checkpoints; list data.epochs, or set "
+                        "data.num_tail_epochs to n >= 1 (the last n epochs) or -1 (every epoch)")
     if split not in SPLITS:
         raise DataError(f"split {split!r} does not exist; use one of {', '.join(SPLITS)}")
     names = list(zoos) or sorted(manifest.zoos)
@@ -81,7 +129,7 @@ def select(manifest: Manifest, zoos: list[str] | tuple = (), num_models_per_zoo:
             candidates = sorted((candidates[i] for i in order[:num_models_per_zoo]), key=lambda m: m["model_id"])
         chosen.extend(candidates)
     selection = Selection(split=split, zoos=names, epochs=sorted(int(e) for e in epochs), seed=int(seed),
-                          models=chosen)
+                          models=chosen, num_tail_epochs=int(num_tail_epochs))
     if chosen and selection.num_rows == 0:
         available = sorted({e for m in chosen for e in m["epochs"]})
         raise DataError(f"no checkpoints of epochs {selection.epochs} in the selected models; available epochs: "

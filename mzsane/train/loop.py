@@ -20,8 +20,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from mzsane import config as config_mod
 from mzsane import metrics as metrics_mod
 from mzsane import storage
 from mzsane.config import Config, TrainConfig
-from mzsane.errors import CheckpointError
+from mzsane.errors import CheckpointError, DivergedError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train.context import TrainContext
 from mzsane.train.data import RankStream
@@ -47,7 +48,9 @@ class Parts:
     train: RankStream
     val_batches: Callable[[], Iterable[list]]
     tokens_per_sample: int
-    cfg: Config  # resolved (model.max_positions filled in); saved inside every checkpoint
+    cfg: Config  # resolved (model.max_positions, train.num_steps from train.num_epochs); saved in every checkpoint
+    exposure: Any = None  # mzsane.train.budget.Exposure: per-zoo counts of what training consumed (real parts)
+    budget: Any = None  # mzsane.train.budget.Budget the step count was derived from (real parts)
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -84,6 +87,7 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
     run = os.path.basename(run_url.rstrip("/"))
     # ------------------------------------------------------------------------------------ build
     parts = parts or build_parts(cfg, ctx)
+    tc = parts.cfg.train  # the budget: num_steps resolved from train.num_epochs over the selected rows
     raw_model = parts.model.to(ctx.device)
     optimizer = make_optimizer(raw_model, tc)
     scheduler = make_scheduler(optimizer, tc)
@@ -113,6 +117,8 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
                                   f"{ctx.world_size}; resume with cluster.num_workers={len(ranks)}")
         mine = ranks[ctx.world_rank]
         parts.train.restore(mine["data"])
+        if parts.exposure is not None and "exposure" in mine:
+            parts.exposure.counts = type(parts.exposure)(mine["exposure"]).counts
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch_rng"])
         if torch.cuda.is_available() and "cuda_rng" in mine:
@@ -120,7 +126,8 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
     model = ctx.wrap_model(raw_model)
     if tc.compile:
         model = torch.compile(model)
-    sink, target = metrics_mod.make_sink(cfg.metrics, run, run_url, ctx.world_rank)
+    sink, target = metrics_mod.make_sink(cfg.metrics, run, run_url, ctx.world_rank, ctx.local_rank,
+                                         ctx.node, start_step=start)
     _announce(ctx, run_url, target, start)
     bar = _progress(ctx, start, tc.num_steps)
     # ------------------------------------------------------------------------------------- steps
@@ -166,7 +173,10 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
                     "perf/data_wait_fraction": wait / max(sum(step_times), 1e-9),
                     "perf/tokens_per_s": (parts.train.samples - samples_mark) * parts.tokens_per_sample
                     / max(sum(step_times), 1e-9),
-                    "mem/host_rss_bytes": metrics_mod.host_rss_bytes()})
+                    "mem/host_rss_bytes": metrics_mod.host_rss_bytes(), "train/target_steps": tc.num_steps})
+                stats = getattr(parts.train, "stats", None)  # the shard stream's reads (dashboard: bytes/epoch)
+                if stats is not None:
+                    metrics.update({"data/read_bytes": stats.bytes_read, "data/rows": stats.rows})
                 if ctx.device.type == "cuda":
                     metrics["mem/gpu_bytes"] = torch.cuda.memory_allocated(ctx.device)
                 sums, step_times, steps_mark = {}, [], 0
@@ -180,6 +190,7 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
                 _checkpoint(ctx, raw_model, optimizer, scheduler, scaler, generator, parts, done,
                             {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 metrics["checkpoint/save_s"] = time.perf_counter() - t_save
+                metrics["checkpoint/last_time"] = time.time()  # checkpoint age = time() - this (alerts)
             if metrics:
                 sink.log(metrics, done)
                 last.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -193,6 +204,7 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
         if bar is not None:
             bar.close()
     last["step"] = tc.num_steps
+    _write_exposure(ctx, parts, run_url)
     return last
 
 
@@ -209,7 +221,7 @@ def _check_finite(ctx: TrainContext, step: int, terms: dict[str, torch.Tensor]) 
     flag = ctx.all_reduce_sum(torch.tensor([float(len(bad) > 0)], device=ctx.device))
     if float(flag.item()) > 0:
         where = f"rank {ctx.world_rank}: {', '.join(bad)}" if bad else "another rank"
-        raise FloatingPointError(f"non-finite loss at step {step} ({where}); lower train.lr, set train.grad_clip, "
+        raise DivergedError(f"non-finite loss at step {step} ({where}); lower train.lr, set train.grad_clip, "
                                  f"or check the shards for diverged checkpoints")
 
 
@@ -217,7 +229,9 @@ def _clip(model: nn.Module, max_norm: float) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) if params else torch.zeros(())
+    if not params:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
 
 
 def _mean_terms(ctx: TrainContext, sums: dict[str, torch.Tensor], count: int, prefix: str) -> dict[str, float]:
@@ -257,6 +271,8 @@ def evaluate(model: nn.Module, parts: Parts, ctx: TrainContext, amp_dtype: torch
 def _checkpoint(ctx: TrainContext, raw_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 scaler: Any, generator: torch.Generator, parts: Parts, step: int, metrics: dict[str, float]) -> None:
     mine = {"data": parts.train.position, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if parts.exposure is not None:
+        mine["exposure"] = parts.exposure.state()
     if torch.cuda.is_available():
         mine["cuda_rng"] = torch.cuda.get_rng_state()
     ranks = ctx.all_gather_object(mine)
@@ -273,6 +289,18 @@ def _checkpoint(ctx: TrainContext, raw_model: nn.Module, optimizer: torch.optim.
         ctx.report({"step": step, **metrics}, directory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_exposure(ctx: TrainContext, parts: Parts, run_url: str) -> None:
+    """Rank 0 writes ``{run}/exposure.json``: the step budget and what each zoo contributed, summed over ranks."""
+    if parts.exposure is None or parts.budget is None:
+        return
+    from mzsane.train import budget as budget_mod
+
+    states = ctx.all_gather_object(parts.exposure.state())
+    if ctx.world_rank == 0:
+        out = budget_mod.summary(parts.budget, budget_mod.Exposure.merge(states))
+        storage.write_json(storage.join(run_url, budget_mod.EXPOSURE_FILE), out)
 
 
 def _announce(ctx: TrainContext, run_url: str, target: str, start: int) -> None:
@@ -299,25 +327,26 @@ def _progress(ctx: TrainContext, start: int, total: int) -> Any:
 
 def build_parts(cfg: Config, ctx: TrainContext) -> Parts:
     """SANE over this rank's part of the token shards, with the two-view augmentation and the SANE loss."""
-    from mzsane.model.augment import Augmenter
     from mzsane.model.losses import sane_loss
     from mzsane.model.sane import SANE
-    from mzsane.tokens.permutations import Permuter
+    from mzsane.train.budget import Exposure, plan
     from mzsane.train.data import shard_streams
 
     manifest, stream, val_batches = shard_streams(cfg, ctx.world_rank, ctx.world_size)
     resolved = config_mod.loads(config_mod.dumps(cfg))
+    budget = plan(cfg, ctx.world_size)
+    resolved.train.num_steps = budget.num_steps  # the OneCycle schedule spans exactly the budget
+    exposure = Exposure()
     if not resolved.model.max_positions:
         resolved.model.max_positions = [int(m) for m in manifest.max_positions]
-    layouts = {lid: manifest.layout(lid) for lid in manifest.layouts}
-    permuters = {info["layout_id"]: Permuter(info["architecture"], layouts[info["layout_id"]])
-                 for info in manifest.zoos.values()}
-    augmenter = Augmenter(cfg.augment, cfg.data.window_size, permuters, layouts)
+    augmenter = stream.augmenter  # the stream cut the windows and view 2's gather; make_views adds the noise
     model = SANE(resolved.model, cfg.tokens.tokensize, resolved.model.max_positions,
                  generator=torch.Generator().manual_seed(cfg.train.seed))
 
     def loss_fn(model: nn.Module, batch: list, generator: torch.Generator, ctx: TrainContext) -> dict:
         views = augmenter.make_views(batch, generator)
+        if model.training:  # training batches only, not the val batches of evaluate()
+            exposure.add([s.zoo for s in batch], views.valid_BT, views.mask_BTD)
         dev = ctx.device
         v1, v2 = views.view1_BTD.to(dev, non_blocking=True), views.view2_BTD.to(dev, non_blocking=True)
         pos, valid = views.positions_BTP.to(dev), views.valid_BT.to(dev)
@@ -329,4 +358,4 @@ def build_parts(cfg: Config, ctx: TrainContext) -> Parts:
                          cfg.loss, layer_BT=pos[..., 1], gather=gather)
 
     return Parts(model=model, loss_fn=loss_fn, train=stream, val_batches=val_batches,
-                 tokens_per_sample=cfg.data.window_size, cfg=resolved)
+                 tokens_per_sample=cfg.data.window_size, cfg=resolved, exposure=exposure, budget=budget)

@@ -9,7 +9,7 @@ import torch
 
 from mzsane.config import LossConfig
 from mzsane.errors import ConfigError
-from mzsane.model.losses import nt_xent, r_squared, reconstruction_loss, sane_loss
+from mzsane.model.losses import normalization_scale, nt_xent, r_squared, reconstruction_loss, sane_loss
 
 EPS = 1e-4
 
@@ -33,6 +33,9 @@ def _batch(seed=0, B=3, T=5, D=6):
 
 
 def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
+    """Loops over entries; the statistic of a token is the first usable (>= min_valid values, std >= eps) of:
+    token mode: the token, its layer in its sample, its layer over the batch, the batch; layer mode: the same
+    without the token; token_unmasked: the token over all D entries (padding included), else the batch."""
     p, t, m = pred.numpy(), target.numpy(), mask.numpy()
     B, T, D = p.shape
     vals = [t[b, i, d] for b in range(B) for i in range(T) for d in range(D) if m[b, i, d]]
@@ -40,8 +43,13 @@ def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
     groups: dict = {}
     for b in range(B):
         for i in range(T):
-            key = (b, i) if mode == "token" else (b, int(layer[b, i]))
-            groups.setdefault(key, []).extend(t[b, i, d] for d in range(D) if m[b, i, d])
+            entries = [t[b, i, d] for d in range(D) if m[b, i, d]]
+            for key in (("token", b, i), ("sample_layer", b, int(layer[b, i])), ("layer", int(layer[b, i]))):
+                groups.setdefault(key, []).extend(entries)
+
+    def usable(values):
+        return len(values) >= min_valid and float(np.std(values)) >= EPS
+
     total, count = 0.0, 0
     for b in range(B):
         for i in range(T):
@@ -49,10 +57,15 @@ def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
                 s = 1.0
             elif mode == "batch":
                 s = batch_std + EPS
+            elif mode == "token_unmasked":
+                std = float(np.std(t[b, i]))
+                s = (batch_std if std < EPS else std) + EPS
             else:
-                vals_g = groups[(b, i) if mode == "token" else (b, int(layer[b, i]))]
-                std = float(np.std(vals_g)) if vals_g else 0.0
-                s = (batch_std if len(vals_g) < min_valid or std < EPS else std) + EPS
+                chain = [("sample_layer", b, int(layer[b, i])), ("layer", int(layer[b, i]))]
+                if mode == "token":
+                    chain.insert(0, ("token", b, i))
+                first = next((groups[k] for k in chain if usable(groups[k])), None)
+                s = (float(np.std(first)) if first is not None else batch_std) + EPS
             for d in range(D):
                 if m[b, i, d]:
                     total += ((p[b, i, d] - t[b, i, d]) / s) ** 2
@@ -60,11 +73,57 @@ def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
     return total / count
 
 
-@pytest.mark.parametrize("mode", ["none", "batch", "token", "layer"])
+@pytest.mark.parametrize("mode", ["none", "batch", "token", "token_unmasked", "layer"])
 def test_each_mode_matches_a_hand_computation(mode):
     pred, target, mask, layer = _batch()
+    target = torch.where(mask, target, 0.0)  # padding is zero in real tokens (token_unmasked counts it)
     got = reconstruction_loss(pred, target, mask, mode, EPS, layer_BT=layer, min_valid_per_token=3)
     assert got.item() == pytest.approx(_hand_loss(pred, target, mask, mode, layer), rel=1e-10)
+
+
+def _conv_and_bn_batch(B=4, T=6, D=8):
+    """Layer 0: conv-like tokens (8 valid values, std ~0.05); layer 1: BN tokens (weight ~1, bias ~0: 2 valid
+    values each), as in a ResNet; the batch std is dominated by the BN layer's spread."""
+    g = torch.Generator().manual_seed(11)
+    target = torch.zeros(B, T, D, dtype=torch.float64)
+    mask = torch.zeros(B, T, D, dtype=torch.bool)
+    layer = torch.zeros(B, T, dtype=torch.long)
+    target[:, :3] = 0.05 * torch.randn(B, 3, D, generator=g, dtype=torch.float64)
+    mask[:, :3] = True
+    layer[:, 3:] = 1
+    target[:, 3:, 0] = 1 + 0.1 * torch.randn(B, T - 3, generator=g, dtype=torch.float64)
+    target[:, 3:, 1] = 0.02 * torch.randn(B, T - 3, generator=g, dtype=torch.float64)
+    mask[:, 3:, :2] = True
+    return target, mask, layer
+
+
+def test_bn_tokens_get_their_own_layers_statistics_not_the_batchs():
+    target, mask, layer = _conv_and_bn_batch()
+    scale = normalization_scale(target, mask, "token", EPS, layer_BT=layer, min_valid_per_token=3)
+    for b in range(target.shape[0]):
+        bn_values = target[b, 3:, :2].reshape(-1)
+        expected = bn_values.std(unbiased=False) + EPS  # own layer, own sample: 6 values
+        assert torch.allclose(scale[b, 3:], expected.expand(3), rtol=1e-12)
+        for i in range(3):  # conv tokens: their own statistics
+            assert scale[b, i].item() == pytest.approx(target[b, i].std(unbiased=False).item() + EPS, rel=1e-12)
+    batch_std = target[mask].std(unbiased=False)
+    assert not torch.allclose(scale[:, 3:], batch_std + EPS)
+
+
+def test_a_layer_too_small_in_its_sample_uses_the_layer_over_the_batch():
+    target, mask, layer = _conv_and_bn_batch(T=4)  # one BN token per sample: 2 values < 3
+    scale = normalization_scale(target, mask, "token", EPS, layer_BT=layer, min_valid_per_token=3)
+    expected = target[:, 3, :2].reshape(-1).std(unbiased=False) + EPS  # BN layer over the 4 samples
+    assert torch.allclose(scale[:, 3], expected.expand(4), rtol=1e-12)
+
+
+def test_unmasked_token_mode_counts_the_padding():
+    target, mask, layer = _conv_and_bn_batch()
+    masked = normalization_scale(target, mask, "token", EPS, layer_BT=layer)
+    unmasked = normalization_scale(target, mask, "token_unmasked", EPS, layer_BT=layer)
+    assert torch.allclose(unmasked[0, 3], target[0, 3].std(unbiased=False) + EPS)  # 2 values among 6 zeros
+    assert torch.allclose(unmasked[:, :3], masked[:, :3])  # full tokens: no difference
+    assert not torch.allclose(unmasked[:, 3:], masked[:, 3:])
 
 
 def test_batch_mode_is_masked_mse_over_squared_std_plus_eps():
@@ -144,7 +203,7 @@ def test_gathered_nt_xent_equals_the_big_batch():
         sl = slice(rank * b, (rank + 1) * b)
         li, lj = zi[sl].clone().requires_grad_(), zj[sl].clone().requires_grad_()
 
-        def gather(x, full_i=zi, full_j=zj):
+        def gather(x, full_i=zi, full_j=zj, li=li, rank=rank):
             full = full_i if x is li else full_j
             parts = [full[r * b:(r + 1) * b] for r in range(world)]
             parts[rank] = x  # the local part keeps its graph; the others are constants

@@ -63,7 +63,10 @@ def test_two_point_sweep_runs_on_a_ray_cluster_and_reports(s3_server, ray_cluste
     root = s3_server.url("sweep-it")
     _build_data(root)
     values = _values(tmp_path, root)
-    jobs = [o for o in sweep.render([values]) if o["kind"] == "RayJob"]
+    rendered = sweep.render([values])
+    jobs = [o for o in rendered if o["kind"] == "RayJob"]
+    overrides = {o["metadata"]["name"]: yaml.safe_load(o["data"]["overrides.yaml"])
+                 for o in rendered if o["kind"] == "ConfigMap"}
     assert len(jobs) == len(SIZES)
     assert all("cluster.address" not in job["spec"]["entrypoint"] for job in jobs)
 
@@ -95,7 +98,7 @@ def test_two_point_sweep_runs_on_a_ray_cluster_and_reports(s3_server, ray_cluste
     for size in SIZES:
         point = next(p for p in storage.listdir(results) if p.startswith(f"n{size}-"))
         job = next(j for j in jobs if j["metadata"]["labels"]["mzsane.io/point"] == point)
-        run_url = storage.join(root, "runs", job["metadata"]["name"])
+        run_url = storage.join(root, "runs", overrides[job["metadata"]["name"]]["run_name"])
         run_cfg = config_mod.loads(storage.read_text(storage.join(run_url, "config.json")))
         selection = training_selection(manifest, run_cfg.data)
         assert len({m["model_id"] for m in selection.models}) == size

@@ -206,15 +206,9 @@ def test_architecture_mismatch_names_model_and_file_and_leaves_no_orphan(tmp_pat
 
 
 @pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 2 MiB filesystem (tmpfs; needs root, which this VM's tests run as)."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); needs root")
-    yield str(mnt)
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_fs(tmpfs):
+    """A real 2 MiB filesystem."""
+    return str(tmpfs("full", "size=2m"))
 
 
 def test_disk_full_shards_build_is_one_line_and_leaves_no_partial_files(tmp_path, tiny_fs):

@@ -79,14 +79,9 @@ def test_corrupt_or_malicious_state_pt_is_refused_in_one_line(tmp_path, kind):
 
 
 @pytest.fixture
-def tiny_fs(tmp_path):
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); needs root")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_fs(tmpfs):
+    """A real 2 MiB filesystem."""
+    return tmpfs("full", "size=2m")
 
 
 def test_disk_full_while_saving_a_checkpoint_is_one_line_and_removes_it(tiny_fs):

@@ -17,9 +17,15 @@ import re
 
 import pytest
 
+from mzsane.bench.raycluster import PROCESS_TOKEN
+
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.prometheus", "tests.fixtures.ray_cluster"]
 
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore: never query 169.254.169.254
+# Ray caches the first auth token a process uses: every Ray instance this test process starts or joins
+# (fixture clusters, loopback benchmark clusters, the local instance `mzsane train` starts) shares one token.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = PROCESS_TOKEN
 
 MISSING = "missing dependency"
 _MISSING_RE = re.compile(r"missing dependency|could not import|no module named|not found", re.IGNORECASE)

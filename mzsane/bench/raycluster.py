@@ -20,6 +20,9 @@ import tempfile
 import time
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+# Ray caches the auth token once per process (its AuthenticationTokenLoader): a process that starts or joins
+# several loopback clusters one after another (a benchmark, a test session) must give them all the same token.
+PROCESS_TOKEN = secrets.token_hex(32)
 
 
 def _free_port(host: str) -> int:
@@ -34,7 +37,7 @@ class LoopbackCluster:
     def __init__(self, cpus_per_node: int = 1):
         self.cpus_per_node = cpus_per_node
         self.temp_dir = tempfile.mkdtemp(prefix="mzray-", dir="/tmp")  # Ray's socket paths must stay short
-        self.token = secrets.token_hex(32)
+        self.token = PROCESS_TOKEN
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
         self.address = ""

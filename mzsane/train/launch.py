@@ -228,6 +228,10 @@ def _fit(cfg: Config, run_url: str, address: str) -> None:
     if getattr(result, "error", None) is not None:
         _reraise(result.error)
         raise ClusterError(f"training run '{run_url}' failed: {str(result.error).splitlines()[0][:200]}")
+    # Ray prunes only the checkpoints its own bookkeeping tracked; a restarted worker group that resumed from
+    # a newer complete checkpoint in the run folder leaves one behind: keep the policy on the folder itself
+    for _, url in ckpt.list_checkpoints(run_url)[:-max(cfg.train.num_checkpoints_to_keep, 1)]:
+        storage.remove(url, recursive=True)
     failed_url = storage.join(run_url, FAILED_FILE)
     if storage.exists(failed_url):
         failed = storage.read_json(failed_url)

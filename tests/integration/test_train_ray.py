@@ -14,7 +14,7 @@ import pytest
 
 from mzsane import config as config_mod
 from mzsane import storage
-from mzsane.errors import ClusterError, DataError, StorageError
+from mzsane.errors import ClusterError, ConfigError, DataError, StorageError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train import launch
 from tests.unit.test_train_loop import make_shards
@@ -162,10 +162,9 @@ def test_bad_inputs_fail_fast_with_one_line(s3_server, shards_root, ray_cluster,
     cfg.data.zoos = ["nope"]
     with pytest.raises(DataError, match="not in the shard dataset"):
         launch.train(cfg, address=ray_cluster.address)
-    cfg = _cfg(shards_root, "bad")
-    cfg.data.num_models_per_zoo = 0  # an empty selection
-    with pytest.raises(DataError, match="has no train models") as err:
-        launch.train(cfg, address=ray_cluster.address)
+    # no models: refused with the allowed range when the config loads, before any cluster is joined
+    with pytest.raises(ConfigError, match="num_models_per_zoo") as err:
+        config_mod.load("tiny", [], ["data.num_models_per_zoo=0"])
     assert "\n" not in str(err.value)
     monkeypatch.setenv("MZSANE_S3_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
     with pytest.raises(StorageError, match="unreachable") as err:

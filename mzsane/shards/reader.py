@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -134,22 +135,10 @@ class ShardReader:
                      shuffle_buffer: int = 64, shuffle: bool = True) -> Iterator[Sample]:
         """One pass over this rank's share; row groups shuffled, then samples through a shuffle buffer."""
         rng = np.random.default_rng([int(seed), int(epoch), int(world_rank), 1])
-        buffer: list[Sample] = []
+        samples = (sample for unit, refs in self.plan(world_rank, world_size, seed, epoch, shuffle)
+                   for sample in self.read_unit(unit, refs))
         try:
-            for unit, refs in self.plan(world_rank, world_size, seed, epoch, shuffle):
-                for sample in self.read_unit(unit, refs):
-                    if not shuffle or shuffle_buffer <= 1:
-                        yield sample
-                        continue
-                    buffer.append(sample)
-                    if len(buffer) >= shuffle_buffer:
-                        j = int(rng.integers(len(buffer)))
-                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                        yield buffer.pop()
-            while buffer:
-                j = int(rng.integers(len(buffer)))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
+            yield from shuffle_buffered(samples, rng, shuffle_buffer if shuffle else 1)
         finally:
             self.close()
 
@@ -236,3 +225,22 @@ def verify_cli(args: object) -> dict:
         raise DataError(f"{len(out['damaged'])} of {out['files']} part files of '{out['url']}' are damaged "
                         f"({', '.join(out['damaged'][:3])}); rebuild the dataset")
     return out
+
+
+def shuffle_buffered(items: Iterable[Any], rng: np.random.Generator, size: int) -> Iterator[Any]:
+    """``items`` through a shuffle buffer of ``size`` (``size <= 1``: in order). One copy of the draw for the
+    row reader and the training window stream, so both orders follow from (seed, epoch, rank) alone."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+    while buffer:
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        yield buffer.pop()

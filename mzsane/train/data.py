@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from mzsane.errors import DataError
+from mzsane.shards.reader import shuffle_buffered
 
 _DONE = object()
 VAL_EPOCH = 2**31 - 1  # the generator key of the val windows: never a training epoch
@@ -239,27 +240,18 @@ def iter_windows(rows: Iterable[Any], cut: Callable, windows: Callable[[Any], in
     ``cut(sample, generator)`` makes one window; ``windows(sample)`` says how many per row. The row is
     dropped as soon as its windows are cut, so at most one row is alive besides the buffer.
     """
-    rng = np.random.default_rng([int(seed), int(epoch), int(world_rank), 1])
-    buffer: list[Any] = []
-    for index, sample in enumerate(rows):
-        generator = row_generator(seed, epoch, world_rank, index)
-        for _ in range(windows(sample)):
-            window = cut(sample, generator)
-            if stats is not None:
-                stats.windows += 1
-            if shuffle_buffer <= 1:
+    def cut_all() -> Iterator[Any]:
+        for index, sample in enumerate(rows):
+            generator = row_generator(seed, epoch, world_rank, index)
+            for _ in range(windows(sample)):
+                window = cut(sample, generator)
+                if stats is not None:
+                    stats.windows += 1
                 yield window
-                continue
-            buffer.append(window)
-            if len(buffer) >= shuffle_buffer:
-                j = int(rng.integers(len(buffer)))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
-        del sample
-    while buffer:
-        j = int(rng.integers(len(buffer)))
-        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-        yield buffer.pop()
+            del sample
+
+    rng = np.random.default_rng([int(seed), int(epoch), int(world_rank), 1])
+    yield from shuffle_buffered(cut_all(), rng, shuffle_buffer)
 
 
 def make_augmenter(cfg: Any, manifest: Any) -> Any:

@@ -3,6 +3,12 @@
 Why no cluster here: ``report`` reads ``{sweep}/{point}/evaluate/results.json`` through
 ``mzsane.storage``, so the same report follows a KubeRay sweep (S3) and a ``sweep run`` (local folder).
 The plot is the paper's Figure-3 view (zero-shot accuracy vs zoo size, one line per composition).
+
+Seeds: points that differ only in ``train.seed`` are one setting; ``aggregate`` gives each setting's mean
+over seeds with a 95% Student-t half-width (one seed: no interval, said as ``n_seeds`` 1), so a reader
+compares settings, not lucky seeds. Second axis: the probe stage's R^2 (how well a linear probe on the
+backbone's embeddings reads the target zoo's test accuracy, next to a probe on weight statistics), read
+from ``{point}/probe/probe.json`` where the point ran it.
 """
 from __future__ import annotations
 
@@ -11,10 +17,30 @@ import csv
 import io
 from typing import Any
 
+import numpy as np
+
 from mzsane import storage
 from mzsane.errors import DataError
 
 ZERO_SHOT_METHOD = "generated"
+SEED_AXIS = "train.seed"
+PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embedding")
+# the columns of the printed summary: the headline, what it is selected from, its ceiling and the baselines
+SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "anchors_selected", "soup_aligned",
+                   "random")
+
+
+def _probe_columns(point_url: str, target_zoo: str) -> dict[str, float]:
+    """The point's probe R^2 / tau for test accuracy on its target zoo (NaN where the probe did not run)."""
+    from mzsane.probe.report import point_summary  # torch comes with it: only when a report is made
+
+    found = point_summary(point_url)
+    name = target_zoo.rstrip("/").rsplit("/", 1)[-1]
+    scopes = {k.split("_test_acc_")[0][len("probe_"):] for k in found if "_test_acc_" in k}
+    scope = name if name in scopes else next(iter(sorted(scopes - {"all"})), "")
+    get = lambda key: float(found.get(f"probe_{scope}_test_acc_{key}", float("nan")))  # noqa: E731
+    return {"probe_r2_embedding": get("embedding_r2"), "probe_r2_weight_stats": get("weight_stats_r2"),
+            "probe_tau_embedding": get("embedding_tau")}
 
 
 def _point_meta(point_url: str, name: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -53,17 +79,78 @@ def collect(url: str) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         results = storage.read_json(results_url)
         meta = _point_meta(point_url, name, results)
+        probe = _probe_columns(point_url, str(results.get("target_zoo", "")))
+        setting = {k: v for k, v in meta["axes"].items() if k != SEED_AXIS}
         for method in results.get("rows", []):
             rows.append({
                 "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
                 "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
-                "axes": ",".join(f"{k}={v}" for k, v in sorted(meta["axes"].items())),
+                "axes": ",".join(f"{k}={v}" for k, v in sorted(setting.items())),
+                "seed": meta["axes"].get(SEED_AXIS, ""), **probe,
                 "target_zoo": results.get("target_zoo", ""), "dataset": results.get("dataset", ""),
                 "in_distribution": bool(results.get("in_distribution", False)),
                 "method": method.get("method", ""), "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
                 "test_acc_std": float(method.get("test_acc_std", 0.0) or 0.0), "n": int(method.get("n", 0) or 0),
             })
     return rows, pending
+
+
+def _ci95(values: np.ndarray) -> float:
+    """Half-width of the 95% Student-t interval of the mean; NaN for fewer than two values."""
+    if values.size < 2:
+        return float("nan")
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, values.size - 1) * values.std(ddof=1) / np.sqrt(values.size))
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (setting, method): mean over the setting's seeds, the 95% half-width, the seed count."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["num_zoos"], row["composition"], row["zoos"], row["zoo_size"], row["axes"], row["target_zoo"],
+               row["dataset"], row["in_distribution"], row["method"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for key, members in sorted(groups.items(), key=lambda kv: (*kv[0][:5], kv[0][8])):
+        acc = np.array([m["test_acc_mean"] for m in members], dtype=float)
+        entry = dict(zip(("num_zoos", "composition", "zoos", "zoo_size", "axes", "target_zoo", "dataset",
+                          "in_distribution", "method"), key))
+        entry.update({"test_acc_mean": float(np.nanmean(acc)), "test_acc_ci95": _ci95(acc[np.isfinite(acc)]),
+                      "test_acc_seed_std": float(np.nanstd(acc, ddof=1)) if acc.size > 1 else float("nan"),
+                      "n_seeds": len(members), "seeds": ",".join(str(m["seed"]) for m in members)})
+        for col in PROBE_COLUMNS:
+            vals = np.array([m[col] for m in members], dtype=float)
+            entry[col] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+        out.append(entry)
+    return out
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    """One line per setting: generated (mean +- 95% over seeds) beside its selection pool, its ceiling and
+    the selected baselines, plus the probe axis."""
+    by: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for row in summary:
+        by.setdefault((row["composition"], row["zoo_size"], row["axes"]), {})[row["method"]] = row
+    head = ["composition", "zoo_size", "axes", "seeds", *SUMMARY_METHODS, "probe R2 emb", "probe R2 wstats"]
+    cells = []
+    for (composition, size, axes), methods in by.items():
+        gen = methods.get(ZERO_SHOT_METHOD) or next(iter(methods.values()))
+        line = [composition, str(size), axes or "-", str(gen["n_seeds"])]
+        for m in SUMMARY_METHODS:
+            r = methods.get(m)
+            if r is None:
+                line.append("-")
+            elif np.isfinite(r["test_acc_ci95"]):
+                line.append(f"{r['test_acc_mean']:.3f} ± {r['test_acc_ci95']:.3f}")
+            else:
+                line.append(f"{r['test_acc_mean']:.3f}")
+        line += [_cell(gen["probe_r2_embedding"]), _cell(gen["probe_r2_weight_stats"])]
+        cells.append(line)
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -76,29 +163,32 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return "-" if np.isnan(value) else f"{value:.4f}"
     return "-" if value is None else str(value)
 
 
-def _plot(rows: list[dict[str, Any]], title: str) -> bytes:
-    """Figure-3 view: zero-shot test accuracy of generated models vs zoo size, one line per composition."""
+def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mean",
+          ylabel: str = "zero-shot test accuracy (mean over seeds, 95% CI)") -> bytes:
+    """Figure-3 view: a setting's value vs zoo size, one line per composition (and non-seed axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
+    for row in summary:
         if row["method"] == ZERO_SHOT_METHOD and row["zoo_size"] > 0:
             label = row["composition"] + (f" ({row['axes']})" if row["axes"] else "")
             lines.setdefault(label, []).append(row)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, points in sorted(lines.items(), key=lambda kv: (kv[1][0]["num_zoos"], kv[0])):
         points.sort(key=lambda r: r["zoo_size"])
-        ax.errorbar([p["zoo_size"] for p in points], [p["test_acc_mean"] for p in points],
-                    yerr=[p["test_acc_std"] for p in points], marker="o", capsize=3, label=label)
+        yerr = [p["test_acc_ci95"] if column == "test_acc_mean" and np.isfinite(p["test_acc_ci95"]) else 0.0
+                for p in points]
+        ax.errorbar([p["zoo_size"] for p in points], [p[column] for p in points], yerr=yerr, marker="o",
+                    capsize=3, label=label)
     ax.set_xlabel("zoo size (models per zoo)")
-    ax.set_ylabel("zero-shot test accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if lines:
@@ -110,8 +200,19 @@ def _plot(rows: list[dict[str, Any]], title: str) -> bytes:
     return buf.getvalue()
 
 
-REPORT_COLUMNS = ["point", "composition", "num_zoos", "zoos", "zoo_size", "axes", "target_zoo", "dataset",
-                  "in_distribution", "method", "test_acc_mean", "test_acc_std", "n"]
+REPORT_COLUMNS = ["point", "composition", "num_zoos", "zoos", "zoo_size", "axes", "seed", "target_zoo", "dataset",
+                  "in_distribution", "method", "test_acc_mean", "test_acc_std", "n", *PROBE_COLUMNS]
+SUMMARY_COLUMNS = ["composition", "num_zoos", "zoos", "zoo_size", "axes", "target_zoo", "dataset", "in_distribution",
+                   "method", "test_acc_mean", "test_acc_ci95", "test_acc_seed_std", "n_seeds", "seeds",
+                   *PROBE_COLUMNS]
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def report(url: str, out: str = "") -> dict[str, Any]:
@@ -121,23 +222,31 @@ def report(url: str, out: str = "") -> dict[str, Any]:
     if not rows:
         raise DataError(f"no evaluate/results.json under '{url}/*/' yet ({len(pending)} points pending); "
                         "wait for `mzsane sweep status` to show SUCCEEDED")
-    rows.sort(key=lambda r: (r["num_zoos"], r["composition"], r["axes"], r["zoo_size"], r["method"]))
-    out = (out or url).rstrip("/")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=REPORT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    rows.sort(key=lambda r: (r["num_zoos"], r["composition"], r["axes"], r["zoo_size"], str(r["seed"]), r["method"]))
+    summary = aggregate(rows)
+    out, name = (out or url).rstrip("/"), url.rsplit("/", 1)[-1]
     csv_url, png_url = storage.join(out, "sweep_results.csv"), storage.join(out, "sweep_zero_shot.png")
-    storage.write_text(csv_url, text.getvalue())
-    storage.write_bytes(png_url, _plot(rows, f"sweep {url.rsplit('/', 1)[-1]}: zero-shot accuracy vs zoo size"))
-    return {"rows": rows, "pending": pending, "csv": csv_url, "png": png_url}
+    summary_url = storage.join(out, "sweep_summary.csv")
+    storage.write_text(csv_url, _csv(rows, REPORT_COLUMNS))
+    storage.write_text(summary_url, _csv(summary, SUMMARY_COLUMNS))
+    storage.write_bytes(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy vs zoo size"))
+    result = {"rows": rows, "summary": summary, "pending": pending, "csv": csv_url, "summary_csv": summary_url,
+              "png": png_url}
+    if any(np.isfinite(r["probe_r2_embedding"]) for r in summary):
+        result["probe_png"] = storage.join(out, "sweep_probe.png")
+        storage.write_bytes(result["probe_png"], _plot(summary, f"sweep {name}: probe of test accuracy",
+                                                       "probe_r2_embedding", "probe R^2 (embeddings), held-out models"))
+    return result
 
 
 def report_cli(args: argparse.Namespace) -> None:
     result = report(args.url, args.out)
     zero_shot = [r for r in result["rows"] if r["method"] == ZERO_SHOT_METHOD] or result["rows"]
-    print(format_table(zero_shot, ["composition", "zoo_size", "axes", "point", "method", "test_acc_mean",
-                                    "test_acc_std", "n"]))
+    print(format_table(zero_shot, ["composition", "zoo_size", "axes", "seed", "point", "method", "test_acc_mean",
+                                    "test_acc_std", "n", "probe_r2_embedding"]))
+    print("\nper setting (test accuracy, mean ± 95% half-width over seeds; generated = top-k by validation):")
+    print(summary_table(result["summary"]))
     if result["pending"]:
         print(f"pending (no results yet): {', '.join(result['pending'])}")
-    print(f"wrote {result['csv']} and {result['png']}")
+    wrote = [result["csv"], result["summary_csv"], result["png"], result.get("probe_png", "")]
+    print(f"wrote {', '.join(w for w in wrote if w)}")

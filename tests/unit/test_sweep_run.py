@@ -48,6 +48,32 @@ def test_points_come_from_the_rendered_rayjobs_and_their_configmaps():
         job["spec"]["entrypoint"].replace("'", "").split())
 
 
+def test_a_seed_axis_sets_every_per_run_seed_of_the_config_and_is_checked_at_render():
+    from dataclasses import fields, is_dataclass
+
+    from mzsane import config
+    from mzsane.sweep.schema import SEED_PATHS
+
+    # every `seed` field of the config but the zoos' (zoos are shared prerequisites of all points)
+    cfg = config.Config()
+    declared = {f"{f.name}.seed" for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))
+                and "seed" in {g.name for g in fields(getattr(cfg, f.name))}}
+    assert set(SEED_PATHS) == declared - {"zoo.seed"}
+    size = [str(ROOT / "jobs" / "zoo-size.yaml"), str(ROOT / "jobs" / "local" / "zoo-size.yaml")]
+    points = rendered_points(chart.render(size, sets=["sweep.grid.zooSizes={4}",
+                                                      "sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={0,3}"]))
+    assert [p.name for p in points] == ["n4-mnist-0", "n4-mnist-3"]
+    for point, seed in zip(points, (0, 3)):
+        assert {path: point.overrides[path.split(".")[0]]["seed"] for path in SEED_PATHS} == dict.fromkeys(
+            SEED_PATHS, seed)
+        assert json.loads(point.files["point.json"])["axes"] == dict.fromkeys(SEED_PATHS, seed)
+    with pytest.raises(ConfigError, match="appears twice"):
+        chart.render(size, sets=["sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={0,1},"
+                                 "sweep.grid.axes[1].path=sample.seed,sweep.grid.axes[1].values={0,1}"])
+    with pytest.raises(ConfigError, match="minimum"):  # the schema checks a seed axis's values as seeds
+        chart.render(size, sets=["sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={-1}"])
+
+
 def test_a_command_that_is_not_a_plain_and_chain_runs_as_one_shell_stage():
     (point,) = rendered_points(chart.render(SMOKE))
     point.entrypoint = "mzsane train || echo failed; mzsane sample"

@@ -130,10 +130,13 @@ Checks that the schema cannot express; each failure names the offending value an
 {{- end -}}
 {{- $paths := list -}}
 {{- range $grid.axes -}}
-{{- if has .path $paths -}}
-{{- fail (printf "sweep.grid.axes: path %q appears twice; merge its values into one axis" .path) -}}
+{{- $axisPaths := ternary (include "mzsane.seedPaths" . | fromJsonArray) (list .path) (eq .path "seed") -}}
+{{- range $path := $axisPaths -}}
+{{- if has $path $paths -}}
+{{- fail (printf "sweep.grid.axes: path %q appears twice (the seed axis sets %s); merge its values into one axis" $path (include "mzsane.seedPaths" . | fromJsonArray | join ", ")) -}}
 {{- end -}}
-{{- $paths = append $paths .path -}}
+{{- $paths = append $paths $path -}}
+{{- end -}}
 {{- end -}}
 {{- if $v.metrics.enabled -}}
 {{- $first := int $v.metrics.port -}}
@@ -171,6 +174,11 @@ Checks that the schema cannot express; each failure names the offending value an
 {{- end -}}
 {{- end -}}
 
+{{/* The config paths a grid axis "path: seed" sets, all to the axis value (mzsane/sweep/schema.py SEED_PATHS). */}}
+{{- define "mzsane.seedPaths" -}}
+{{- list "data.seed" "train.seed" "sample.seed" "evaluate.seed" | toJson -}}
+{{- end -}}
+
 {{/*
 Every point of the sweep as a JSON list: the grid (zoo sizes x compositions x axes, in that order) then
 the explicit runs. Each point: name (DNS-1123, <= 40 characters, also its results folder), job (the
@@ -191,7 +199,12 @@ axes ({path: value}) and overrides (the nested config overrides the point runs w
 {{- $next := list -}}
 {{- range $p := $raw -}}
 {{- range $value := $axis.values -}}
-{{- $set := merge (dict $axis.path $value) (deepCopy $p.set) -}}
+{{- $axisSet := dict $axis.path $value -}}
+{{- if eq $axis.path "seed" -}}{{/* one axis for every seed of the point (mzsane/sweep/schema.py SEED_PATHS) */}}
+{{- $axisSet = dict -}}
+{{- range $path := include "mzsane.seedPaths" $ | fromJsonArray }}{{ $_ := set $axisSet $path $value }}{{ end -}}
+{{- end -}}
+{{- $set := merge $axisSet (deepCopy $p.set) -}}
 {{- $next = append $next (merge (dict "base" (printf "%s-%s" $p.base (include "mzsane.slug" $value)) "set" $set) (deepCopy $p)) -}}
 {{- end -}}
 {{- end -}}

@@ -8,7 +8,8 @@ zoo each (does a process pool use the 2 cores better); then training over the wh
 Train workers on a two-node loopback cluster (``bench/raycluster.py``), ``default`` preset: peak RSS of
 every worker (``VmHWM`` of the pids the workers announce), start-up to the first step (and the manifest
 read + selection on its own), the data-wait share of step time and the bytes each worker reads per
-epoch. Finally a synthetic 10^6-row manifest (no shards): load and select a sub-zoo; and a projection to
+epoch. Finally a synthetic 10^6-row manifest (no shards; ``bench/bigmanifest.py``): load and select a
+sub-zoo, with the Parquet model index and, for comparison, the old all-JSON manifest; and a projection to
 1,000 / 10,000 models and to the ``paper`` preset on a GPU node, with its assumptions in the JSON.
 
 Full run: ResNet-18 (CIFAR stem), N in {10, 100, 300} by default (``--sizes``); the disk holds the zoo,
@@ -29,6 +30,7 @@ from typing import Any
 
 from mzsane import config as config_mod
 from mzsane import storage
+from mzsane.bench.bigmanifest import big_manifest
 
 GPU_PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, the projection's reference GPU
 ASSUMED_MFU = 0.35
@@ -181,55 +183,6 @@ def train_figures(root: str, shards_url: str, address: str, num_models: int, ste
     }
 
 
-# ---------------------------------------------------------------------------------- the big manifest
-
-
-def big_manifest(num_rows: int, scratch: str, num_zoos: int = 10) -> dict:
-    """A manifest of ``num_rows`` one-checkpoint models (no shards): write, load, select a sub-zoo."""
-    from mzsane.shards.manifest import read_manifest
-    from mzsane.shards.select import select
-    from mzsane.tokens.layout import layout_from_state_dict
-    from mzsane.zoo.architectures import build_model
-
-    layout = layout_from_state_dict(build_model("cnn_s").state_dict(), 288)
-    per_zoo, per_file = num_rows // num_zoos, 256
-    zoos, models, files = {}, [], []
-    for z in range(num_zoos):
-        zoo = f"z{z:02d}"
-        zoos[zoo] = {"dataset": "mnist", "architecture": "cnn_s", "arch_kwargs": {}, "layout_id": layout.layout_id,
-                     "num_tokens": layout.num_tokens, "source": "", "num_models": per_zoo, "num_rows": per_zoo,
-                     "splits": {"train": per_zoo * 7 // 10, "val": per_zoo * 15 // 100, "test": per_zoo -
-                                per_zoo * 7 // 10 - per_zoo * 15 // 100}}
-        for i in range(per_zoo):
-            split = "train" if i % 20 < 14 else ("val" if i % 20 < 17 else "test")
-            if i % per_file == 0:
-                files.append({"path": f"part-{len(files):05d}.parquet", "zoo": zoo, "split": split,
-                              "num_rows": per_file, "num_bytes": per_file * 60_000, "rows_per_row_group": 8})
-            models.append({"zoo": zoo, "model_id": f"m{i:06d}", "split": split, "status": "ok",
-                           "file": files[-1]["path"], "row": i % per_file, "epochs": [1], "test_acc": [0.5],
-                           "val_acc": [0.5]})
-    doc = {"schema_version": 1, "tokensize": 288, "include_bn": True, "include_running_stats": False,
-           "weight_threshold": float("inf"), "encoding": "fixed_size_binary", "compression": "none",
-           "layouts": {layout.layout_id: layout.to_dict()}, "zoos": zoos, "models": models, "files": files,
-           "skipped": []}
-    os.makedirs(os.path.join(scratch, "big"), exist_ok=True)
-    with open(os.path.join(scratch, "big", "manifest.json"), "w", encoding="utf-8") as fh:
-        json.dump(doc, fh)
-    size = os.path.getsize(os.path.join(scratch, "big", "manifest.json"))
-    del doc, models, files
-    t0 = time.perf_counter()
-    m = read_manifest(os.path.join(scratch, "big"))
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    take = min(1000, per_zoo * 7 // 10 // 2)
-    sel = select(m, zoos=["z00", "z01"], num_models_per_zoo=take, split="train", seed=0)
-    rows = sel.num_rows
-    select_s = time.perf_counter() - t0
-    shutil.rmtree(os.path.join(scratch, "big"), ignore_errors=True)
-    return {"rows": num_rows, "manifest_mb": round(size / 2**20, 1), "load_s": round(load_s, 2),
-            "select_s": round(select_s, 3), "selected": f"2 zoos x {take} train models", "selected_rows": rows}
-
-
 # ------------------------------------------------------------------------------------------ projection
 
 
@@ -344,7 +297,7 @@ def run(args: Any) -> dict[str, Any]:
             shutil.rmtree(local, ignore_errors=True)
             shutil.rmtree(os.path.join(scratch, "root", "runs"), ignore_errors=True)
             _save_partial(getattr(args, "out", ""), result)
-        result["manifest_1e6"] = big_manifest(10_000 if quick else 1_000_000, scratch)
+        result["manifest_1e6"] = big_manifest(10_000 if quick else 1_000_000, scratch)  # bench/bigmanifest.py
         result["projection"] = projection(result)
         result["checks"] = _checks(result)
     finally:

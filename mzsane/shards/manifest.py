@@ -1,21 +1,29 @@
 """The shard dataset's table of contents: ``{shards_url}/manifest.json``, written last.
 
 Why a manifest rather than listing Parquet files: the reader selects a sub-population (zoos, N models per
-zoo, a split, epochs) and plans which row groups each DDP rank reads from this file alone, without opening
-a single Parquet file; and a dataset is valid exactly when its manifest exists, so an interrupted build
+zoo, a split, epochs) and plans which row groups each DDP rank reads from the manifest alone, without opening
+a single part file; and a dataset is valid exactly when its manifest exists, so an interrupted build
 never exposes half-written data. Each zoo is committed on its own first (``_zoos/{zoo}.json``, a part
 manifest) so a re-run skips finished zoos; the dataset manifest is the union of the committed parts.
 
-Layout::
+Layout (schema_version 2)::
 
-    {"schema_version": 1, "tokensize", "include_bn", "include_running_stats", "weight_threshold",
+    {"schema_version": 2, "tokensize", "include_bn", "include_running_stats", "weight_threshold",
      "encoding", "compression",
      "layouts": {layout_id: TokenLayout.to_dict()},
      "zoos": {zoo: {"dataset", "architecture", "arch_kwargs", "layout_id", "num_tokens", "source",
                     "num_models", "num_rows", "splits": {"train": n, "val": n, "test": n}}},
-     "models": [{"zoo", "model_id", "split", "status", "file", "row", "epochs", "test_acc", "val_acc"}],
+     "index": {"path": "_index/models-<sha256[:16]>.parquet", "num_rows", "num_bytes", "sha256"},
      "files": [{"path", "zoo", "split", "num_rows", "num_bytes", "sha256", "rows_per_row_group"}],
      "skipped": [{"zoo", "model_id", "epoch", "reason"}]}
+
+The per-model rows live in the Parquet model index (index.py), not here: at 10^6 checkpoints the JSON list
+took ~47 s to parse, the index is read and a sub-zoo selected from it in a fraction of a second, and the
+manifest stays dataset-sized. ``read_manifest`` loads the index's bytes and checks size and sha256 (the
+manifest is the commit point, so an index that does not match it is damage, reported in one line naming it).
+Manifests of schema_version 1 carry ``"models": [{"zoo", "model_id", "split", "status", "file", "row",
+"epochs", "test_acc", "val_acc"}]`` inline instead; they read as before. ``Manifest.models`` gives those
+entries for either kind; selection asks for one zoo and split at a time (``model_ids``, ``model_entries``).
 
 ``sha256`` (hex, of the whole file) is absent in manifests written before checksums were recorded; those
 still read, with sizes checked but no hash (see reader.py).
@@ -27,37 +35,85 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from mzsane import storage
 from mzsane.errors import DataError, StorageError
+from mzsane.shards import index as idx
 from mzsane.shards.schema import SCHEMA_VERSION, SPLITS
 from mzsane.tokens.layout import TokenLayout
 
 MANIFEST = "manifest.json"
 PARTS_DIR = "_zoos"
 SETTINGS = ("tokensize", "include_bn", "include_running_stats", "weight_threshold", "encoding", "compression")
+_FIELDS = ("tokensize", "include_bn", "include_running_stats", "encoding", "compression", "layouts", "zoos",
+           "files", "skipped")
 
 
-@dataclass
 class Manifest:
-    """A loaded manifest.json (see module docstring); ``url`` is the dataset root it was read from."""
+    """A loaded manifest.json (see module docstring); ``url`` is the dataset root it was read from.
 
-    url: str
-    tokensize: int
-    include_bn: bool
-    include_running_stats: bool
-    weight_threshold: float
-    encoding: str
-    compression: str
-    layouts: dict = field(default_factory=dict)
-    zoos: dict = field(default_factory=dict)
-    models: list = field(default_factory=list)
-    files: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-    schema_version: int = SCHEMA_VERSION
+    ``models`` inline (built in memory, or a schema 1 manifest) or ``index`` (the model index's manifest
+    entry, its bytes loaded by ``load_index``); with both, the inline list answers and ``index`` is written.
+    """
 
+    def __init__(self, url: str, tokensize: int, include_bn: bool, include_running_stats: bool,
+                 weight_threshold: float, encoding: str, compression: str, layouts: dict | None = None,
+                 zoos: dict | None = None, models: list | None = None, files: list | None = None,
+                 skipped: list | None = None, schema_version: int = SCHEMA_VERSION, index: dict | None = None):
+        self.url, self.tokensize, self.include_bn = url, tokensize, include_bn
+        self.include_running_stats, self.weight_threshold = include_running_stats, weight_threshold
+        self.encoding, self.compression, self.schema_version = encoding, compression, schema_version
+        self.layouts = layouts if layouts is not None else {}
+        self.zoos = zoos if zoos is not None else {}
+        self.files = files if files is not None else []
+        self.skipped = skipped if skipped is not None else []
+        self.index = index
+        self._models = models if models is not None or index is not None else []
+        self._index_data: bytes | None = None
+
+    # ------------------------------------------------------------------------------------ models
+    @property
+    def models(self) -> list[dict]:
+        """Every model entry (from the index, read in full once: selection reads less, see ``model_entries``)."""
+        if self._models is None:
+            self._models = idx.table_to_models(idx.read_table(self.load_index(), self.index_url))
+        return self._models
+
+    @models.setter
+    def models(self, value: list[dict]) -> None:
+        self._models = value
+
+    @property
+    def index_url(self) -> str:
+        return self.file_url(self.index["path"]) if self.index else ""
+
+    def load_index(self) -> bytes:
+        """The model index's bytes, checked against the manifest once (DataError naming it when damaged)."""
+        if self._index_data is None:
+            assert self.index is not None, "load_index on a manifest without a model index"
+            self._index_data = idx.load_index(self.url, self.index)
+        return self._index_data
+
+    def model_ids(self, zoo: str, split: str) -> list[str]:
+        """Sorted ids of the models of one zoo and split."""
+        if self._models is not None:
+            return sorted(m["model_id"] for m in self._models if m["zoo"] == zoo and m["split"] == split)
+        return idx.model_ids(self.load_index(), self.index_url, zoo, split)
+
+    def model_entries(self, zoo: str, split: str, model_ids: Sequence[str] | None = None) -> list[dict]:
+        """Entries of one zoo and split (only ``model_ids`` when given), sorted by model id."""
+        if self._models is not None:
+            wanted = set(model_ids) if model_ids is not None else None
+            found = [m for m in self._models if m["zoo"] == zoo and m["split"] == split
+                     and (wanted is None or m["model_id"] in wanted)]
+        else:
+            found = idx.table_to_models(idx.read_table(self.load_index(), self.index_url, zoos=[zoo], split=split,
+                                                       model_ids=model_ids))
+        return sorted(found, key=lambda m: m["model_id"])
+
+    # ------------------------------------------------------------------------------------ layouts
     def layout(self, layout_id: str) -> TokenLayout:
         if layout_id not in self.layouts:
             raise DataError(f"layout {layout_id!r} is not in the shard manifest at '{self.url}'; known: "
@@ -80,9 +136,13 @@ class Manifest:
         return storage.join(self.url, path)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("url")
+        """manifest.json's content: the index entry when there is one, else the schema 1 inline models."""
+        d = {k: getattr(self, k) for k in _FIELDS}
         d["weight_threshold"] = _json_float(self.weight_threshold)
+        if self.index is not None:
+            d.update(schema_version=SCHEMA_VERSION, index=self.index)
+        else:
+            d.update(schema_version=1, models=self.models)
         return d
 
     @classmethod
@@ -92,13 +152,16 @@ class Manifest:
             raise DataError(f"shard manifest '{storage.join(url, MANIFEST)}' has schema_version {version}, newer than "
                             f"this mzsane understands ({SCHEMA_VERSION}); upgrade mzsane or rebuild the shards")
         try:
-            kwargs = {k: d[k] for k in ("tokensize", "include_bn", "include_running_stats", "encoding",
-                                        "compression", "layouts", "zoos", "models", "files", "skipped")}
+            kwargs = {k: d[k] for k in _FIELDS}
+            index = d.get("index")
+            models = d["models"] if index is None else None
+            if index is not None and not all(k in index for k in ("path", "num_rows", "num_bytes", "sha256")):
+                raise KeyError("index")
         except (KeyError, TypeError):
             raise DataError(f"shard manifest '{storage.join(url, MANIFEST)}' is incomplete; rebuild the shards "
                             f"with `mzsane shards build`") from None
         return cls(url=url, weight_threshold=float(d.get("weight_threshold", math.inf)),
-                   schema_version=version, **kwargs)
+                   schema_version=version, models=models, index=index, **kwargs)
 
 
 def _json_float(x: float) -> float | str:
@@ -113,8 +176,9 @@ def settings_of(tokens_cfg: Any, encoding: str, compression: str) -> dict:
             "compression": compression}
 
 
-def read_manifest(url: str) -> Manifest:
-    """Load ``{url}/manifest.json``; DataError when it is absent, incomplete or from a newer schema."""
+def read_manifest(url: str, check_index: bool = True) -> Manifest:
+    """Load ``{url}/manifest.json`` and its model index; DataError when either is absent, damaged, incomplete
+    or from a newer schema. ``check_index=False`` leaves the index unread until used (``shards verify``)."""
     murl = storage.join(url, MANIFEST)
     try:
         data = storage.read_json(murl)
@@ -123,7 +187,10 @@ def read_manifest(url: str) -> Manifest:
             raise DataError(f"no shard dataset at '{url}' (manifest.json missing); build it with "
                             f"`mzsane shards build ZOOS... --out {url}`") from None
         raise
-    return Manifest.from_dict(data, url)
+    manifest = Manifest.from_dict(data, url)
+    if check_index and manifest.index is not None:
+        manifest.load_index()
+    return manifest
 
 
 def read_parts(url: str) -> dict[str, dict]:
@@ -158,40 +225,60 @@ def merge_parts(url: str, parts: dict[str, dict]) -> Manifest:
 
 
 def write_manifest(manifest: Manifest) -> None:
+    """Commit a dataset: its model index first (a new file, named by its hash), then manifest.json, then the
+    index files no longer referenced (the previous manifest's, or a dead build's)."""
+    if manifest.index is None or manifest._models is not None:
+        manifest.index = idx.write_index(manifest.url, manifest.models)
     storage.write_json(storage.join(manifest.url, MANIFEST), manifest.to_dict())
+    folder = storage.join(manifest.url, idx.INDEX_DIR)
+    for name in storage.listdir(folder):
+        if f"{idx.INDEX_DIR}/{name}" != manifest.index["path"] and name.startswith("models-"):
+            storage.remove(storage.join(folder, name))
 
 
 def summary(manifest: Manifest) -> dict:
-    """What `mzsane shards info` prints: zoos, models, tokens, bytes and splits."""
+    """What `mzsane shards info` prints: zoos, models, tokens, bytes and splits (counted column-wise from a
+    model index: a 10^6-row dataset is summarised without building 10^6 model entries)."""
     splits = dict.fromkeys(SPLITS, 0)
     zoos = {}
+    per_epoch = _rows_per_epoch(manifest)
     for zoo, info in sorted(manifest.zoos.items()):
         zoo_bytes = sum(f["num_bytes"] for f in manifest.files if f["zoo"] == zoo)
         zoos[zoo] = {"dataset": info["dataset"], "architecture": info["architecture"],
                      "models": info["num_models"], "checkpoints": info["num_rows"], "splits": info["splits"],
                      "tokens_per_checkpoint": info["num_tokens"], "bytes": zoo_bytes,
                      "bytes_per_model": zoo_bytes // max(info["num_models"], 1),
-                     "rows_per_epoch": _rows_per_epoch(manifest, zoo)}
+                     "rows_per_epoch": per_epoch.get(zoo, {})}
         for s, n in info["splits"].items():
             splits[s] = splits.get(s, 0) + n
+    rows_per_zoo = {z: sum(sum(c.values()) for c in e.values()) for z, e in per_epoch.items()}
     return {"url": manifest.url, "schema_version": manifest.schema_version, "tokensize": manifest.tokensize,
             "encoding": f"{manifest.encoding}+{manifest.compression}", "zoos": zoos,
-            "models": len(manifest.models), "checkpoints": sum(f["num_rows"] for f in manifest.files),
-            "tokens": sum(manifest.zoos[m["zoo"]]["num_tokens"] * len(m["epochs"]) for m in manifest.models),
+            "models": sum(int(info["num_models"]) for info in manifest.zoos.values()) if manifest.index
+            else len(manifest.models), "checkpoints": sum(f["num_rows"] for f in manifest.files),
+            "tokens": sum(manifest.zoos[z]["num_tokens"] * n for z, n in rows_per_zoo.items()),
             "bytes": sum(f["num_bytes"] for f in manifest.files), "files": len(manifest.files),
             "splits_models": splits, "skipped_checkpoints": len(manifest.skipped),
             "max_positions": manifest.max_positions}
 
 
-def _rows_per_epoch(manifest: Manifest, zoo: str) -> dict[str, dict[str, int]]:
-    """Checkpoints of one zoo per saved epoch and split, so ``data.epochs`` can be chosen knowingly."""
-    out: dict[str, dict[str, int]] = {}
-    for m in manifest.models:
-        if m["zoo"] == zoo:
+def _rows_per_epoch(manifest: Manifest) -> dict[str, dict[str, dict[str, int]]]:
+    """Checkpoints per zoo, saved epoch and split, so ``data.epochs`` can be chosen knowingly."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+
+    def add(zoo: str, epoch: int, split: str, n: int) -> None:
+        counts = out.setdefault(zoo, {}).setdefault(str(int(epoch)), dict.fromkeys(SPLITS, 0))
+        counts[split] = counts.get(split, 0) + n
+
+    if manifest.index is not None and manifest._models is None:
+        table = idx.read_table(manifest.load_index(), manifest.index_url, ["zoo", "epoch", "split"])
+        for g in table.group_by(["zoo", "epoch", "split"]).aggregate([([], "count_all")]).to_pylist():
+            add(g["zoo"], g["epoch"], g["split"], g["count_all"])
+    else:
+        for m in manifest.models:
             for e in m["epochs"]:
-                counts = out.setdefault(str(int(e)), dict.fromkeys(SPLITS, 0))
-                counts[m["split"]] = counts.get(m["split"], 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+                add(m["zoo"], e, m["split"], 1)
+    return {z: dict(sorted(e.items(), key=lambda kv: int(kv[0]))) for z, e in out.items()}
 
 
 def size_mismatches(manifest: Manifest) -> list[str]:

@@ -12,8 +12,8 @@ collectives stay in lockstep) and read disjoint row groups except at most one sh
 Integrity: every file's size is compared with the manifest when it is opened (one seek), and Parquet page
 checksums (written since manifests carry ``sha256``) are verified on every page read; a truncated or
 bit-flipped file is a one-line ``DataError`` naming it. ``verify_hash=True`` also hashes each file in full the
-first time this reader opens it; ``mzsane shards verify`` does that for a whole dataset. Manifests written
-before checksums existed (no ``sha256`` entry) are read as before: size checked, no hash.
+first time this reader opens it; ``mzsane shards verify`` does that for a whole dataset and its model index.
+Manifests written before checksums existed (no ``sha256`` entry) are read as before: size checked, no hash.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 
 from mzsane import storage
-from mzsane.errors import DataError, MzsaneError
+from mzsane.errors import DataError, MzsaneError, StoreUnavailableError
+from mzsane.shards.index import check_index
 from mzsane.shards.manifest import Manifest, read_manifest
 from mzsane.shards.schema import table_tokens
 from mzsane.shards.select import RowRef, Selection
@@ -117,6 +118,8 @@ class ShardReader:
         path, group = unit
         try:
             table = self._file(path).read_row_group(group)
+        except StoreUnavailableError:
+            raise  # an outage or revoked credentials, not a damaged file: no "rebuild it" advice
         except (OSError, pa.ArrowException, MzsaneError) as err:  # ArrowInvalid is not an OSError
             raise corrupt(self.manifest.file_url(path), err) from None
         zoo = self.manifest.zoos[refs[0].zoo]
@@ -203,8 +206,9 @@ def _close(parquet_file: pq.ParquetFile, fh: object) -> None:
 
 
 def verify_dataset(url: str) -> dict:
-    """Check every part file of a shard dataset (size, sha256, page checksums); the files that fail, by name."""
-    manifest = read_manifest(url)
+    """Check every part file of a shard dataset and its model index (size, sha256, page checksums); the files
+    that fail, by name. The index is checked here, not by ``read_manifest``, so it is listed like a part file."""
+    manifest = read_manifest(url, check_index=False)
     results, damaged = {}, []
     for entry in manifest.files:
         try:
@@ -212,7 +216,14 @@ def verify_dataset(url: str) -> dict:
         except DataError as err:
             results[entry["path"]] = f"DAMAGED: {err}"
             damaged.append(entry["path"])
-    return {"url": url, "files": len(manifest.files), "damaged": damaged, "results": results}
+    out = {"url": url, "files": len(manifest.files), "damaged": damaged, "results": results}
+    if manifest.index is not None:
+        try:
+            out["index"] = {manifest.index["path"]: check_index(url, manifest.index)}
+        except DataError as err:
+            out["index"] = {manifest.index["path"]: f"DAMAGED: {err}"}
+            damaged.append(manifest.index["path"])
+    return out
 
 
 def verify_cli(args: object) -> dict:
@@ -222,7 +233,8 @@ def verify_cli(args: object) -> dict:
     out = verify_dataset(args.url)  # type: ignore[attr-defined]
     print(json.dumps(out, indent=2, sort_keys=True))
     if out["damaged"]:
-        raise DataError(f"{len(out['damaged'])} of {out['files']} part files of '{out['url']}' are damaged "
+        total = out["files"] + len(out.get("index", {}))
+        raise DataError(f"{len(out['damaged'])} of {total} files of '{out['url']}' are damaged "
                         f"({', '.join(out['damaged'][:3])}); rebuild the dataset")
     return out
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest.json lists no models, a Parquet model index does (index.py); 1 still reads
 ENCODINGS = ("fixed_size_binary", "fixed_size_list", "large_binary")
 DEFAULT_ENCODING = "fixed_size_binary"
 DEFAULT_COMPRESSION = "lz4"

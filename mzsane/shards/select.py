@@ -10,6 +10,10 @@ Why at read time: the paper sweeps 50-300 models over 1-3 zoos; re-sharding for 
 data each time. A selection is computed from the manifest alone and is deterministic in its seed. The
 choice is nested: with the same seed, the N=50 models are a subset of the N=100 models, so a sweep over
 N changes one factor only.
+
+The manifest answers per zoo and split (``Manifest.model_ids``, ``model_entries``): with a Parquet model index
+only the ids are read to draw the models, then only the chosen models' rows, so choosing 1,000 models of a
+10^6-row dataset never materialises the other 999,000.
 """
 from __future__ import annotations
 
@@ -119,15 +123,15 @@ def select(manifest: Manifest, zoos: list[str] | tuple = (), num_models_per_zoo:
                         f"{', '.join(sorted(manifest.zoos))}")
     chosen = []
     for zoo in names:
-        candidates = sorted((m for m in manifest.models if m["zoo"] == zoo and m["split"] == split),
-                            key=lambda m: m["model_id"])
-        if num_models_per_zoo >= 0:
-            if num_models_per_zoo > len(candidates):
-                raise DataError(f"zoo {zoo} has only {len(candidates)} {split} models, {num_models_per_zoo} were "
-                                f"asked for; set data.num_models_per_zoo <= {len(candidates)} or -1 for all")
-            order = np.random.default_rng([int(seed), zlib.crc32(zoo.encode())]).permutation(len(candidates))
-            candidates = sorted((candidates[i] for i in order[:num_models_per_zoo]), key=lambda m: m["model_id"])
-        chosen.extend(candidates)
+        if num_models_per_zoo < 0:
+            chosen.extend(manifest.model_entries(zoo, split))
+            continue
+        ids = manifest.model_ids(zoo, split)  # sorted: the draw depends on the ids alone, not on the format
+        if num_models_per_zoo > len(ids):
+            raise DataError(f"zoo {zoo} has only {len(ids)} {split} models, {num_models_per_zoo} were "
+                            f"asked for; set data.num_models_per_zoo <= {len(ids)} or -1 for all")
+        order = np.random.default_rng([int(seed), zlib.crc32(zoo.encode())]).permutation(len(ids))
+        chosen.extend(manifest.model_entries(zoo, split, [ids[i] for i in order[:num_models_per_zoo]]))
     selection = Selection(split=split, zoos=names, epochs=sorted(int(e) for e in epochs), seed=int(seed),
                           models=chosen, num_tail_epochs=int(num_tail_epochs))
     if chosen and selection.num_rows == 0:

@@ -2,8 +2,9 @@
 
 Resumable by construction: every file is written atomically; a zoo counts as done only once its part
 manifest ``_zoos/{zoo}.json`` exists (written after all its part files), and the dataset ``manifest.json``
-is written last, as the union of the committed zoos. A re-run skips committed zoos, redoes an interrupted
-one (overwriting its orphaned part files), and removes part files no committed zoo references. A failed
+is written last, as the union of the committed zoos, right after the model index it names (index.py). A
+re-run skips committed zoos, redoes an interrupted one (overwriting its orphaned part files), and removes part
+files no committed zoo references. A failed
 build never touches files an earlier manifest references, so earlier data stays readable.
 
 Files never mix zoos or splits; a model's checkpoints are contiguous in one file (see manifest.py), which
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from mzsane import storage
 from mzsane.errors import DataError
 from mzsane.shards import manifest as mf
+from mzsane.shards.index import INDEX_DIR
 from mzsane.shards.schema import (
     DEFAULT_COMPRESSION,
     DEFAULT_ENCODING,
@@ -261,7 +263,8 @@ def _file_entry(part: _PartFile, zoo: str, split: str, out_url: str) -> dict:
 
 def _check_compatible(out_url: str, parts: dict[str, dict], settings: dict) -> None:
     if storage.exists(storage.join(out_url, mf.MANIFEST)):
-        mf.read_manifest(out_url)  # refuses a manifest from a newer schema before anything is written
+        # refuses a manifest from a newer schema before anything is written (a damaged index is rewritten)
+        mf.read_manifest(out_url, check_index=False)
     for zoo, part in parts.items():
         old = part["settings"]
         if int(old["tokensize"]) != settings["tokensize"]:
@@ -285,7 +288,8 @@ def build_shards(zoo_urls: list[str], out_url: str, tokens_cfg: Any, shards_cfg:
     settings = mf.settings_of(tokens_cfg, encoding, compression)
     split_cfg = {"fractions": [float(f) for f in shards_cfg.split_fractions], "seed": int(shards_cfg.split_seed),
                  "epochs": sorted(int(e) for e in shards_cfg.epochs)}
-    for folder in (out_url, storage.join(out_url, mf.PARTS_DIR)):  # temp files of a killed earlier build
+    folders = (out_url, storage.join(out_url, mf.PARTS_DIR), storage.join(out_url, INDEX_DIR))
+    for folder in folders:  # temp files of a killed earlier build
         for name in storage.remove_stale_temps(folder):
             print(f"removed {name}, a partial file of an interrupted build, from {folder}", file=sys.stderr)
     parts = mf.read_parts(out_url)

@@ -50,7 +50,9 @@ def test_training_figures_per_size(quick):
 
 def test_big_manifest_and_projection(quick):
     m = quick["manifest_1e6"]
-    assert m["rows"] == 10_000 and m["selected_rows"] == 700 and m["load_s"] > 0
+    assert m["manifest_rows"] == 10_000 and m["selected_rows"] == 700
+    assert m["manifest_load_s"] >= 0 and m["select_s"] > 0 and m["index_mb"] > 0
+    assert m["json_format"]["same_selection"] and m["json_format"]["manifest_load_s"] > 0
     p = quick["projection"]
     for n in ("1000", "10000"):
         assert p[n]["shard_gb"] > 0 and p[n]["build_h_one_process"] > 0

@@ -22,6 +22,11 @@ class StorageError(MzsaneError):
     """A URL cannot be read or written: missing object, unreachable endpoint, bad credentials."""
 
 
+class StoreUnavailableError(StorageError):
+    """The store itself failed (endpoint unreachable, access denied): the data may be fine, so readers must not
+    call it corrupt, and a retry after the outage may succeed."""
+
+
 class DataError(MzsaneError):
     """A zoo, checkpoint, dataset or shard is missing, corrupt, untrusted or incompatible."""
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import fsspec
 
-from mzsane.errors import StorageError
+from mzsane.errors import StorageError, StoreUnavailableError
 
 ENDPOINT_VARS = ("MZSANE_S3_ENDPOINT", "AWS_ENDPOINT_URL")
 # other ways botocore finds credentials that are legitimate beside an explicit endpoint (profiles, web identity,
@@ -127,10 +127,10 @@ def _translate(err: BaseException, url: str, action: str) -> StorageError:
         return StorageError(f"cannot {action} '{url}': {os.strerror(err.errno).lower()} "
                             f"({err.filename or url}); choose a writable location")
     if any(s in text for s in _S3_ERRORS_UNREACHABLE):
-        return StorageError(f"cannot {action} '{url}': S3 endpoint {where} is unreachable; "
+        return StoreUnavailableError(f"cannot {action} '{url}': S3 endpoint {where} is unreachable; "
                             f"check MZSANE_S3_ENDPOINT and that the server is running")
     if any(s in text for s in _S3_ERRORS_CREDENTIALS) or isinstance(err, PermissionError):
-        return StorageError(f"cannot {action} '{url}': access denied by {where}; "
+        return StoreUnavailableError(f"cannot {action} '{url}': access denied by {where}; "
                             f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     first_line = text.splitlines()[0][:200] if text else type(err).__name__
     return StorageError(f"cannot {action} '{url}': {first_line}")

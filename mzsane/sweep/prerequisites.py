@@ -100,11 +100,8 @@ def _train_models(shards_url: str) -> dict[str, int]:
 
     if not storage.exists(storage.join(shards_url, "manifest.json")):
         return {}
-    counts: dict[str, int] = {}
-    for model in read_manifest(shards_url).models:
-        if model["split"] == "train":
-            counts[model["zoo"]] = counts.get(model["zoo"], 0) + 1
-    return counts
+    manifest = read_manifest(shards_url)  # ids only, from the model index: not every model entry
+    return {zoo: n for zoo in manifest.zoos if (n := len(manifest.model_ids(zoo, "train")))}
 
 
 def ensure(configs: dict[str, Config], log: Callable[[str], None] = print) -> list[str]:

@@ -131,6 +131,17 @@ def test_prerequisites_size_zoos_for_the_train_models_the_points_select(tmp_path
     assert train(n) >= 5 > train(n - 1)
 
 
+def test_prerequisites_count_the_train_models_a_shard_dataset_already_holds(tmp_path):
+    from tests.unit.test_train_loop import make_shards
+
+    assert prerequisites._train_models(str(tmp_path / "none")) == {}
+    url = make_shards(str(tmp_path), num_models=8)  # split 0.75 / 0.25 / 0 by model
+    from mzsane.shards.manifest import read_manifest
+
+    splits = [m["split"] for m in read_manifest(url).models]
+    assert prerequisites._train_models(url) == {"mnist_cnn_s": splits.count("train")} and 0 < splits.count("train") < 8
+
+
 def _write(tmp_path: Path, values: dict) -> str:
     path = tmp_path / f"values-{len(list(tmp_path.iterdir()))}.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -56,15 +56,44 @@ def needs(configs: dict[str, Config]) -> tuple[str, str, dict[str, ZooNeed]]:
 
 def models_for_train(need: int, cfg: Config, zoo: str) -> int:
     """The fewest models a zoo needs so that the shards' seeded split gives it ``need`` train models."""
+    n = max(need, 1)
+    while models_in_train(n, cfg, zoo) < need:
+        n += 1
+    return n
+
+
+def check_anchor_pools(configs: dict[str, Config]) -> None:
+    """Refuse, before anything is built or trained, a point whose held-out anchor pool (target-zoo models outside
+    its backbone's training selection) will hold fewer than ``sample.num_anchors`` models: otherwise the
+    point fails at its sample stage after the whole training. Counted from the zoo size the sweep will build."""
+    _, _, wanted = needs(configs)
+    for point, cfg in configs.items():
+        target = cfg.sample.target_zoo
+        if cfg.sample.anchor_pool != "held_out" or target not in wanted:
+            continue
+        need = wanted[target]
+        zoo_cfg = _zoo_config(need) if need.sharded else None
+        if zoo_cfg is None:
+            continue  # an out-of-distribution target: every model is held out, built at the recipe's size
+        total = zoo_cfg.num_models
+        seen = 0
+        if target in cfg.data.zoos:
+            train = models_in_train(total, cfg, target)
+            seen = train if cfg.data.num_models_per_zoo < 0 else min(int(cfg.data.num_models_per_zoo), train)
+        if total - seen < cfg.sample.num_anchors:
+            raise ConfigError(f"sweep point '{point}': sample.num_anchors={cfg.sample.num_anchors} but only "
+                              f"{total - seen} of {target}'s {total} models stay outside its backbone's training "
+                              f"selection (sample.anchor_pool=held_out); set sample.num_anchors <= {total - seen}, "
+                              "a smaller zoo size, or zoo.num_models larger")
+
+
+def models_in_train(num_models: int, cfg: Config, zoo: str) -> int:
+    """How many of a zoo's first ``num_models`` models the shards' seeded split puts in train."""
     from mzsane.shards.writer import split_models
 
-    n = max(need, 1)
-    while True:
-        split = split_models([f"m{i:05d}" for i in range(n)], list(cfg.shards.split_fractions), cfg.shards.split_seed,
-                             zoo)
-        if sum(1 for s in split.values() if s == "train") >= need:
-            return n
-        n += 1
+    split = split_models([f"m{i:05d}" for i in range(num_models)], list(cfg.shards.split_fractions),
+                         cfg.shards.split_seed, zoo)
+    return sum(1 for s in split.values() if s == "train")
 
 
 def _zoo_models(zoos_url: str, zoo: str) -> int:

@@ -142,6 +142,29 @@ def test_prerequisites_count_the_train_models_a_shard_dataset_already_holds(tmp_
     assert prerequisites._train_models(url) == {"mnist_cnn_s": splits.count("train")} and 0 < splits.count("train") < 8
 
 
+@pytest.mark.parametrize("name", ["smoke", "zoo-size", "composition", "norm-ablation", "grid"])
+def test_every_local_sweep_leaves_its_points_enough_held_out_anchors(tmp_path, name):
+    """Checked before anything is built: a point short of held-out anchors would fail only at sample, after
+    its whole training (jobs/local/norm-ablation.yaml did, with the default 5 anchors of an 8-model zoo)."""
+    files = [str(ROOT / "jobs" / f"{name}.yaml"), str(ROOT / "jobs" / "local" / f"{name}.yaml")]
+
+    def configs(*sets: str) -> dict:
+        return {p.name: local.place(p, str(tmp_path / "data"), str(tmp_path / "s")).cfg
+                for p in rendered_points(chart.render(files, sets=list(sets)))}
+
+    prerequisites.check_anchor_pools(configs())
+    with pytest.raises(ConfigError, match="stay outside its backbone's training selection"):
+        prerequisites.check_anchor_pools(configs("sweep.config.sample.num_anchors=40"))
+
+
+def test_norm_ablation_with_five_anchors_is_refused_with_the_count_that_fits(tmp_path):
+    files = [str(ROOT / "jobs" / "norm-ablation.yaml"), str(ROOT / "jobs" / "local" / "norm-ablation.yaml")]
+    points = rendered_points(chart.render(files, sets=["sweep.config.sample.num_anchors=5"]))
+    with pytest.raises(ConfigError, match=r"num_anchors=5 but only 4 of mnist-resnet_mini's 8 models"):
+        prerequisites.check_anchor_pools({p.name: local.place(p, str(tmp_path), str(tmp_path / "s")).cfg
+                                          for p in points})
+
+
 def _write(tmp_path: Path, values: dict) -> str:
     path = tmp_path / f"values-{len(list(tmp_path.iterdir()))}.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -12,6 +12,7 @@ from mzsane.shards import index as idx
 from mzsane.shards import manifest as mf
 from mzsane.shards.reader import ShardReader, verify_cli, verify_dataset
 from mzsane.shards.select import select
+from tests.unit.test_faults_shards import _one_line
 from tests.unit.test_shards import build, make_zoo
 
 MODELS = [
@@ -22,13 +23,6 @@ MODELS = [
     {"zoo": "zb", "model_id": "m000", "split": "val", "status": "ok", "file": "part-00001.parquet", "row": 0,
      "epochs": [1, 2], "test_acc": [0.5, 0.6], "val_acc": [0.4, 0.45]},
 ]
-
-
-def _one_line(err, *needles):
-    message = str(err.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
 
 
 def test_models_round_trip_through_table_and_storage(root):

@@ -223,15 +223,31 @@ def _add_bench_scale(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="", help="zoo sizes, comma-separated (default 10,100,300; --quick 10,100)")
     p.add_argument("--arch", default="", help="architecture of the synthetic zoo (default resnet18; --quick "
                                               "resnet_mini)")
-    p.add_argument("--steps", type=int, default=0, help="training steps per size (default 30; --quick 4)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per size (default 20; --quick 3)")
     p.add_argument("--s3-max-models", type=int, default=0, help="build S3 shards up to this size (default 100)")
     p.add_argument("--out", default="", help="also write the figures so far to this JSON file after every size")
+
+
+def _interrupt_on_sigterm() -> None:
+    """Turn SIGTERM into the Ctrl-C path for benchmarks.
+
+    Why: a benchmark starts servers that outlive it (``ray start`` daemonizes the loopback cluster's nodes)
+    and fills a scratch folder with tens of GB; Python's default SIGTERM exits without running ``finally``,
+    and a background job started from a non-interactive shell ignores SIGINT, so ``kill`` was the only way
+    to stop one and it left all of that behind."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def _bench(stage: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
         import importlib
 
+        _interrupt_on_sigterm()
         module = importlib.import_module(f"mzsane.bench.{stage}")
         _print_json(module.run(args))
 

@@ -59,3 +59,64 @@ def test_big_manifest_and_projection(quick):
     gpu = p["paper_gpu"]
     assert gpu["tokens_per_s"] > 0 and gpu["assumptions"]["mfu"] == pytest.approx(0.35)
     assert set(quick["checks"]) >= {"train_rss_goal_1_1x", "data_wait_under_1pct", "bytes_per_worker_epoch_le_share"}
+
+
+def _cluster_pids(temp_dir: str) -> list[int]:
+    """Processes of the loopback cluster whose Ray temp dir is ``temp_dir`` (its nodes name it on their
+    command line)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if temp_dir.encode() in fh.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def test_sigterm_stops_the_bench_with_its_cluster_and_scratch(tmp_path):
+    """``kill`` (or a CI timeout) on a running benchmark: it says "interrupted" and exits 130, the loopback
+    Ray cluster it started (daemonized nodes in sessions of their own) is gone, and its scratch folder is
+    removed. Before, SIGTERM ended the process without its ``finally`` and left both behind."""
+    import contextlib
+    import glob
+    import signal
+    import time
+
+    before = set(glob.glob("/tmp/mzray-*"))
+    mzsane = os.path.join(os.path.dirname(sys.executable), "mzsane")
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the benchmark's scratch folder lands here
+    proc = subprocess.Popen([mzsane, "bench", "scale", "--quick"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, temp_dir = time.time() + 300, ""
+        while time.time() < deadline and proc.poll() is None:
+            new = sorted(set(glob.glob("/tmp/mzray-*")) - before)
+            # both nodes up: the worker node's raylet names the head's temp dir too
+            if new and len(_cluster_pids(new[0])) >= 6:
+                temp_dir = new[0]
+                break
+            time.sleep(0.5)
+        assert temp_dir, "the benchmark never started its loopback cluster"
+        time.sleep(3.0)
+        assert glob.glob(os.path.join(str(tmp_path), "mzsane-bench-scale-*")), "no scratch folder to clean up"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, err[-2000:])
+        deadline = time.time() + 30
+        while _cluster_pids(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _cluster_pids(temp_dir), "the loopback Ray cluster outlived its benchmark"
+        assert not os.path.exists(temp_dir)
+        assert not _cluster_pids(str(tmp_path)), "a server of the benchmark (SeaweedFS) outlived it"
+        assert not glob.glob(os.path.join(str(tmp_path), "mzsane-bench-scale-*")), "scratch folder left behind"
+    finally:  # a red run must not leave its cluster running under the rest of the suite
+        for pid in _cluster_pids(temp_dir) + _cluster_pids(str(tmp_path)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

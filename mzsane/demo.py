@@ -122,14 +122,18 @@ def demo(cfg: Config, quick: bool = False, out_url: str = "") -> dict:
     train_zoos = sorted({z for z in SINGLE_ZOOS + MULTI_ZOOS if storage.exists(storage.join(zoos_url, z, "zoo.json"))})
     if OOD_TARGET in train_zoos:
         raise AssertionError("the OOD target must never be sharded for training")
-    stages.run("shards", {**zoo_settings, **_sections(cfg, "tokens", "shards"), "zoos": train_zoos},
-               lambda: build_shards([storage.join(zoos_url, z) for z in train_zoos], shards_url, cfg.tokens,
-                                    cfg.shards, progress=False).max_positions)
+    shard_settings = {**zoo_settings, **_sections(cfg, "tokens", "shards"), "zoos": train_zoos}
+    dataset_positions = stages.run("shards", shard_settings,
+                                   lambda: build_shards([storage.join(zoos_url, z) for z in train_zoos], shards_url,
+                                                        cfg.tokens, cfg.shards, progress=False).max_positions)
 
     runs = {}
     for name, zoos in (("single", SINGLE_ZOOS), ("multi", [z for z in MULTI_ZOOS if z in train_zoos])):
         run_cfg = copy.deepcopy(cfg)
         run_cfg.data.shards_url, run_cfg.data.zoos = shards_url, zoos
+        # both backbones get position tables for every sharded zoo (training sizes them for its own zoos
+        # only): the probe stage encodes all of them with each backbone, the single-zoo one included
+        run_cfg.model.max_positions = list(cfg.model.max_positions or dataset_positions)
         settings = {**_sections(run_cfg, "data", "model", "loss", "augment", "train", "tokens"),
                     "shards_stage": stages.url}
         # same settings -> same run (an interrupted training resumes); changed settings -> a new run

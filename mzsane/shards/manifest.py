@@ -126,6 +126,19 @@ class Manifest:
         sizes = [TokenLayout.from_dict(d).max_positions for d in self.layouts.values()]
         return [max(s[i] for s in sizes) for i in range(3)] if sizes else [0, 0, 0]
 
+    def max_positions_for(self, zoos: Sequence[str] = ()) -> list[int]:
+        """Table sizes covering the layouts of ``zoos`` only (every layout when empty).
+
+        Why: a backbone's shape, and with it its seeded initialization, must follow from what it trains on,
+        not from which other zoos were built into the same shard dataset: sized over the whole dataset, an
+        mnist-cnn_s backbone got 490-token tables (48 needed) once a ResNet zoo joined the shards, and the
+        same sweep point no longer reproduced. A backbone meant to encode architectures it never trains on
+        sets ``model.max_positions`` explicitly."""
+        names = list(zoos) or sorted(self.zoos)
+        layout_ids = sorted({self.zoos[z]["layout_id"] for z in names if z in self.zoos})
+        sizes = [self.layout(i).max_positions for i in layout_ids]
+        return [max(s[i] for s in sizes) for i in range(3)] if sizes else [0, 0, 0]
+
     def check_max_positions(self, max_positions: list[int]) -> None:
         """DataError when any layout's positions exceed a model's position tables (empty = sized from here)."""
         if max_positions:

@@ -56,6 +56,18 @@ def two_zoos(root):
     return root, [make_zoo(root, "za", num_models=8), make_zoo(root, "zb", "resnet_mini", num_models=4, seed=1)]
 
 
+def test_max_positions_for_covers_only_the_named_zoos(two_zoos):
+    """A backbone's position tables follow the zoos it trains on, not every zoo of the shard dataset."""
+    root, zoos = two_zoos
+    m = build(zoos, storage.join(root, "shards"))
+    cnn = layout_from_state_dict(build_model("cnn_s").state_dict(), 64).max_positions
+    resnet = layout_from_state_dict(build_model("resnet_mini").state_dict(), 64).max_positions
+    assert m.max_positions_for(["za"]) == list(cnn)
+    assert m.max_positions_for(["zb"]) == list(resnet)
+    assert m.max_positions_for([]) == m.max_positions_for(["za", "zb"]) == m.max_positions
+    assert cnn[0] < resnet[0]
+
+
 def test_build_manifest_splits_by_model_and_info(two_zoos, capsys):
     root, zoos = two_zoos
     out = storage.join(root, "shards")

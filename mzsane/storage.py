@@ -128,10 +128,10 @@ def _translate(err: BaseException, url: str, action: str) -> StorageError:
                             f"({err.filename or url}); choose a writable location")
     if any(s in text for s in _S3_ERRORS_UNREACHABLE):
         return StoreUnavailableError(f"cannot {action} '{url}': S3 endpoint {where} is unreachable; "
-                            f"check MZSANE_S3_ENDPOINT and that the server is running")
+                                     f"check MZSANE_S3_ENDPOINT and that the server is running")
     if any(s in text for s in _S3_ERRORS_CREDENTIALS) or isinstance(err, PermissionError):
         return StoreUnavailableError(f"cannot {action} '{url}': access denied by {where}; "
-                            f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+                                     f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     first_line = text.splitlines()[0][:200] if text else type(err).__name__
     return StorageError(f"cannot {action} '{url}': {first_line}")
 

@@ -123,8 +123,7 @@ class Manifest:
     @property
     def max_positions(self) -> list[int]:
         """Embedding-table sizes [tokens, layers, rows] covering every layout (each = max index + 1)."""
-        sizes = [TokenLayout.from_dict(d).max_positions for d in self.layouts.values()]
-        return [max(s[i] for s in sizes) for i in range(3)] if sizes else [0, 0, 0]
+        return self.max_positions_for(())
 
     def max_positions_for(self, zoos: Sequence[str] = ()) -> list[int]:
         """Table sizes covering the layouts of ``zoos`` only (every layout when empty).

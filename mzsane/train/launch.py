@@ -62,7 +62,7 @@ def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
 
     _, manifest, _, _ = open_selection(cfg, cfg.cluster.num_workers)
     if not cfg.model.max_positions:
-        cfg.model.max_positions = [int(m) for m in manifest.max_positions]
+        cfg.model.max_positions = [int(m) for m in manifest.max_positions_for(cfg.data.zoos)]
     latest = ckpt.latest_checkpoint_url(run_url)
     if latest is not None:
         saved_cfg = config_mod.loads(storage.read_text(storage.join(latest, ckpt.CONFIG_FILE)))

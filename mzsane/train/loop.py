@@ -338,7 +338,7 @@ def build_parts(cfg: Config, ctx: TrainContext) -> Parts:
     resolved.train.num_steps = budget.num_steps  # the OneCycle schedule spans exactly the budget
     exposure = Exposure()
     if not resolved.model.max_positions:
-        resolved.model.max_positions = [int(m) for m in manifest.max_positions]
+        resolved.model.max_positions = [int(m) for m in manifest.max_positions_for(cfg.data.zoos)]
     augmenter = stream.augmenter  # the stream cut the windows and view 2's gather; make_views adds the noise
     model = SANE(resolved.model, cfg.tokens.tokensize, resolved.model.max_positions,
                  generator=torch.Generator().manual_seed(cfg.train.seed))

@@ -286,3 +286,33 @@ def test_sane_tiny_loss_falls(tmp_path):
     _, _, saved = ckpt.load(ckpt.latest_checkpoint_url(run))
     assert saved.model.max_positions and all(m > 0 for m in saved.model.max_positions)
 
+
+def test_backbone_tables_follow_the_selected_zoos_not_the_whole_dataset(tmp_path):
+    """Training on one zoo of a two-architecture shard dataset sizes the position tables for that zoo: adding
+    a ResNet zoo to shared shards must not change (and re-seed) a cnn_s backbone. Both call sites: the local
+    loop and the Ray driver's config resolution."""
+    from mzsane import storage
+    from mzsane.shards import writer
+    from mzsane.shards.manifest import read_manifest
+    from mzsane.train import launch
+    from tests.unit.test_shards import make_zoo
+
+    cfg = presets.tiny()
+    cfg.metrics.enabled = False
+    cfg.storage.root = str(tmp_path)
+    zoos = [make_zoo(str(tmp_path / "zoos"), "za", num_models=6), make_zoo(str(tmp_path / "zoos"), "zb",
+                                                                             "resnet_mini", num_models=4, seed=1)]
+    shards = storage.join(str(tmp_path), "shards", "default")
+    writer.build_shards(zoos, shards, cfg.tokens, cfg.shards, progress=False)
+    manifest = read_manifest(shards)
+    want = manifest.max_positions_for(["za"])
+    assert want != manifest.max_positions  # the dataset's tables are the ResNet's
+    cfg.data.zoos = ["za"]
+    cfg.train.num_steps = cfg.train.eval_every_n_steps = cfg.train.checkpoint_every_n_steps = 2
+    run = str(tmp_path / "runs" / "r")
+    train_loop(cfg, LocalContext(run), run)
+    _, _, saved = ckpt.load(ckpt.latest_checkpoint_url(run))
+    assert saved.model.max_positions == want
+    cfg.run_name = "r2"
+    resolved, _ = launch.prepare(cfg)  # what a Ray run's driver resolves before any worker starts
+    assert resolved.model.max_positions == want

@@ -422,6 +422,30 @@ def remove(url: str, recursive: bool = False) -> None:
     with _errors(url, "remove"):
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
+        if recursive and scheme(url) in ("s3", "s3a"):
+            _remove_folder_markers(fs, path)
+
+
+def _remove_folder_markers(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete the ``folder/`` marker objects a recursive ``rm`` leaves behind, deepest first.
+
+    Why: pyarrow's S3 filesystem (which Ray Train uploads checkpoints with) writes a marker per folder, and on
+    filer-backed stores such as SeaweedFS s3fs's recursive delete removes the files but not those markers, so
+    a pruned Ray checkpoint stayed listed as an empty ``checkpoint_*`` folder beside the kept ones."""
+    def folders(prefix: str) -> list[str]:
+        found = []
+        for entry in fs.ls(prefix, detail=True, refresh=True):
+            name = str(entry["name"]).rstrip("/")
+            if entry.get("type") == "directory" and name != prefix:
+                found += folders(name) + [name]
+        return found
+
+    if not fs.exists(path):
+        return
+    for folder in [*folders(path), path]:
+        bucket, _, key = folder.partition("/")
+        if key:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key.rstrip("/") + "/")
 
 
 def makedirs(url: str) -> None:

@@ -146,7 +146,7 @@ class LossConfig:
     norm_mode: str = param("token", choices=("batch", "token", "token_unmasked", "layer", "none"))
     std_eps: float = param(1e-4, exclusive_min=0.0)
     temperature: float = param(0.1, exclusive_min=0.0)
-    min_valid_per_token: int = param(3, min=1)  # token-mode: fewer valid entries (BN tokens) use their layer's stats
+    min_valid_per_token: int = param(3, min=1)  # token mode: fewer valid entries (BN tokens): per-entry layer stats
 
 
 @dataclass

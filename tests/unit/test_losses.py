@@ -34,8 +34,9 @@ def _batch(seed=0, B=3, T=5, D=6):
 
 def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
     """Loops over entries; the statistic of a token is the first usable (>= min_valid values, std >= eps) of:
-    token mode: the token, its layer in its sample, its layer over the batch, the batch; layer mode: the same
-    without the token; token_unmasked: the token over all D entries (padding included), else the batch."""
+    token mode: the token, else per entry the same column of its layer in its sample, over the batch, then its
+    layer in its sample, its layer over the batch, the batch; layer mode: the layer chain alone; token_unmasked:
+    the token over all D entries (padding included), else the batch."""
     p, t, m = pred.numpy(), target.numpy(), mask.numpy()
     B, T, D = p.shape
     vals = [t[b, i, d] for b in range(B) for i in range(T) for d in range(D) if m[b, i, d]]
@@ -46,6 +47,10 @@ def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
             entries = [t[b, i, d] for d in range(D) if m[b, i, d]]
             for key in (("token", b, i), ("sample_layer", b, int(layer[b, i])), ("layer", int(layer[b, i]))):
                 groups.setdefault(key, []).extend(entries)
+            for d in range(D):  # the same entry across the layer's tokens (token mode's per-entry fallback)
+                if m[b, i, d]:
+                    groups.setdefault(("sample_layer_col", b, int(layer[b, i]), d), []).append(t[b, i, d])
+                    groups.setdefault(("layer_col", int(layer[b, i]), d), []).append(t[b, i, d])
 
     def usable(values):
         return len(values) >= min_valid and float(np.std(values)) >= EPS
@@ -68,7 +73,13 @@ def _hand_loss(pred, target, mask, mode, layer=None, min_valid=3):
                 s = (float(np.std(first)) if first is not None else batch_std) + EPS
             for d in range(D):
                 if m[b, i, d]:
-                    total += ((p[b, i, d] - t[b, i, d]) / s) ** 2
+                    s_d = s
+                    if mode == "token" and not usable(groups[("token", b, i)]):
+                        entry_chain = [("sample_layer_col", b, int(layer[b, i]), d),
+                                       ("layer_col", int(layer[b, i]), d), *chain[1:]]
+                        first = next((groups[k] for k in entry_chain if usable(groups[k])), None)
+                        s_d = (float(np.std(first)) if first is not None else batch_std) + EPS
+                    total += ((p[b, i, d] - t[b, i, d]) / s_d) ** 2
                     count += 1
     return total / count
 
@@ -97,24 +108,39 @@ def _conv_and_bn_batch(B=4, T=6, D=8):
     return target, mask, layer
 
 
-def test_bn_tokens_get_their_own_layers_statistics_not_the_batchs():
+def test_bn_tokens_get_per_entry_statistics_of_their_layer_not_the_batchs():
+    """A BN token's weight is measured against the other channels' weights, its bias against their biases: the
+    pooled statistic of both (weight ~1, bias ~0) is the offset between them (~0.5), 5-25x the real spread."""
     target, mask, layer = _conv_and_bn_batch()
     scale = normalization_scale(target, mask, "token", EPS, layer_BT=layer, min_valid_per_token=3)
+    assert scale.shape == target.shape
     for b in range(target.shape[0]):
-        bn_values = target[b, 3:, :2].reshape(-1)
-        expected = bn_values.std(unbiased=False) + EPS  # own layer, own sample: 6 values
-        assert torch.allclose(scale[b, 3:], expected.expand(3), rtol=1e-12)
-        for i in range(3):  # conv tokens: their own statistics
-            assert scale[b, i].item() == pytest.approx(target[b, i].std(unbiased=False).item() + EPS, rel=1e-12)
+        for d in (0, 1):  # weight column, bias column: own layer, own sample, 3 values each
+            expected = target[b, 3:, d].std(unbiased=False) + EPS
+            assert torch.allclose(scale[b, 3:, d], expected.expand(3), rtol=1e-12)
+        pooled = target[b, 3:, :2].reshape(-1).std(unbiased=False)
+        assert (scale[b, 3:, :2] < pooled / 4).all()  # not the pooled (layer) statistic
+        for i in range(3):  # conv tokens: their own statistics, for every entry
+            own = target[b, i].std(unbiased=False).item() + EPS
+            assert torch.allclose(scale[b, i], torch.full((target.shape[-1],), own, dtype=scale.dtype), rtol=1e-12)
     batch_std = target[mask].std(unbiased=False)
-    assert not torch.allclose(scale[:, 3:], batch_std + EPS)
+    assert not torch.allclose(scale[:, 3:, :2], batch_std + EPS)
 
 
-def test_a_layer_too_small_in_its_sample_uses_the_layer_over_the_batch():
-    target, mask, layer = _conv_and_bn_batch(T=4)  # one BN token per sample: 2 values < 3
+def test_layer_mode_keeps_the_pooled_layer_statistic_for_bn_tokens():
+    target, mask, layer = _conv_and_bn_batch()
+    scale = normalization_scale(target, mask, "layer", EPS, layer_BT=layer, min_valid_per_token=3)
+    for b in range(target.shape[0]):
+        expected = target[b, 3:, :2].reshape(-1).std(unbiased=False) + EPS  # own layer, own sample: 6 values
+        assert torch.allclose(scale[b, 3:], expected.expand(3), rtol=1e-12)
+
+
+def test_a_layer_too_small_in_its_sample_uses_the_same_entry_over_the_batch():
+    target, mask, layer = _conv_and_bn_batch(T=4)  # one BN token per sample: 1 value per column < 3
     scale = normalization_scale(target, mask, "token", EPS, layer_BT=layer, min_valid_per_token=3)
-    expected = target[:, 3, :2].reshape(-1).std(unbiased=False) + EPS  # BN layer over the 4 samples
-    assert torch.allclose(scale[:, 3], expected.expand(4), rtol=1e-12)
+    for d in (0, 1):
+        expected = target[:, 3, d].std(unbiased=False) + EPS  # BN column over the 4 samples
+        assert torch.allclose(scale[:, 3, d], expected.expand(4), rtol=1e-12)
 
 
 def test_unmasked_token_mode_counts_the_padding():
@@ -122,8 +148,8 @@ def test_unmasked_token_mode_counts_the_padding():
     masked = normalization_scale(target, mask, "token", EPS, layer_BT=layer)
     unmasked = normalization_scale(target, mask, "token_unmasked", EPS, layer_BT=layer)
     assert torch.allclose(unmasked[0, 3], target[0, 3].std(unbiased=False) + EPS)  # 2 values among 6 zeros
-    assert torch.allclose(unmasked[:, :3], masked[:, :3])  # full tokens: no difference
-    assert not torch.allclose(unmasked[:, 3:], masked[:, 3:])
+    assert torch.allclose(unmasked[:, :3, None].expand_as(masked[:, :3]), masked[:, :3])  # full tokens: the same
+    assert not torch.allclose(unmasked[:, 3:, None].expand_as(masked[:, 3:]), masked[:, 3:])
 
 
 def test_batch_mode_is_masked_mse_over_squared_std_plus_eps():

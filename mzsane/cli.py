@@ -225,6 +225,9 @@ def _add_bench_scale(p: argparse.ArgumentParser) -> None:
                                               "resnet_mini)")
     p.add_argument("--steps", type=int, default=0, help="training steps per size (default 20; --quick 3)")
     p.add_argument("--s3-max-models", type=int, default=0, help="build S3 shards up to this size (default 100)")
+    p.add_argument("--zoo-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="precision the synthetic zoo's checkpoints are stored in (shards are float32 either way); "
+                        "float16 halves the zoo's disk: 1,000 ResNet-18s are 22 GB instead of 45")
     p.add_argument("--out", default="", help="also write the figures so far to this JSON file after every size")
 
 

@@ -259,8 +259,10 @@ def run(args: Any) -> dict[str, Any]:
     s3_max = int(getattr(args, "s3_max_models", 0) or (min(sizes) if quick else 100))
     steps = int(getattr(args, "steps", 0) or (3 if quick else 20))
     parallel_at = min(sizes) if quick else (100 if 100 in sizes else max(sizes))
+    zoo_dtype = getattr(args, "zoo_dtype", "") or "float32"
     cfg = config_mod.Config()
     result: dict[str, Any] = {"architecture": arch, "sizes": sizes, "cpus": os.cpu_count(), "steps": steps,
+                              "zoo_dtype": zoo_dtype,
                               "preset": "default", "windows_per_row": cfg.data.windows_per_row,
                               "shuffle_buffer_windows": cfg.data.shuffle_buffer,
                               "buffer_mb_windows": round(cfg.data.shuffle_buffer * 2 * cfg.data.window_size
@@ -279,7 +281,7 @@ def run(args: Any) -> dict[str, Any]:
         zoos = [os.path.join(scratch, "zoos", half) for half in ("synth_a", "synth_b")]
         for n in sizes:
             halves = [n // 2, n - n // 2]
-            made = [write_synthetic_zoo(z, k, arch=arch, seed=i, zoo=os.path.basename(z))
+            made = [write_synthetic_zoo(z, k, arch=arch, seed=i, zoo=os.path.basename(z), dtype=zoo_dtype)
                     for i, (z, k) in enumerate(zip(zoos, halves))]
             zoo_bytes = sum(m["bytes"] for m in made)
             result["zoo"].append({"models": n, "write_s": round(sum(m["write_s"] for m in made), 2),

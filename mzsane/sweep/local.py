@@ -363,8 +363,9 @@ def run(values: list[str], sets: list[str] | None = None, address: str = "", sto
             raise ClusterError(f"point '{widest.name}' needs {widest.cpus} CPUs (cluster.num_workers x "
                                f"cpus_per_worker) but this machine has {cpus}; lower worker.replicas or "
                                "worker.resources.cpu, or pass --address")
-        prerequisites.check_anchor_pools({p.name: p.cfg for p in todo})
-        prerequisites.ensure({p.name: p.cfg for p in todo}, log=lambda s: log(f"prerequisites: {s}"))
+        extra = {p.name: p.rendered.extra_target_zoos for p in todo}
+        prerequisites.check_anchor_pools({p.name: p.cfg for p in todo}, extra)
+        prerequisites.ensure({p.name: p.cfg for p in todo}, log=lambda s: log(f"prerequisites: {s}"), extra_targets=extra)
         bin_dir = os.path.dirname(sys.executable)
         with _ray(address, cpus, todo[0].cfg.cluster.node_ip) as (ray_address, capacity):
             if widest.cpus > capacity:

@@ -45,6 +45,7 @@ class RenderedPoint:
     files: dict[str, str]  # the ConfigMap's data
     overrides: dict[str, Any] = field(default_factory=dict)  # overrides.yaml, parsed
     preset: str = "default"
+    extra_target_zoos: list[str] = field(default_factory=list)  # sampled and evaluated after the first target
 
     @property
     def digest(self) -> str:
@@ -114,7 +115,8 @@ def rendered_points(objects: list[dict[str, Any]]) -> list[RenderedPoint]:
             sweep=labels.get(SWEEP_LABEL, record.get("sweep", "")), name=labels.get(POINT_LABEL, meta["name"]),
             job=meta["name"], results_url=annotations.get(RESULTS_ANNOTATION, ""),
             entrypoint=str(job["spec"]["entrypoint"]), mount_path=mount, files=files,
-            overrides=yaml.safe_load(files.get(OVERRIDES_FILE, "")) or {}, preset=str(record.get("preset", "default"))))
+            overrides=yaml.safe_load(files.get(OVERRIDES_FILE, "")) or {}, preset=str(record.get("preset", "default")),
+            extra_target_zoos=[str(z) for z in record.get("extra_target_zoos") or []]))
     return points
 
 

@@ -31,8 +31,15 @@ class ZooNeed:
     cfg: Config | None = None  # the config of the first point needing it: zoo, tokens and shards settings
 
 
-def needs(configs: dict[str, Config]) -> tuple[str, str, dict[str, ZooNeed]]:
-    """(zoos URL, shards URL, zoo -> need) for the points' configs (point name -> its config)."""
+def targets_of(point: str, cfg: Config, extra_targets: dict[str, list[str]] | None = None) -> list[str]:
+    """Every zoo a point samples and evaluates: its ``sample.target_zoo``, then the chart's extraTargetZoos."""
+    return list(dict.fromkeys([cfg.sample.target_zoo, *((extra_targets or {}).get(point) or [])]))
+
+
+def needs(configs: dict[str, Config], extra_targets: dict[str, list[str]] | None = None
+          ) -> tuple[str, str, dict[str, ZooNeed]]:
+    """(zoos URL, shards URL, zoo -> need) for the points' configs (point name -> its config; ``extra_targets``:
+    point name -> the further zoos it samples, the chart's ``sweep.extraTargetZoos``)."""
     roots = {storage.absolute(c.storage.root) for c in configs.values()}
     shard_urls = {storage.absolute(c.data.shards_url or storage.join(c.storage.root, "shards", "default"))
                   for c in configs.values()}
@@ -45,7 +52,7 @@ def needs(configs: dict[str, Config]) -> tuple[str, str, dict[str, ZooNeed]]:
         if not cfg.data.zoos:
             raise ConfigError(f"sweep point '{point}' trains on every zoo of the shard dataset (data.zoos empty); "
                               "list its zoos in the sweep's grid so sweep run knows what to build")
-        for zoo in dict.fromkeys([*cfg.data.zoos, cfg.sample.target_zoo]):
+        for zoo in dict.fromkeys([*cfg.data.zoos, *targets_of(point, cfg, extra_targets)]):
             need = out.setdefault(zoo, ZooNeed(zoo, cfg=cfg))
             need.points.append(point)
             if zoo in cfg.data.zoos:
@@ -62,29 +69,30 @@ def models_for_train(need: int, cfg: Config, zoo: str) -> int:
     return n
 
 
-def check_anchor_pools(configs: dict[str, Config]) -> None:
+def check_anchor_pools(configs: dict[str, Config], extra_targets: dict[str, list[str]] | None = None) -> None:
     """Refuse, before anything is built or trained, a point whose held-out anchor pool (target-zoo models outside
     its backbone's training selection) will hold fewer than ``sample.num_anchors`` models: otherwise the
-    point fails at its sample stage after the whole training. Counted from the zoo size the sweep will build."""
-    _, _, wanted = needs(configs)
+    point fails at its sample stage after the whole training. Counted from the zoo size the sweep will build,
+    for every target the point samples."""
+    _, _, wanted = needs(configs, extra_targets)
     for point, cfg in configs.items():
-        target = cfg.sample.target_zoo
-        if cfg.sample.anchor_pool != "held_out" or target not in wanted:
-            continue
-        need = wanted[target]
-        zoo_cfg = _zoo_config(need) if need.sharded else None
-        if zoo_cfg is None:
-            continue  # an out-of-distribution target: every model is held out, built at the recipe's size
-        total = zoo_cfg.num_models
-        seen = 0
-        if target in cfg.data.zoos:
-            train = models_in_train(total, cfg, target)
-            seen = train if cfg.data.num_models_per_zoo < 0 else min(int(cfg.data.num_models_per_zoo), train)
-        if total - seen < cfg.sample.num_anchors:
-            raise ConfigError(f"sweep point '{point}': sample.num_anchors={cfg.sample.num_anchors} but only "
-                              f"{total - seen} of {target}'s {total} models stay outside its backbone's training "
-                              f"selection (sample.anchor_pool=held_out); set sample.num_anchors <= {total - seen}, "
-                              "a smaller zoo size, or zoo.num_models larger")
+        for target in targets_of(point, cfg, extra_targets):
+            if cfg.sample.anchor_pool != "held_out" or target not in wanted:
+                continue
+            need = wanted[target]
+            zoo_cfg = _zoo_config(need) if need.sharded else None
+            if zoo_cfg is None:
+                continue  # an out-of-distribution target: every model is held out, built at the recipe's size
+            total = zoo_cfg.num_models
+            seen = 0
+            if target in cfg.data.zoos:
+                train = models_in_train(total, cfg, target)
+                seen = train if cfg.data.num_models_per_zoo < 0 else min(int(cfg.data.num_models_per_zoo), train)
+            if total - seen < cfg.sample.num_anchors:
+                raise ConfigError(f"sweep point '{point}': sample.num_anchors={cfg.sample.num_anchors} but only "
+                                  f"{total - seen} of {target}'s {total} models stay outside its backbone's training "
+                                  f"selection (sample.anchor_pool=held_out); set sample.num_anchors <= "
+                                  f"{total - seen}, a smaller zoo size, or zoo.num_models larger")
 
 
 def models_in_train(num_models: int, cfg: Config, zoo: str) -> int:
@@ -133,13 +141,14 @@ def _train_models(shards_url: str) -> dict[str, int]:
     return {zoo: n for zoo in manifest.zoos if (n := len(manifest.model_ids(zoo, "train")))}
 
 
-def ensure(configs: dict[str, Config], log: Callable[[str], None] = print) -> list[str]:
+def ensure(configs: dict[str, Config], log: Callable[[str], None] = print,
+           extra_targets: dict[str, list[str]] | None = None) -> list[str]:
     """Build or grow the zoos and (re-)shard what the points need; returns what was done, one line each."""
     from mzsane.shards import manifest as mf
     from mzsane.shards.writer import build_shards
     from mzsane.zoo.build import build_zoos
 
-    zoos_url, shards_url, wanted = needs(configs)
+    zoos_url, shards_url, wanted = needs(configs, extra_targets)
     done = []
     for need in wanted.values():
         zoo_cfg = _zoo_config(need)

@@ -32,14 +32,15 @@ SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "ancho
                    "random", "finetuned_generated", "finetuned_hypernet", "finetuned_random")
 
 
-def _probe_columns(point_url: str, target_zoo: str) -> dict[str, float]:
-    """The point's probe R^2 / tau for test accuracy on its target zoo (NaN where the probe did not run)."""
+def _probe_columns(point_url: str, target_zoo: str, exact: bool = False) -> dict[str, float]:
+    """The point's probe R^2 / tau for test accuracy on its target zoo (NaN where the probe did not run; with
+    ``exact``, also where it ran on another zoo: the probe stage covers the first target only)."""
     from mzsane.probe.report import point_summary  # torch comes with it: only when a report is made
 
     found = point_summary(point_url)
     name = target_zoo.rstrip("/").rsplit("/", 1)[-1]
     scopes = {k.split("_test_acc_")[0][len("probe_"):] for k in found if "_test_acc_" in k}
-    scope = name if name in scopes else next(iter(sorted(scopes - {"all"})), "")
+    scope = name if name in scopes or exact else next(iter(sorted(scopes - {"all"})), "")
     get = lambda key: float(found.get(f"probe_{scope}_test_acc_{key}", float("nan")))  # noqa: E731
     return {"probe_r2_embedding": get("embedding_r2"), "probe_r2_weight_stats": get("weight_stats_r2"),
             "probe_tau_embedding": get("embedding_tau")}
@@ -66,36 +67,55 @@ def _point_meta(point_url: str, name: str, results: dict[str, Any]) -> dict[str,
             "zoo_size": int(data.get("num_models_per_zoo", -1)), "axes": {}}
 
 
+def _target_results(point_url: str) -> list[tuple[str, bool]]:
+    """(results.json URL, is the first target) of every target a point evaluated: ``evaluate/`` for the first,
+    ``targets/{zoo}/evaluate/`` for each of the chart's ``sweep.extraTargetZoos``."""
+    out = [(storage.join(point_url, "evaluate", "results.json"), True)]
+    extra_root = storage.join(point_url, "targets")
+    for zoo in storage.listdir(extra_root) if storage.isdir(extra_root) else []:
+        url = storage.join(extra_root, zoo, "evaluate", "results.json")
+        if storage.exists(url):
+            out.append((url, False))
+    return out
+
+
 def collect(url: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per (point, method) from ``{url}/{point}/evaluate/results.json``; plus points without results."""
+    """One row per (point, target, method) from ``{url}/{point}/evaluate/results.json`` and each extra target's
+    ``{url}/{point}/targets/{zoo}/evaluate/results.json``; plus points without results."""
     if not storage.isdir(url):
         raise DataError(f"sweep results folder '{url}' does not exist; pass {{storage.root}}/sweeps/{{sweep}}")
     rows, pending = [], []
     for name in storage.listdir(url):
         point_url = storage.join(url, name)
-        results_url = storage.join(point_url, "evaluate", "results.json")
         if not storage.isdir(point_url):
             continue
-        if not storage.exists(results_url):
+        if not storage.exists(storage.join(point_url, "evaluate", "results.json")):
             pending.append(name)
             continue
-        results = storage.read_json(results_url)
-        meta = _point_meta(point_url, name, results)
-        probe = _probe_columns(point_url, str(results.get("target_zoo", "")))
-        setting = {k: v for k, v in meta["axes"].items() if k not in SEED_PATHS}
-        seeds = [meta["axes"][k] for k in SEED_PATHS if k in meta["axes"]]
-        for method in [*results.get("rows", []), *_finetuned(results)]:
-            rows.append({
-                "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
-                "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
-                "axes": ",".join(f"{k}={v}" for k, v in sorted(setting.items())),
-                "seed": ",".join(str(x) for x in dict.fromkeys(seeds)), **probe,
-                "target_zoo": results.get("target_zoo", ""), "dataset": results.get("dataset", ""),
-                "in_distribution": bool(results.get("in_distribution", False)),
-                "method": method.get("method", ""), "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
-                "test_acc_std": float(method.get("test_acc_std", 0.0) or 0.0), "n": int(method.get("n", 0) or 0),
-            })
+        for results_url, first in _target_results(point_url):
+            rows += _rows(point_url, name, storage.read_json(results_url), first)
     return rows, pending
+
+
+def _rows(point_url: str, name: str, results: dict[str, Any], first_target: bool) -> list[dict[str, Any]]:
+    """The rows of one point's evaluation of one target."""
+    rows = []
+    meta = _point_meta(point_url, name, results)
+    probe = _probe_columns(point_url, str(results.get("target_zoo", "")), exact=not first_target)
+    setting = {k: v for k, v in meta["axes"].items() if k not in SEED_PATHS}
+    seeds = [meta["axes"][k] for k in SEED_PATHS if k in meta["axes"]]
+    for method in [*results.get("rows", []), *_finetuned(results)]:
+        rows.append({
+            "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
+            "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
+            "axes": ",".join(f"{k}={v}" for k, v in sorted(setting.items())),
+            "seed": ",".join(str(x) for x in dict.fromkeys(seeds)), **probe,
+            "target_zoo": results.get("target_zoo", ""), "dataset": results.get("dataset", ""),
+            "in_distribution": bool(results.get("in_distribution", False)),
+            "method": method.get("method", ""), "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
+            "test_acc_std": float(method.get("test_acc_std", 0.0) or 0.0), "n": int(method.get("n", 0) or 0),
+        })
+    return rows
 
 
 def _finetuned(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,13 +161,15 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
     """One line per setting: generated (mean +- 95% over seeds) beside its selection pool, its ceiling and
     the selected baselines, the fine-tuned starts (after ``evaluate.finetune_epochs``), plus the probe axis."""
     by: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for row in summary:
-        by.setdefault((row["composition"], row["zoo_size"], row["axes"]), {})[row["method"]] = row
-    head = ["composition", "zoo_size", "axes", "seeds", *SUMMARY_METHODS, "probe R2 emb", "probe R2 wstats"]
+    for row in sorted(summary, key=lambda r: (not r["in_distribution"], r["target_zoo"])):  # ID targets first
+        target = f"{row['target_zoo']} ({'ID' if row['in_distribution'] else 'OOD'})"
+        by.setdefault((target, row["composition"], row["zoo_size"], row["axes"]), {})[row["method"]] = row
+    head = ["target", "composition", "zoo_size", "axes", "seeds", *SUMMARY_METHODS, "probe R2 emb",
+            "probe R2 wstats"]
     cells = []
-    for (composition, size, axes), methods in by.items():
+    for (target, composition, size, axes), methods in by.items():
         gen = methods.get(ZERO_SHOT_METHOD) or next(iter(methods.values()))
-        line = [composition, str(size), axes or "-", str(gen["n_seeds"])]
+        line = [target, composition, str(size), axes or "-", str(gen["n_seeds"])]
         for m in SUMMARY_METHODS:
             r = methods.get(m)
             if r is None:
@@ -180,30 +202,35 @@ def _cell(value: Any) -> str:
 
 def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mean",
           ylabel: str = "zero-shot test accuracy (mean over seeds, 95% CI)") -> bytes:
-    """Figure-3 view: a setting's value vs zoo size, one line per composition (and non-seed axes)."""
+    """Figure-3 view: a setting's value vs zoo size, one line per composition (and non-seed axes), one panel
+    per target zoo (in-distribution targets first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[str, list[dict[str, Any]]] = {}
+    panels: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for row in summary:
-        if row["method"] == ZERO_SHOT_METHOD and row["zoo_size"] > 0:
+        if row["method"] == ZERO_SHOT_METHOD and row["zoo_size"] > 0 and np.isfinite(row[column]):
             label = row["composition"] + (f" ({row['axes']})" if row["axes"] else "")
-            lines.setdefault(label, []).append(row)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for label, points in sorted(lines.items(), key=lambda kv: (kv[1][0]["num_zoos"], kv[0])):
-        points.sort(key=lambda r: r["zoo_size"])
-        yerr = [p["test_acc_ci95"] if column == "test_acc_mean" and np.isfinite(p["test_acc_ci95"]) else 0.0
-                for p in points]
-        ax.errorbar([p["zoo_size"] for p in points], [p[column] for p in points], yerr=yerr, marker="o",
-                    capsize=3, label=label)
-    ax.set_xlabel("zoo size (models per zoo)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if lines:
-        ax.legend(title="composition", fontsize=8)
+            target = (not row["in_distribution"], row["target_zoo"])
+            panels.setdefault(target, {}).setdefault(label, []).append(row)
+    keys = sorted(panels) or [(False, "")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.2), dpi=120, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        lines = panels.get(key, {})
+        for label, points in sorted(lines.items(), key=lambda kv: (kv[1][0]["num_zoos"], kv[0])):
+            points.sort(key=lambda r: r["zoo_size"])
+            yerr = [p["test_acc_ci95"] if column == "test_acc_mean" and np.isfinite(p["test_acc_ci95"]) else 0.0
+                    for p in points]
+            ax.errorbar([p["zoo_size"] for p in points], [p[column] for p in points], yerr=yerr, marker="o",
+                        capsize=3, label=label)
+        ax.set_xlabel("zoo size (models per zoo)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\ntarget {key[1]} ({'OOD' if key[0] else 'ID'})" if key[1] else title)
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(title="composition", fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

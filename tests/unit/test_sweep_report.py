@@ -167,3 +167,31 @@ def test_fine_tuned_starts_are_rows_at_their_last_epoch(tmp_path):
     assert tuned["finetuned_random"]["test_acc_mean"] == pytest.approx(0.7)
     assert tuned["finetuned_random"]["n_seeds"] == 2
     assert "finetuned_generated" in sweep.results.summary_table(result["summary"]).splitlines()[0]
+
+
+def test_extra_targets_are_rows_of_their_own_with_no_borrowed_probe(tmp_path):
+    """{point}/targets/{zoo}/evaluate/results.json (sweep.extraTargetZoos) adds the point's rows for that target:
+    ID and OOD settings stay apart in the summary and the plot, and the probe (run on the first target only)
+    is not attributed to the extra one."""
+    url = _seeded_sweep(str(tmp_path), [0.6, 0.7], probe_r2=0.4)
+    for seed, acc in enumerate([0.40, 0.44]):
+        ood = dict(_results("b", acc), target_zoo="digits-cnn_s", dataset="digits", in_distribution=False)
+        storage.write_json(storage.join(url, f"n8-mnist-{seed}", "targets", "digits-cnn_s", "evaluate",
+                                        "results.json"), ood)
+    result = sweep.report(url)
+    gen = {(r["point"], r["target_zoo"]): r for r in result["rows"] if r["method"] == "generated"}
+    assert gen[("n8-mnist-1", "digits-cnn_s")]["test_acc_mean"] == pytest.approx(0.44)
+    assert gen[("n8-mnist-1", "mnist-cnn_s")]["test_acc_mean"] == pytest.approx(0.7)
+    assert not gen[("n8-mnist-1", "digits-cnn_s")]["in_distribution"]
+    assert gen[("n8-mnist-1", "mnist-cnn_s")]["probe_r2_embedding"] == pytest.approx(0.5)
+    assert gen[("n8-mnist-1", "digits-cnn_s")]["probe_r2_embedding"] != gen[("n8-mnist-1", "digits-cnn_s")][
+        "probe_r2_embedding"]  # NaN: not the first target's probe
+    summary = {r["target_zoo"]: r for r in result["summary"] if r["method"] == "generated"}
+    assert summary["digits-cnn_s"]["test_acc_mean"] == pytest.approx(0.42) and summary["digits-cnn_s"]["n_seeds"] == 2
+    table = sweep.results.summary_table(result["summary"])
+    assert "digits-cnn_s (OOD)" in table and "mnist-cnn_s (ID)" in table
+    assert table.index("mnist-cnn_s (ID)") < table.index("digits-cnn_s (OOD)")
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(storage.read_bytes(result["png"])))
+    assert image.size[0] > 1.8 * image.size[1]  # one panel per target, side by side

@@ -131,6 +131,37 @@ def test_prerequisites_size_zoos_for_the_train_models_the_points_select(tmp_path
     assert train(n) >= 5 > train(n - 1)
 
 
+def test_extra_target_zoos_are_sampled_and_evaluated_by_the_same_backbone_and_built_first(tmp_path):
+    """sweep.extraTargetZoos (e.g. an out-of-distribution target): two more stages per target, results under
+    {point}/targets/{zoo}, the zoo built by the prerequisites, its held-out anchor pool checked too."""
+    extra = _write(tmp_path, {"sweep": {"extraTargetZoos": ["animal_mnist-cnn_s"]}})
+    (point,) = rendered_points(chart.render([*SMOKE, extra]))
+    assert point.extra_target_zoos == ["animal_mnist-cnn_s"]
+    stages = point.stages()
+    assert [stage_name(s) for s in stages] == ["record-point", "train", "sample", "evaluate", "probe", "sample",
+                                               "evaluate"]
+    out = f"{point.results_url}/targets/animal_mnist-cnn_s"
+    zoo = "s3://mzsane/data/zoos/animal_mnist-cnn_s"
+    sample, evaluate = stages[5], stages[6]
+    assert sample[sample.index("--zoo") + 1] == zoo and sample[sample.index("--out") + 1] == out
+    assert sample[sample.index("--backbone") + 1] == stages[2][stages[2].index("--backbone") + 1]  # same backbone
+    assert evaluate[evaluate.index("--samples") + 1] == out and evaluate[evaluate.index("--zoo") + 1] == zoo
+    placed = local.place(point, str(tmp_path / "data"), str(tmp_path / "s"))
+    _, _, needs = prerequisites.needs({point.name: placed.cfg}, {point.name: point.extra_target_zoos})
+    assert "animal_mnist-cnn_s" in needs and not needs["animal_mnist-cnn_s"].sharded
+    assert "animal_mnist-cnn_s" not in prerequisites.needs({point.name: placed.cfg})[2]
+    # an extra target that is also a training zoo is held to the same anchor-pool check as the first one
+    inside = _write(tmp_path, {"sweep": {"extraTargetZoos": ["fashion_mnist-cnn_s"],
+                                         "config": {"sample": {"num_anchors": 40}}}})
+    (point,) = rendered_points(chart.render([*SMOKE, inside]))
+    cfg = local.place(point, str(tmp_path / "data"), str(tmp_path / "s")).cfg
+    cfg.sample.target_zoo = "animal_mnist-cnn_s"  # out of distribution: no pool limit for the first target
+    with pytest.raises(ConfigError, match="fashion_mnist-cnn_s"):
+        prerequisites.check_anchor_pools({point.name: cfg}, {point.name: point.extra_target_zoos})
+    with pytest.raises(ConfigError, match="already sweep.targetZoo"):
+        chart.render([*SMOKE, _write(tmp_path, {"sweep": {"extraTargetZoos": ["mnist-cnn_s"]}})])
+
+
 def test_prerequisites_count_the_train_models_a_shard_dataset_already_holds(tmp_path):
     from tests.unit.test_train_loop import make_shards
 

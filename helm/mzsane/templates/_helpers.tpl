@@ -128,6 +128,9 @@ Checks that the schema cannot express; each failure names the offending value an
 {{- if and (not (empty $grid.zooSizes)) (empty $grid.compositions) -}}
 {{- fail (printf "sweep.grid.zooSizes %v is set but sweep.grid.compositions is empty: give at least one composition, e.g. [{zoos: [%s]}]" $grid.zooSizes $v.sweep.targetZoo) -}}
 {{- end -}}
+{{- if has $v.sweep.targetZoo (default list $v.sweep.extraTargetZoos) -}}
+{{- fail (printf "sweep.extraTargetZoos lists %q, which is already sweep.targetZoo; drop it from extraTargetZoos" $v.sweep.targetZoo) -}}
+{{- end -}}
 {{- $paths := list -}}
 {{- range $grid.axes -}}
 {{- $axisPaths := ternary (include "mzsane.seedPaths" . | fromJsonArray) (list .path) (eq .path "seed") -}}
@@ -466,13 +469,19 @@ probe/probe.json, the sweep report's second axis.
 {{- $zoo := printf "%s/zoos/%s" (trimSuffix "/" $v.storage.root) $v.sweep.targetZoo -}}
 {{- $run := printf "%s/runs/%s" (trimSuffix "/" $v.storage.root) $p.runName -}}
 {{- $cfg := printf "--preset %s --config /etc/mzsane/overrides.yaml" $v.sweep.preset -}}
-{{- list
+{{- $stages := list
       (printf "python -m mzsane.sweep record-point /etc/mzsane/point.json %s" (squote $out))
       (printf "mzsane train %s" $cfg)
       (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $zoo) (squote $out))
       (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $out) (squote $zoo))
-      (printf "mzsane probe --backbone %s --zoo %s --out %s" (squote $run) (squote $v.sweep.targetZoo) (squote (printf "%s/probe" $out)))
-    | join " && " -}}
+      (printf "mzsane probe --backbone %s --zoo %s --out %s" (squote $run) (squote $v.sweep.targetZoo) (squote (printf "%s/probe" $out))) -}}
+{{- range $extra := (default list $v.sweep.extraTargetZoos) -}}
+{{- $xzoo := printf "%s/zoos/%s" (trimSuffix "/" $v.storage.root) $extra -}}
+{{- $xout := printf "%s/targets/%s" $out $extra -}}
+{{- $stages = append $stages (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $xzoo) (squote $xout)) -}}
+{{- $stages = append $stages (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $xout) (squote $xzoo)) -}}
+{{- end -}}
+{{- join " && " $stages -}}
 {{- end -}}
 
 {{/* The one target-label scheme of every scrape path (also in deploy/prometheus/). */}}

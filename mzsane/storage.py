@@ -437,7 +437,7 @@ def _remove_folder_markers(fs: fsspec.AbstractFileSystem, path: str) -> None:
         for entry in fs.ls(prefix, detail=True, refresh=True):
             name = str(entry["name"]).rstrip("/")
             if entry.get("type") == "directory" and name != prefix:
-                found += folders(name) + [name]
+                found += [*folders(name), name]
         return found
 
     if not fs.exists(path):

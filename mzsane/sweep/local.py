@@ -365,7 +365,8 @@ def run(values: list[str], sets: list[str] | None = None, address: str = "", sto
                                "worker.resources.cpu, or pass --address")
         extra = {p.name: p.rendered.extra_target_zoos for p in todo}
         prerequisites.check_anchor_pools({p.name: p.cfg for p in todo}, extra)
-        prerequisites.ensure({p.name: p.cfg for p in todo}, log=lambda s: log(f"prerequisites: {s}"), extra_targets=extra)
+        prerequisites.ensure({p.name: p.cfg for p in todo}, log=lambda s: log(f"prerequisites: {s}"),
+                             extra_targets=extra)
         bin_dir = os.path.dirname(sys.executable)
         with _ray(address, cpus, todo[0].cfg.cluster.node_ip) as (ray_address, capacity):
             if widest.cpus > capacity:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from mzsane.bench.synthzoo import write_synthetic_zoo
-from mzsane.shards.manifest import read_manifest
 from mzsane.config import Config
+from mzsane.shards.manifest import read_manifest
 from mzsane.shards.reader import ShardReader
 from mzsane.shards.select import select
 from mzsane.shards.writer import build_shards

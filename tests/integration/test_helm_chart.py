@@ -279,8 +279,8 @@ def test_good_values_at_the_schema_edges_render():
 def test_sweep_render_goes_through_helm(tmp_path):
     objs = sweep.render([str(ROOT / "jobs" / "composition.yaml")], release="r1", namespace="ns1")
     kinds = [o["kind"] for o in objs]
-    assert kinds[:6] == ["ConfigMap"] * 3 + ["RayJob"] * 3
-    assert sorted(kinds[6:]) == ["NetworkPolicy"] * 3 + ["Pod"]  # the Pod is the helm test hook
+    assert kinds[:8] == ["ConfigMap"] * 4 + ["RayJob"] * 4  # one point per composition
+    assert sorted(kinds[8:]) == ["NetworkPolicy"] * 4 + ["Pod"]  # the Pod is the helm test hook
     assert {o["metadata"]["namespace"] for o in objs} == {"ns1"}
     bad = tmp_path / "bad.yaml"
     bad.write_text("sweep: {grid: {zooSizes: [-1]}}\n")

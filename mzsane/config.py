@@ -147,6 +147,9 @@ class LossConfig:
     std_eps: float = param(1e-4, exclusive_min=0.0)
     temperature: float = param(0.1, exclusive_min=0.0)
     min_valid_per_token: int = param(3, min=1)  # token mode: fewer valid entries (BN tokens): per-entry layer stats
+    # how the normalized squared errors are averaged: over every valid entry (a token weighs as many entries as
+    # it has), or per token first (every token weighs the same: BN, first-conv and classifier rows included)
+    reduction: str = param("entry", choices=("entry", "token"))
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """``mzsane bench norm``: the loss-normalization ablation on a ResNet zoo, as numbers and as the Figure-2 plot.
 
-Trains one backbone per ``loss.norm_mode`` (none, layer, token_unmasked, token; same data, seed and budget,
-no Ray) on ``{storage.root}/zoos/mnist-resnet_mini`` (built with the demo recipe when absent), reconstructs
+Trains one backbone per ``loss.norm_mode`` (none, layer, token_unmasked, token, each averaged over valid
+entries, plus layer and token averaged per token first: ``loss.reduction``; same data, seed and budget, no
+Ray) on ``{storage.root}/zoos/mnist-resnet_mini`` (built with the demo recipe when absent), reconstructs
 the zoo's held-out models (never in the backbones' training selection) without noise, and writes
 ``{storage.root}/bench/norm/figure2.png`` (per-layer histograms, original vs reconstructed) and
-``results.json``: per mode the relative error per layer kind (conv, BN weight, BN bias, linear) and the test
-accuracy of the reconstructions after BN re-estimation. Finished runs are reused.
+``results.json``: per variant the relative error per layer kind (conv, BN weight, BN bias, linear) and the
+test accuracy of the reconstructions after BN re-estimation. Finished runs are reused.
 """
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ import time
 from typing import Any
 
 MODES = ("none", "layer", "token_unmasked", "token")
+# (label, loss.norm_mode, loss.reduction): the four statistics averaged over valid entries, and the two masked
+# ones averaged per token first (what token_unmasked does implicitly: its padded std scales a token with n
+# valid entries by ~288/n, so every token weighs about the same)
+VARIANTS = (*((m, m, "entry") for m in MODES), ("layer/token-mean", "layer", "token"),
+            ("token/token-mean", "token", "token"))
 ZOO = "mnist-resnet_mini"
 
 
@@ -64,12 +70,13 @@ def run(args: Any) -> dict:
     epoch = min(max(r.checkpoint_epochs or [e["epoch"] for e in r.epochs]) for r in records)
     reconstructions, originals = {}, None
     dataset = load_dataset(reader.info.dataset)
-    for mode in MODES:
+    for label, mode, reduction in VARIANTS:
         run_cfg = copy.deepcopy(cfg)
-        run_cfg.loss.norm_mode = mode
-        digest = hashlib.sha256(json.dumps([mode, run_cfg.train.num_steps, run_cfg.train.seed, run_cfg.model.d_model],
-                                           sort_keys=True).encode()).hexdigest()[:8]
-        run_cfg.run_name = f"bench-norm-{mode}-{digest}"
+        run_cfg.loss.norm_mode, run_cfg.loss.reduction = mode, reduction
+        key = [mode, run_cfg.train.num_steps, run_cfg.train.seed, run_cfg.model.d_model]
+        key += [reduction] if reduction != "entry" else []  # entry-mean runs keep their earlier names
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+        run_cfg.run_name = f"bench-norm-{mode}{'-' + reduction if reduction != 'entry' else ''}-{digest}"
         run_url = storage.join(cfg.storage.root, "runs", run_cfg.run_name)
         t0 = time.time()
         latest = latest_checkpoint_url(run_url)
@@ -89,9 +96,10 @@ def run(args: Any) -> dict:
                                    cfg.sample.seed)
         accs = [float(a) for _, a in evaluate_models(kwargs, conditioned, dataset.test.x, dataset.test.y, 1000)]
         errors = rec.layer_errors(originals, recon)
-        reconstructions[mode] = recon
-        out["modes"][mode] = {"run": run_url, "train_s": round(train_s, 1), "reconstruct_s": round(time.time() - t0, 1),
-                              "held_out_models": held_out, "rel_error_by_kind": errors["kinds"],
+        reconstructions[label] = recon
+        out["modes"][label] = {"norm_mode": mode, "reduction": reduction, "run": run_url,
+                               "train_s": round(train_s, 1), "reconstruct_s": round(time.time() - t0, 1),
+                               "held_out_models": held_out, "rel_error_by_kind": errors["kinds"],
                               "test_acc_reconstructed": accs, "layers": errors["layers"]}
         del model
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

@@ -133,16 +133,27 @@ def normalization_scale(target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: 
     return torch.where(own_BT[..., None], std_BT[..., None], scale_BTD) + eps
 
 
+REDUCTIONS = ("entry", "token")
+
+
 def reconstruction_loss(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: str,
-                        eps: float, layer_BT: torch.Tensor | None = None, min_valid_per_token: int = 3
-                        ) -> torch.Tensor:
-    """Mean over valid entries of ((pred - target) / s)^2; entries with mask 0 never reach value or gradient."""
+                        eps: float, layer_BT: torch.Tensor | None = None, min_valid_per_token: int = 3,
+                        reduction: str = "entry") -> torch.Tensor:
+    """((pred - target) / s)^2 averaged over valid entries (``entry``), or over each token's valid entries and
+    then over the tokens that have any (``token``: every token weighs the same, however short); entries with
+    mask 0 never reach value or gradient."""
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"loss.reduction '{reduction}' is unknown; use one of {', '.join(REDUCTIONS)}")
     mask_BTD = mask_BTD.bool()
     scale = normalization_scale(target_BTD, mask_BTD, mode, eps, layer_BT, min_valid_per_token)
     if scale.dim() == 2:
         scale = scale[..., None]  # per token; per entry (token mode) is [B, T, D] already
-    err_BTD = torch.where(mask_BTD, (pred_BTD - target_BTD.detach()) / scale, 0.0)
-    return err_BTD.square().sum() / mask_BTD.sum().clamp_min(1)
+    sq_BTD = torch.where(mask_BTD, (pred_BTD - target_BTD.detach()) / scale, 0.0).square()
+    if reduction == "entry":
+        return sq_BTD.sum() / mask_BTD.sum().clamp_min(1)
+    count_BT = mask_BTD.sum(-1)
+    per_token_BT = sq_BTD.sum(-1) / count_BT.clamp_min(1)
+    return per_token_BT.sum() / (count_BT > 0).sum().clamp_min(1)
 
 
 @torch.no_grad()
@@ -217,7 +228,7 @@ def sane_loss(recon_1_BTD: torch.Tensor, recon_2_BTD: torch.Tensor, zp_1_BF: tor
     layer = torch.cat([layer_BT, layer_BT]) if layer_BT is not None else None
     gamma = float(loss_cfg.gamma)
     recon = reconstruction_loss(pred.float(), target.float(), mask, loss_cfg.norm_mode, loss_cfg.std_eps, layer,
-                                loss_cfg.min_valid_per_token)
+                                loss_cfg.min_valid_per_token, loss_cfg.reduction)
     contrast = nt_xent(zp_1_BF, zp_2_BF, loss_cfg.temperature, gather)
     if gamma < 1e-10:
         total = recon

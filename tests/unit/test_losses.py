@@ -271,3 +271,25 @@ def test_r_squared_counts_valid_entries_only():
     assert r_squared(pred, target, mask).item() == pytest.approx(1 - ss_res / ss_tot, rel=1e-10)
     padded_pred = torch.where(mask, pred, 123.0)
     assert r_squared(padded_pred, target, mask).item() == pytest.approx(1 - ss_res / ss_tot, rel=1e-10)
+
+
+def test_token_reduction_weighs_every_token_the_same_however_short():
+    """``reduction=token``: the mean over tokens of each token's mean over its valid entries, so a BN token's 2
+    entries weigh as much as a conv token's 288 (``entry`` weighs them 2:288)."""
+    pred, target, mask, layer = _batch(4)
+    for mode in ("none", "token", "layer"):
+        scale = normalization_scale(target, mask, mode, EPS, layer_BT=layer)
+        scale = scale[..., None] if scale.dim() == 2 else scale
+        sq = torch.where(mask, (pred - target) / scale, 0.0) ** 2
+        per_token = [sq[b, t][mask[b, t]].mean().item() for b in range(sq.shape[0]) for t in range(sq.shape[1])
+                     if mask[b, t].any()]
+        got = reconstruction_loss(pred, target, mask, mode, EPS, layer_BT=layer, reduction="token")
+        assert got.item() == pytest.approx(float(np.mean(per_token)), rel=1e-12)
+        assert got.item() != pytest.approx(reconstruction_loss(pred, target, mask, mode, EPS, layer_BT=layer).item())
+    # padding still never reaches value or gradient
+    p = torch.where(mask, pred, 1e6).requires_grad_()
+    reconstruction_loss(p, torch.where(mask, target, -1e6), mask, "token", EPS, layer_BT=layer,
+                        reduction="token").backward()
+    assert (p.grad[~mask] == 0).all() and torch.isfinite(p.grad).all()
+    with pytest.raises(ConfigError, match="reduction"):
+        reconstruction_loss(pred, target, mask, "token", EPS, layer_BT=layer, reduction="rows")

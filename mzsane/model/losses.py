@@ -25,6 +25,12 @@ through the statistics). Modes (``LossConfig.norm_mode``):
              window; groups too small or constant fall back to the same layer across the batch, then the batch.
 * ``none``   plain masked MSE.
 
+``LossConfig.reduction`` then averages the normalized squared errors over every valid entry (``entry``, the
+default: a token weighs as many entries as it has) or per token first (``token``: every token weighs the
+same). ``token_unmasked`` does the latter implicitly (its padded std scales a token with n valid entries by
+~288/n); done explicitly with masked statistics it hands the loss to the BN tokens (half of a small
+ResNet's tokens) and the conv layers collapse (``mzsane bench norm``), so it is an ablation, not a default.
+
 Shape legend: B batch, T tokens in window, D token width, F projection width, N = 2B rows in NT-Xent.
 """
 from __future__ import annotations

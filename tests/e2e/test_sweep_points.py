@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
 SIZES = (2, 4)  # the zoo of 6 models holds 4 train models
 ZOO = "mnist-cnn_s"
+OOD = "fashion_mnist-cnn_s"  # sweep.extraTargetZoos: sampled and evaluated by every point, never trained on
 
 
 def _build_data(root: str) -> None:
@@ -34,7 +35,7 @@ def _build_data(root: str) -> None:
     from mzsane.zoo.build import build_zoos
 
     cfg = presets.tiny()
-    cfg.zoo.datasets, cfg.zoo.num_models = ["mnist"], 6
+    cfg.zoo.datasets, cfg.zoo.num_models = ["mnist", "fashion_mnist"], 6
     build_zoos(cfg.zoo, storage.join(root, "zoos"), show_progress=False)
     build_shards([storage.join(root, "zoos", ZOO)], storage.join(root, "shards", "default"), cfg.tokens,
                  cfg.shards, progress=False)
@@ -42,7 +43,7 @@ def _build_data(root: str) -> None:
 
 def _values(tmp_path, root: str) -> str:
     values = {
-        "sweep": {"name": "it-sweep", "preset": "tiny", "targetZoo": ZOO,
+        "sweep": {"name": "it-sweep", "preset": "tiny", "targetZoo": ZOO, "extraTargetZoos": [OOD],
                   "grid": {"zooSizes": list(SIZES), "compositions": [{"zoos": [ZOO]}]},
                   # the tiny preset's 20 steps only prove the loop runs; decodable weights need a (small) fit
                   "config": {"zoo": {"num_models": 6}, "model": {"d_model": 64, "latent_dim": 16},
@@ -78,7 +79,10 @@ def test_two_point_sweep_runs_on_a_ray_cluster_and_reports(s3_server, ray_cluste
     out = str(tmp_path / "report")
     report = sweep.report(results, out)
     assert not report["pending"]
-    rows = {(r["zoo_size"], r["method"]): r for r in report["rows"]}
+    ood = {(r["zoo_size"], r["method"]): r for r in report["rows"] if r["target_zoo"] == OOD}
+    assert {size for size, method in ood if method == "generated"} == set(SIZES)
+    assert not any(r["in_distribution"] for r in ood.values()) and ood[SIZES[0], "anchors"]["n"] > 0
+    rows = {(r["zoo_size"], r["method"]): r for r in report["rows"] if r["target_zoo"] == ZOO}
     assert sorted(size for size, method in rows if method == "generated") == list(SIZES)
     for size in SIZES:
         generated, anchors, random_init = rows[size, "generated"], rows[size, "anchors"], rows[size, "random"]

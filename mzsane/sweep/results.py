@@ -67,7 +67,7 @@ def _point_meta(point_url: str, name: str, results: dict[str, Any]) -> dict[str,
             "zoo_size": int(data.get("num_models_per_zoo", -1)), "axes": {}}
 
 
-def _target_results(point_url: str) -> list[tuple[str, bool]]:
+def target_results(point_url: str) -> list[tuple[str, bool]]:
     """(results.json URL, is the first target) of every target a point evaluated: ``evaluate/`` for the first,
     ``targets/{zoo}/evaluate/`` for each of the chart's ``sweep.extraTargetZoos``."""
     out = [(storage.join(point_url, "evaluate", "results.json"), True)]
@@ -92,7 +92,7 @@ def collect(url: str) -> tuple[list[dict[str, Any]], list[str]]:
         if not storage.exists(storage.join(point_url, "evaluate", "results.json")):
             pending.append(name)
             continue
-        for results_url, first in _target_results(point_url):
+        for results_url, first in target_results(point_url):
             rows += _rows(point_url, name, storage.read_json(results_url), first)
     return rows, pending
 

@@ -1,0 +1,135 @@
+"""Markdown tables for docs/results.md from finished sweeps (``mzsane sweep run`` or a cluster's results).
+
+Usage: .venv/bin/python docs/results/sweep_tables.py mzsane-data/sweeps/zoo-size [more sweep folders]
+
+Per sweep: the per-setting table of ``mzsane sweep report`` (mean ± 95% t half-width over seeds) for each
+target, the candidate distribution before selection, weight averaging against generation as the soup grows,
+fine-tuned starts, the novelty verdicts and the exposure (passes per zoo) the budget gave.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from mzsane import storage, sweep
+
+COLUMNS = ("generated", "generated_unselected", "reconstruction", "anchors", "anchors_selected", "soup_aligned",
+           "random")
+FINETUNED = ("finetuned_generated", "finetuned_hypernet", "finetuned_random")
+
+
+def _ci(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values))
+    return f"{mean:.3f} ± {half:.3f}"
+
+
+def _setting(row: dict) -> tuple:
+    return (not row["in_distribution"], row["target_zoo"], row["num_zoos"], row["composition"], row["zoo_size"],
+            row["axes"])
+
+
+def _label(key: tuple) -> list[str]:
+    ood, target, _, composition, size, axes = key
+    return [f"{target} ({'OOD' if ood else 'ID'})", composition, str(size), axes or "-"]
+
+
+def per_setting(rows: list[dict], methods: tuple[str, ...]) -> str:
+    by: dict[tuple, dict[str, list[float]]] = {}
+    seeds: dict[tuple, set] = {}
+    for r in rows:
+        by.setdefault(_setting(r), {}).setdefault(r["method"], []).append(r["test_acc_mean"])
+        seeds.setdefault(_setting(r), set()).add(r["seed"])
+    head = ["target", "composition", "zoo size", "axes", "seeds", *methods]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(by):
+        cells = [_ci(by[key].get(m, [])) for m in methods]
+        lines.append("| " + " | ".join([*_label(key), str(len(seeds[key])), *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _results(url: str) -> list[tuple[str, dict]]:
+    out = []
+    for point in storage.listdir(url):
+        for results_url, _ in sweep.results.target_results(storage.join(url, point)):
+            if storage.exists(results_url):
+                out.append((point, storage.read_json(results_url)))
+    return out
+
+
+def details(url: str, rows: list[dict]) -> str:
+    """Candidates before selection, soups vs generation, novelty and exposure, per setting (means over seeds)."""
+    meta = {(r["point"], r["target_zoo"]): _setting(r) for r in rows}
+    acc: dict[tuple, dict[str, list[float]]] = {}
+    verdicts: dict[tuple, list[str]] = {}
+    for point, res in _results(url):
+        key = meta.get((point, res.get("target_zoo", "")))
+        if key is None:
+            continue
+        slot = acc.setdefault(key, {})
+        cand = (res.get("candidates") or {}).get("val_acc") or {}
+        for q in ("mean", "median", "q10", "q90"):
+            if q in cand:
+                slot.setdefault(f"cand_{q}", []).append(float(cand[q]))
+        for s in res.get("soup_curve") or []:
+            slot.setdefault(f"soup{'_aligned' if s['aligned'] else ''}_{s['n']}", []).append(float(s["test_acc"]))
+        nov = ((res.get("novelty") or {}).get("matched") or {})
+        if "median_distance_ratio" in nov:
+            slot.setdefault("distance_ratio", []).append(float(nov["median_distance_ratio"]))
+        if nov.get("verdict"):
+            verdicts.setdefault(key, []).append(str(nov["verdict"]).split(":")[0])
+        for zoo, e in ((res.get("exposure") or {}).get("zoos") or {}).items():
+            slot.setdefault(f"passes {zoo}", []).append(float(e.get("passes", float("nan"))))
+        steps = ((res.get("exposure") or {}).get("budget") or {}).get("num_steps")
+        if steps:
+            slot.setdefault("steps", []).append(float(steps))
+    sizes = sorted({int(k.split("_")[-1]) for v in acc.values() for k in v if k.startswith("soup_aligned_")})
+    head = ["target", "composition", "zoo size", "axes", "steps", "candidates val: mean / median / q10 / q90",
+            *(f"aligned soup of {n}" for n in sizes), "distance ratio (gen→anchor / zoo pairs)", "novelty verdicts"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(acc):
+        slot = acc[key]
+        mean = lambda k: float(np.mean(slot[k])) if slot.get(k) else float("nan")  # noqa: E731
+        cand = " / ".join(f"{mean('cand_' + q):.3f}" for q in ("mean", "median", "q10", "q90"))
+        soups = [_ci(slot.get(f"soup_aligned_{n}", [])) for n in sizes]
+        counts: dict[str, int] = {}
+        for v in verdicts.get(key, []):
+            counts[v] = counts.get(v, 0) + 1
+        lines.append("| " + " | ".join([*_label(key), f"{mean('steps'):.0f}", cand, *soups,
+                                        _ci(slot.get("distance_ratio", [])),
+                                        ", ".join(f"{v} ×{n}" for v, n in sorted(counts.items())) or "-"]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweeps", nargs="+", help="sweep result folders, {storage.root}/sweeps/{sweep}")
+    args = ap.parse_args()
+    for url in args.sweeps:
+        rows, pending = sweep.collect(url)
+        print(f"### {os.path.basename(url.rstrip('/'))}" + (f" (pending: {', '.join(pending)})" if pending else ""))
+        print("\nZero-shot test accuracy, held-out anchors:\n")
+        print(per_setting(rows, COLUMNS))
+        if any(r["method"] in FINETUNED for r in rows):
+            print("\nAfter fine-tuning (test accuracy at the last fine-tuning epoch):\n")
+            print(per_setting([r for r in rows if r["method"] in FINETUNED], FINETUNED))
+        print("\nBefore selection, weight averaging, novelty:\n")
+        print(details(url, rows))
+        print()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,6 @@ fine-tuned starts, the novelty verdicts and the exposure (passes per zoo) the bu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -101,7 +100,9 @@ def details(url: str, rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(acc):
         slot = acc[key]
-        mean = lambda k: float(np.mean(slot[k])) if slot.get(k) else float("nan")  # noqa: E731
+
+        def mean(k: str, slot: dict = slot) -> float:
+            return float(np.mean(slot[k])) if slot.get(k) else float("nan")
         cand = " / ".join(f"{mean('cand_' + q):.3f}" for q in ("mean", "median", "q10", "q90"))
         soups = [_ci(slot.get(f"soup_aligned_{n}", [])) for n in sizes]
         counts: dict[str, int] = {}
@@ -109,7 +110,7 @@ def details(url: str, rows: list[dict]) -> str:
             counts[v] = counts.get(v, 0) + 1
         lines.append("| " + " | ".join([*_label(key), f"{mean('steps'):.0f}", cand, *soups,
                                         _ci(slot.get("distance_ratio", [])),
-                                        ", ".join(f"{v} ×{n}" for v, n in sorted(counts.items())) or "-"]) + " |")
+                                        ", ".join(f"{v} x{n}" for v, n in sorted(counts.items())) or "-"]) + " |")
     return "\n".join(lines)
 
 

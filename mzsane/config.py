@@ -118,6 +118,9 @@ class DataConfig:
     # more amortise the row's read, the buffer then spans shuffle_buffer / windows_per_row rows
     windows_per_row: int = param(16, min=1)
     shuffle_buffer: int = param(512, min=1)  # in windows (2 * window_size * tokensize floats each), not rows
+    # windows held before the first is drawn (0 = a full buffer); the buffer then grows to shuffle_buffer, so
+    # training starts after a few rows are read instead of shuffle_buffer / windows_per_row rows
+    shuffle_initial: int = param(64, min=0)
     num_prefetch: int = param(4, min=1)
     seed: int = param(0, min=0)
 

@@ -239,19 +239,34 @@ def verify_cli(args: object) -> dict:
     return out
 
 
-def shuffle_buffered(items: Iterable[Any], rng: np.random.Generator, size: int) -> Iterator[Any]:
+_END = object()
+
+
+def shuffle_buffered(items: Iterable[Any], rng: np.random.Generator, size: int, initial: int = 0) -> Iterator[Any]:
     """``items`` through a shuffle buffer of ``size`` (``size <= 1``: in order). One copy of the draw for the
-    row reader and the training window stream, so both orders follow from (seed, epoch, rank) alone."""
+    row reader and the training window stream, so both orders follow from (seed, epoch, rank) alone.
+
+    ``initial`` (0: ``size``) items are held before the first draw; until the buffer is full every draw then
+    takes two items in, so it grows to ``size`` over the first ``size - initial`` draws. Why: a full buffer of
+    512 ResNet-18 windows is 32 checkpoint rows (1.4 GB) read before the first step, on every start and
+    resume; a growing one starts after ``initial`` windows and mixes as widely once full."""
     if size <= 1:
         yield from items
         return
+    start = size if initial <= 0 else min(initial, size)
     buffer: list[Any] = []
-    for item in items:
+    iterator = iter(items)
+    for item in iterator:
         buffer.append(item)
-        if len(buffer) >= size:
-            j = int(rng.integers(len(buffer)))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            yield buffer.pop()
+        if len(buffer) < start:
+            continue
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        yield buffer.pop()
+        if len(buffer) < size - 1:  # growing: one extra item per draw until the buffer is full
+            extra = next(iterator, _END)
+            if extra is not _END:
+                buffer.append(extra)
     while buffer:
         j = int(rng.integers(len(buffer)))
         buffer[j], buffer[-1] = buffer[-1], buffer[j]

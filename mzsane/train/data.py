@@ -234,8 +234,10 @@ def iter_rows(reader: Any, world_rank: int, world_size: int, seed: int, epoch: i
 
 
 def iter_windows(rows: Iterable[Any], cut: Callable, windows: Callable[[Any], int], seed: int, epoch: int,
-                 world_rank: int, shuffle_buffer: int, stats: ReadStats | None = None) -> Iterator[Any]:
-    """Windows of ``rows`` through a shuffle buffer of ``shuffle_buffer`` windows (never rows).
+                 world_rank: int, shuffle_buffer: int, stats: ReadStats | None = None,
+                 shuffle_initial: int = 0) -> Iterator[Any]:
+    """Windows of ``rows`` through a shuffle buffer of ``shuffle_buffer`` windows (never rows), drawn from once
+    it holds ``shuffle_initial`` (0: full), growing to full size as it is drawn from.
 
     ``cut(sample, generator)`` makes one window; ``windows(sample)`` says how many per row. The row is
     dropped as soon as its windows are cut, so at most one row is alive besides the buffer.
@@ -251,7 +253,7 @@ def iter_windows(rows: Iterable[Any], cut: Callable, windows: Callable[[Any], in
             del sample
 
     rng = np.random.default_rng([int(seed), int(epoch), int(world_rank), 1])
-    yield from shuffle_buffered(cut_all(), rng, shuffle_buffer)
+    yield from shuffle_buffered(cut_all(), rng, shuffle_buffer, shuffle_initial)
 
 
 def make_augmenter(cfg: Any, manifest: Any) -> Any:
@@ -286,7 +288,8 @@ def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = N
 
     def open_epoch(epoch: int) -> Iterator[Any]:
         rows = iter_rows(train_reader, world_rank, world_size, d.seed, epoch, stats)
-        return iter_windows(rows, cut, windows, d.seed, epoch, world_rank, d.shuffle_buffer, stats)
+        return iter_windows(rows, cut, windows, d.seed, epoch, world_rank, d.shuffle_buffer, stats,
+                            d.shuffle_initial)
 
     def val_batches() -> Iterator[list[Any]]:
         if val_reader is None:

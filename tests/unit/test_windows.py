@@ -118,3 +118,49 @@ def test_windows_per_row_is_capped_by_the_model_length():
     assert data.windows_of(43_924, 64, 16) == 16
     assert data.windows_of(40, 64, 16) == 1
     assert data.windows_of(130, 64, 16) == 3
+
+
+def _reference_full_buffer(items, rng, size):
+    """The full-buffer draw as it was before shuffle_initial existed (the regression reference)."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+    while buffer:
+        j = int(rng.integers(len(buffer)))
+        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+        yield buffer.pop()
+
+
+def test_a_growing_buffer_draws_after_initial_items_and_fills_to_full_size():
+    import numpy as np
+
+    from mzsane.shards.reader import shuffle_buffered
+
+    consumed = []
+
+    def items(n):
+        for i in range(n):
+            consumed.append(i)
+            yield i
+
+    def rng():
+        return np.random.default_rng(3)
+
+    # initial 0 keeps the full-buffer draw exactly (the same orders as every earlier run)
+    assert list(shuffle_buffered(items(200), rng(), 32)) == list(_reference_full_buffer(range(200), rng(), 32))
+    consumed.clear()
+    stream = shuffle_buffered(items(200), rng(), 32, initial=4)
+    drawn = [next(stream)]
+    assert len(consumed) == 4 and drawn[0] in range(4)  # the first draw after 4 items, not 32
+    held = []
+    for _ in range(40):
+        drawn.append(next(stream))
+        held.append(len(consumed) - len(drawn))  # items in the buffer after each draw
+    assert held[:28] == list(range(4, 32)) and set(held[28:]) == {31}  # one more per draw up to full, then steady
+    drawn += list(stream)
+    assert sorted(drawn) == list(range(200))  # every item once
+    assert drawn[:32] != sorted(drawn[:32])

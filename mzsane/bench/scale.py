@@ -172,6 +172,8 @@ def train_figures(root: str, shards_url: str, address: str, num_models: int, ste
         "manifest_and_selection_s": round(select_s, 3),
         "start_to_workers_ready_s": round(announced - t_launch, 2),
         "start_to_first_step_s": round(rows[0]["time"] - t_launch, 2) if rows else None,
+        # what the data path adds after the workers are up: the first step's windows (shuffle_initial) and step
+        "workers_ready_to_first_step_s": round(rows[0]["time"] - announced, 2) if rows else None,
         "data_wait_fraction_steady": round(wait, 4),
         "data_wait_fraction_first_step": round(rows[0]["perf/data_wait_fraction"], 4) if rows else None,
         "tokens_per_s_rank0": round(sum(r["perf/tokens_per_s"] for r in steady) / len(steady), 1),

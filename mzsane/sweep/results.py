@@ -225,6 +225,10 @@ def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mea
                     for p in points]
             ax.errorbar([p["zoo_size"] for p in points], [p[column] for p in points], yerr=yerr, marker="o",
                         capsize=3, label=label)
+        sizes = sorted({p["zoo_size"] for points in lines.values() for p in points})
+        if sizes and sizes[-1] >= 4 * sizes[0]:  # doubling sizes (4, 8, 16, 32) read evenly on a log axis
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(x) for x in sizes])
         ax.set_xlabel("zoo size (models per zoo)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}\ntarget {key[1]} ({'OOD' if key[0] else 'ID'})" if key[1] else title)

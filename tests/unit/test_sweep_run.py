@@ -354,3 +354,20 @@ def test_every_sweep_has_a_local_overlay_that_fits_two_cores(job, tmp_path):
     # the demo recipe's zoos (30 CNNs, 8 ResNets) grown by at most ~16 models: minutes of zoo building
     assert all(prerequisites._zoo_config(n).num_models <= 48 for n in needs.values())
     assert all(p.cfg.train.num_epochs > 0 for p in points if job != "smoke")  # equal exposure, not equal steps
+
+
+def test_the_equal_steps_control_differs_from_the_zoo_size_sweep_only_in_its_budget(tmp_path):
+    base = [str(ROOT / "jobs" / "zoo-size.yaml"), str(ROOT / "jobs" / "local" / "zoo-size.yaml")]
+    control = [*base, str(ROOT / "jobs" / "local" / "zoo-size-equal-steps.yaml")]
+
+    def configs(files):
+        return {p.name: local.place(p, str(tmp_path / "data"), str(tmp_path / "s"), write=False).cfg
+                for p in rendered_points(chart.render(files))}
+
+    passes, steps = configs(base), configs(control)
+    assert set(steps) < set(passes)  # the same point names, sizes 4-16 of the zoo-size sweep, all seeds
+    assert {c.train.num_steps for c in steps.values()} == {1200} and all(c.train.num_epochs == 0 for c in steps.values())
+    for name, cfg in steps.items():
+        a, b = cfg, passes[name]
+        assert (a.data, a.model, a.loss, a.sample.seed, a.train.lr) == (b.data, b.model, b.loss, b.sample.seed, b.train.lr)
+        assert a.run_name != b.run_name  # its own backbones

@@ -366,8 +366,10 @@ def test_the_equal_steps_control_differs_from_the_zoo_size_sweep_only_in_its_bud
 
     passes, steps = configs(base), configs(control)
     assert set(steps) < set(passes)  # the same point names, sizes 4-16 of the zoo-size sweep, all seeds
-    assert {c.train.num_steps for c in steps.values()} == {1200} and all(c.train.num_epochs == 0 for c in steps.values())
+    assert {c.train.num_steps for c in steps.values()} == {1200}
+    assert all(c.train.num_epochs == 0 for c in steps.values())
     for name, cfg in steps.items():
         a, b = cfg, passes[name]
-        assert (a.data, a.model, a.loss, a.sample.seed, a.train.lr) == (b.data, b.model, b.loss, b.sample.seed, b.train.lr)
+        assert (a.data, a.model, a.loss, a.sample.seed, a.train.lr) == (b.data, b.model, b.loss, b.sample.seed,
+                                                                        b.train.lr)
         assert a.run_name != b.run_name  # its own backbones

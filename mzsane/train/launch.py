@@ -267,6 +267,10 @@ def _follow_progress(run_url: str, total: int, stop: threading.Event) -> None:
                 continue
             if lines:
                 row = json.loads(lines[-1])
+                planned = int(row.get("train/target_steps", 0) or 0)  # train.num_epochs resolves on the workers
+                if planned and planned != bar.total:
+                    bar.total = planned
+                    bar.refresh()
                 bar.update(max(int(row.get("step", 0)) - bar.n, 0))
                 if "train/loss" in row:
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}")

@@ -31,3 +31,22 @@ def test_prepare_resolves_a_relative_root_before_workers_start(tmp_path, monkeyp
     monkeypatch.chdir("/")
     again, url = launch.prepare(config_mod.load("tiny"), resume=run_url)
     assert url == run_url and again.storage.root == str(tmp_path / "data")
+
+
+def test_the_drivers_progress_bar_shows_the_planned_steps_not_train_num_steps(tmp_path, capsys):
+    """With train.num_epochs the step count is resolved on the workers; the bar follows it from log.jsonl."""
+    import json
+    import threading
+    import time
+
+    run = str(tmp_path / "run")
+    storage.write_text(storage.join(run, "log.jsonl"),
+                       json.dumps({"step": 150, "train/loss": 0.5, "train/target_steps": 413}) + "\n")
+    stop = threading.Event()
+    thread = threading.Thread(target=launch._follow_progress, args=(run, 200, stop))
+    thread.start()
+    time.sleep(2.5)  # one poll of the log (every 2 s)
+    stop.set()
+    thread.join(timeout=10)
+    err = capsys.readouterr().err
+    assert "150/413" in err and "/200" not in err.split("\r")[-1]  # the bar opens at 0/200, then follows

@@ -219,13 +219,17 @@ def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mea
     fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.2), dpi=120, squeeze=False)
     for ax, key in zip(axes[0], keys):
         lines = panels.get(key, {})
+        sizes = sorted({p["zoo_size"] for points in lines.values() for p in points})
+        if len(sizes) == 1 and len(lines) > 1:  # one zoo size: the settings side by side instead of a line each
+            _plot_settings(ax, lines, column, ylabel, f"{title}\ntarget {key[1]} ({'OOD' if key[0] else 'ID'})",
+                           sizes[0])
+            continue
         for label, points in sorted(lines.items(), key=lambda kv: (kv[1][0]["num_zoos"], kv[0])):
             points.sort(key=lambda r: r["zoo_size"])
             yerr = [p["test_acc_ci95"] if column == "test_acc_mean" and np.isfinite(p["test_acc_ci95"]) else 0.0
                     for p in points]
             ax.errorbar([p["zoo_size"] for p in points], [p[column] for p in points], yerr=yerr, marker="o",
                         capsize=3, label=label)
-        sizes = sorted({p["zoo_size"] for points in lines.values() for p in points})
         if sizes and sizes[-1] >= 4 * sizes[0]:  # doubling sizes (4, 8, 16, 32) read evenly on a log axis
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(x) for x in sizes])
@@ -240,6 +244,22 @@ def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mea
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _plot_settings(ax: Any, lines: dict[str, list[dict[str, Any]]], column: str, ylabel: str, title: str,
+                   size: int) -> None:
+    """A panel of one zoo size: each setting (composition, axes) at its own x position, with its 95% interval."""
+    ordered = sorted(lines.items(), key=lambda kv: (kv[1][0]["num_zoos"], kv[0]))
+    xs = list(range(len(ordered)))
+    ys = [points[0][column] for _, points in ordered]
+    yerr = [p[0]["test_acc_ci95"] if column == "test_acc_mean" and np.isfinite(p[0]["test_acc_ci95"]) else 0.0
+            for _, p in ordered]
+    ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=4)
+    ax.set_xticks(xs, [label.replace(" (", "\n(") for label, _ in ordered], rotation=20, ha="right", fontsize=8)
+    ax.set_xlabel(f"setting (zoo size {size})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
 
 
 REPORT_COLUMNS = ["point", "composition", "num_zoos", "zoos", "zoo_size", "axes", "seed", "target_zoo", "dataset",
@@ -271,7 +291,7 @@ def report(url: str, out: str = "") -> dict[str, Any]:
     summary_url = storage.join(out, "sweep_summary.csv")
     storage.write_text(csv_url, _csv(rows, REPORT_COLUMNS))
     storage.write_text(summary_url, _csv(summary, SUMMARY_COLUMNS))
-    storage.write_bytes(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy vs zoo size"))
+    storage.write_bytes(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy"))
     result = {"rows": rows, "summary": summary, "pending": pending, "csv": csv_url, "summary_csv": summary_url,
               "png": png_url}
     if any(np.isfinite(r["probe_r2_embedding"]) for r in summary):

@@ -195,3 +195,21 @@ def test_extra_targets_are_rows_of_their_own_with_no_borrowed_probe(tmp_path):
 
     image = Image.open(io.BytesIO(storage.read_bytes(result["png"])))
     assert image.size[0] > 1.8 * image.size[1]  # one panel per target, side by side
+
+
+def test_a_sweep_of_one_zoo_size_plots_its_settings_side_by_side(tmp_path, monkeypatch):
+    """Composition and ablation sweeps have one zoo size: a line per setting would stack every point at one x."""
+    drawn = []
+    original = sweep.results._plot_settings
+    monkeypatch.setattr(sweep.results, "_plot_settings",
+                        lambda ax, lines, *a: drawn.append(sorted(lines)) or original(ax, lines, *a))
+    url = _seeded_sweep(str(tmp_path), [0.6, 0.7])
+    other = storage.join(url, "n8-mnist-fashion-0")
+    storage.write_json(storage.join(other, "point.json"), {"composition": "mnist-fashion", "zoo_size": 8,
+                                                           "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"], "axes": {}})
+    storage.write_json(storage.join(other, "evaluate", "results.json"), _results("b", 0.8))
+    sweep.report(url)
+    assert drawn == [["mnist (train.lr=0.001)", "mnist-fashion"]]
+    drawn.clear()
+    sweep.report(_write_sweep(str(tmp_path / "grid")))  # several sizes: lines over zoo size, no settings panel
+    assert drawn == []

@@ -255,8 +255,14 @@ def _plot_settings(ax: Any, lines: dict[str, list[dict[str, Any]]], column: str,
     yerr = [p[0]["test_acc_ci95"] if column == "test_acc_mean" and np.isfinite(p[0]["test_acc_ci95"]) else 0.0
             for _, p in ordered]
     ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=4)
-    ax.set_xticks(xs, [label.replace(" (", "\n(") for label, _ in ordered], rotation=20, ha="right", fontsize=8)
-    ax.set_xlabel(f"setting (zoo size {size})")
+    compositions = {points[0]["composition"] for _, points in ordered}
+    names = [points[0]["axes"] or label for label, points in ordered] if len(compositions) == 1 else \
+        [label for label, _ in ordered]  # one composition: the axes tell the settings apart
+    names = [n.split("=", 1)[1] if n.count("=") == 1 else n for n in names]  # one axis: its values alone
+    ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
+    first = ordered[0][1][0]
+    common = f"{first['composition']}, " if len(compositions) == 1 else ""
+    ax.set_xlabel(f"setting ({common}zoo size {size})")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -89,12 +89,14 @@ def _raw_api(url):
 
 
 def test_submit_creates_configmaps_and_rayjobs_then_status_reports_them(kubeconfig, kube_api):
-    objs = sweep.render([str(ROOT / "jobs" / "composition.yaml")], release="composition", namespace=NS)
+    job_file = ROOT / "jobs" / "composition.yaml"
+    n = len(yaml.safe_load(job_file.read_text())["sweep"]["grid"]["compositions"])  # one point per composition
+    objs = sweep.render([str(job_file)], release="composition", namespace=NS)
     created = sweep.submit(objs, NS)
-    assert sorted(r["kind"] for r in created) == ["ConfigMap"] * 3 + ["NetworkPolicy"] * 3 + ["RayJob"] * 3
-    assert [r["action"] for r in created] == ["created"] * 9  # not the `helm test` Pod: install never creates it
+    assert sorted(r["kind"] for r in created) == ["ConfigMap"] * n + ["NetworkPolicy"] * n + ["RayJob"] * n
+    assert [r["action"] for r in created] == ["created"] * 3 * n  # not the `helm test` Pod: install never creates it
     assert any(o["kind"] == "Pod" for o in objs)
-    assert [r["action"] for r in sweep.submit(objs, NS)] == ["exists"] * 9  # re-submitting is safe
+    assert [r["action"] for r in sweep.submit(objs, NS)] == ["exists"] * 3 * n  # re-submitting is safe
 
     raw = _raw_api(kube_api)
     core, custom = client.CoreV1Api(raw), client.CustomObjectsApi(raw)
@@ -122,7 +124,9 @@ def test_submit_creates_configmaps_and_rayjobs_then_status_reports_them(kubeconf
     now = datetime(2026, 1, 1, 10, 10, tzinfo=UTC)
     rows = {r["job"]: r for r in sweep.status("composition", NS, now=now)}
     assert set(rows) == {j["metadata"]["name"] for j in jobs}
-    done, running, new = (rows[j["metadata"]["name"]] for j in jobs)
+    assert n >= 3, "the test plays three points: finished, running, not started"
+    done, running, new = (rows[j["metadata"]["name"]] for j in jobs[:3])
+    assert all(rows[j["metadata"]["name"]]["job_status"] == "PENDING" for j in jobs[3:])
     assert (done["job_status"], done["deployment"], done["duration_s"]) == ("SUCCEEDED", "Complete", 1800.0)
     assert (running["job_status"], running["duration_s"]) == ("RUNNING", 600.0)
     assert (new["job_status"], new["duration_s"]) == ("PENDING", None)

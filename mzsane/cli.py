@@ -220,15 +220,16 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 def _add_bench_scale(p: argparse.ArgumentParser) -> None:
     _add_bench(p)
-    p.add_argument("--sizes", default="", help="zoo sizes, comma-separated (default 10,100,300; --quick 10,100)")
+    p.add_argument("--sizes", default="", help="zoo sizes, comma-separated (default 10,100,1000; --quick 10,100)")
     p.add_argument("--arch", default="", help="architecture of the synthetic zoo (default resnet18; --quick "
                                               "resnet_mini)")
-    p.add_argument("--steps", type=int, default=0, help="training steps per size (default 20; --quick 3)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per size (default 60; --quick 3)")
     p.add_argument("--s3-max-models", type=int, default=0, help="build S3 shards up to this size (default 100)")
-    p.add_argument("--zoo-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+    p.add_argument("--zoo-dtype", default="float16", choices=("float32", "float16", "bfloat16"),
                    help="precision the synthetic zoo's checkpoints are stored in (shards are float32 either way); "
                         "float16 halves the zoo's disk: 1,000 ResNet-18s are 22 GB instead of 45")
-    p.add_argument("--out", default="", help="also write the figures so far to this JSON file after every size")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file: after every size, and the "
+                                             "whole result at the end with its plot beside it (same name, .png)")
 
 
 def _interrupt_on_sigterm() -> None:

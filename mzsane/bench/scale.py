@@ -12,8 +12,11 @@ epoch. Finally a synthetic 10^6-row manifest (no shards; ``bench/bigmanifest.py`
 sub-zoo, with the Parquet model index and, for comparison, the old all-JSON manifest; and a projection to
 1,000 / 10,000 models and to the ``paper`` preset on a GPU node, with its assumptions in the JSON.
 
-Full run: ResNet-18 (CIFAR stem), N in {10, 100, 300} by default (``--sizes``); the disk holds the zoo,
-the local shards and the S3 copy at once, ~45 MB each per model, so 1,000 is projected, not run.
+Full run: ResNet-18 (CIFAR stem), N in {10, 100, 1000} by default (``--sizes``), the zoo stored in float16
+(``--zoo-dtype``: 22 MB a model instead of 45; shards are float32 either way, 42 MB a model): the disk holds the
+zoo and the local shards of the largest N at once, ~64 GB at N = 1,000. Before each size the free space is
+compared with what that size will write (from the bytes per model measured so far): too little is a one-line
+error naming both figures, after the smaller sizes' figures are saved, not an ENOSPC an hour in.
 ``--quick``: ``resnet_mini`` at N in {10, 100}, a few steps: a smoke test of the whole path in ~1-2 min.
 """
 from __future__ import annotations
@@ -30,7 +33,9 @@ from typing import Any
 
 from mzsane import config as config_mod
 from mzsane import storage
+from mzsane.bench import scale_figure
 from mzsane.bench.bigmanifest import big_manifest
+from mzsane.errors import MzsaneError
 
 GPU_PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, the projection's reference GPU
 ASSUMED_MFU = 0.35
@@ -256,12 +261,12 @@ def run(args: Any) -> dict[str, Any]:
     from mzsane.bench.synthzoo import write_synthetic_zoo
 
     quick = bool(getattr(args, "quick", False))
-    sizes = [int(s) for s in (getattr(args, "sizes", "") or ("10,100" if quick else "10,100,300")).split(",")]
+    sizes = [int(s) for s in (getattr(args, "sizes", "") or ("10,100" if quick else "10,100,1000")).split(",")]
     arch = getattr(args, "arch", "") or ("resnet_mini" if quick else "resnet18")
     s3_max = int(getattr(args, "s3_max_models", 0) or (min(sizes) if quick else 100))
-    steps = int(getattr(args, "steps", 0) or (3 if quick else 20))
+    steps = int(getattr(args, "steps", 0) or (3 if quick else 60))
     parallel_at = min(sizes) if quick else (100 if 100 in sizes else max(sizes))
-    zoo_dtype = getattr(args, "zoo_dtype", "") or "float32"
+    zoo_dtype = getattr(args, "zoo_dtype", "") or "float16"
     cfg = config_mod.Config()
     result: dict[str, Any] = {"architecture": arch, "sizes": sizes, "cpus": os.cpu_count(), "steps": steps,
                               "zoo_dtype": zoo_dtype,
@@ -282,6 +287,7 @@ def run(args: Any) -> dict[str, Any]:
         os.environ.update(cluster.env)
         zoos = [os.path.join(scratch, "zoos", half) for half in ("synth_a", "synth_b")]
         for n in sizes:
+            _check_disk(scratch, result, n, copies=1 + (n <= s3_max) + 2 * (n == parallel_at))
             halves = [n // 2, n - n // 2]
             made = [write_synthetic_zoo(z, k, arch=arch, seed=i, zoo=os.path.basename(z), dtype=zoo_dtype)
                     for i, (z, k) in enumerate(zip(zoos, halves))]
@@ -304,6 +310,10 @@ def run(args: Any) -> dict[str, Any]:
         result["manifest_1e6"] = big_manifest(10_000 if quick else 1_000_000, scratch)  # bench/bigmanifest.py
         result["projection"] = projection(result)
         result["checks"] = _checks(result)
+        out = getattr(args, "out", "")
+        if out:  # bench/scale_figure.py: memory, start-up and data wait vs N, beside the JSON
+            result["figure"] = scale_figure.figure(result, os.path.splitext(out)[0] + ".png")
+        _save_partial(out, result)
     finally:
         cluster.stop()
         server.stop()
@@ -311,6 +321,22 @@ def run(args: Any) -> dict[str, Any]:
         os.environ.update(saved_env)
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _check_disk(scratch: str, result: dict, n: int, copies: int) -> None:
+    """Refuse size ``n`` when the scratch disk cannot hold what it writes: the zoo's growth to ``n`` models and
+    ``copies`` shard sets of ``n`` models (local, S3, the parallel build's two). Known only from a measured size:
+    the first size is not checked."""
+    if not result["build_local"]:
+        return
+    zoo_models = result["zoo"][-1]["models"]
+    need = (max(0, n - zoo_models) * result["zoo_bytes_per_model"]
+            + copies * n * result["build_local"][-1]["bytes_per_model"])
+    free = shutil.disk_usage(scratch).free
+    if need > 0.95 * free:
+        raise MzsaneError(f"bench scale at {n} models needs ~{need / 1e9:.0f} GB of scratch disk, "
+                          f"{free / 1e9:.0f} GB is free under {os.path.dirname(scratch)}: pass smaller --sizes, "
+                          f"--zoo-dtype float16, or point TMPDIR at a larger disk")
 
 
 def _save_partial(path: str, result: dict) -> None:

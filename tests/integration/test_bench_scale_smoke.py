@@ -17,11 +17,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def quick():
+def quick(tmp_path_factory):
     mzsane = os.path.join(os.path.dirname(sys.executable), "mzsane")
-    done = subprocess.run([mzsane, "bench", "scale", "--quick"], capture_output=True, text=True, timeout=900)
+    out = tmp_path_factory.mktemp("scale") / "scale.json"
+    done = subprocess.run([mzsane, "bench", "scale", "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout)
+    result = json.loads(done.stdout)
+    # --out holds the whole result, not the figures saved after the last size (it lacked manifest and checks)
+    assert json.loads(out.read_text()) == result
+    png = out.with_suffix(".png")
+    assert result["figure"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    return result
 
 
 def test_build_figures_for_each_size_local_and_s3(quick):

@@ -409,6 +409,19 @@ def write_bytes(url: str, data: bytes) -> None:
         fh.write(data)
 
 
+def write_figure(url: str, fig: Any, dpi: int = 110) -> str:
+    """A matplotlib figure as PNG at ``url`` (atomic like every write here), then closed; returns ``url``."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes(url, buf.getvalue())
+    return url
+
+
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 

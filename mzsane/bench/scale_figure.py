@@ -7,8 +7,6 @@ another machine can be compared with the committed one by eye before by number.
 """
 from __future__ import annotations
 
-import io
-
 from mzsane import storage
 
 
@@ -57,8 +55,4 @@ def figure(result: dict, out_url: str) -> str:
     fig.suptitle(f"bench scale: {result['architecture']}, {result['preset']} preset, {result['cpus']} CPUs, "
                  f"{result['steps']} steps per size", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(out_url, buf.getvalue())
-    return out_url
+    return storage.write_figure(out_url, fig)

@@ -12,7 +12,6 @@ Legend: M models, N tokens per model, D token width, L latent width.
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -112,8 +111,4 @@ def figure(originals: list[dict], reconstructions: dict[str, list[dict]], out_ur
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(out_url, buf.getvalue())
-    return out_url
+    return storage.write_figure(out_url, fig)

@@ -334,9 +334,10 @@ def _check_disk(scratch: str, result: dict, n: int, copies: int) -> None:
             + copies * n * result["build_local"][-1]["bytes_per_model"])
     free = shutil.disk_usage(scratch).free
     if need > 0.95 * free:
+        half = "--zoo-dtype float16, " if result.get("zoo_dtype") == "float32" else ""
         raise MzsaneError(f"bench scale at {n} models needs ~{need / 1e9:.0f} GB of scratch disk, "
                           f"{free / 1e9:.0f} GB is free under {os.path.dirname(scratch)}: pass smaller --sizes, "
-                          f"--zoo-dtype float16, or point TMPDIR at a larger disk")
+                          f"{half}or point TMPDIR at a larger disk")
 
 
 def _save_partial(path: str, result: dict) -> None:

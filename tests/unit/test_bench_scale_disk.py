@@ -13,9 +13,9 @@ from mzsane.errors import MzsaneError
 Usage = namedtuple("Usage", "total used free")
 
 
-def _measured(zoo_models: int = 100) -> dict:
+def _measured(zoo_models: int = 100, zoo_dtype: str = "float16") -> dict:
     """What the benchmark knows after its 100-model size: 22 MB of zoo and 42 MB of shards per model."""
-    return {"zoo": [{"models": zoo_models}], "zoo_bytes_per_model": 22_000_000,
+    return {"zoo": [{"models": zoo_models}], "zoo_bytes_per_model": 22_000_000, "zoo_dtype": zoo_dtype,
             "build_local": [{"bytes_per_model": 42_000_000}]}
 
 
@@ -29,7 +29,9 @@ def test_a_size_that_does_not_fit_is_one_line_naming_both_figures_and_the_fixes(
         scale._check_disk(str(tmp_path / "mzsane-bench-scale-x"), _measured(), 1000, copies=1)
     msg = str(err.value)
     assert "\n" not in msg and "1000 models needs ~62 GB" in msg and "50 GB is free" in msg
-    assert "--sizes" in msg and "--zoo-dtype float16" in msg and "TMPDIR" in msg
+    assert "--sizes" in msg and "TMPDIR" in msg and "--zoo-dtype" not in msg  # already float16: no such advice
+    with pytest.raises(MzsaneError, match="--zoo-dtype float16"):  # a float32 zoo: halving it is a fix
+        scale._check_disk(str(tmp_path / "s"), _measured(zoo_dtype="float32"), 1000, copies=1)
 
 
 def test_a_size_that_fits_passes_and_copies_count(monkeypatch, tmp_path):

@@ -242,7 +242,8 @@ def projection(result: dict) -> dict:
     for n in (1_000, 10_000):
         out[str(n)] = {"shard_gb": round(n * per_model / 1e9, 1), "zoo_gb": round(n * result["zoo_bytes_per_model"]
                                                                                     / 1e9, 1),
-                       "build_h_one_process": round(n * s_per_model / 3600, 2),
+                       # 3 significant figures: a small fast zoo (--quick) is not "0 h"
+                       "build_h_one_process": float(f"{n * s_per_model / 3600:.3g}"),
                        "train_rss_mb_per_worker_linear_fit": round(max(a + slope * n, top_rss), 1),
                        "manifest_and_selection_s_linear_fit": round(max(sel_a + sel_b * n, top_sel), 2)}
     out["fit"] = {"rss_mb": [round(a, 1), round(slope, 4)], "select_s": [round(sel_a, 4), round(sel_b, 6)],

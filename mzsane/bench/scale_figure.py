@@ -28,8 +28,8 @@ def figure(result: dict, out_url: str) -> str:
     for rank in sorted({r for t in train for r in t["peak_rss_mb_per_worker"]}):
         mem.plot(n_train, [t["peak_rss_mb_per_worker"].get(rank, float("nan")) / 1024 for t in train], "^-",
                  label=f"training worker {rank}")
-    mem.axhline(2.0, color="0.5", linestyle=":", label="goal: 2 GB per rank")
-    mem.set_ylabel("peak RSS (GB)")
+    mem.axhline(2.0, color="0.5", linestyle=":", label="goal: 2 GiB per rank")
+    mem.set_ylabel("peak RSS (GiB)")
     mem.set_ylim(bottom=0)
     mem.set_title("memory")
 

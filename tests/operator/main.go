@@ -1,0 +1,102 @@
+// Command harness runs KubeRay's own RayJob and RayCluster reconcilers (the ray-operator Go module named
+// in go.mod, unmodified) on the objects mzsane's chart renders, against controller-runtime's fake client.
+//
+// Why: two hand-written emulations of the operator missed what it does (a duplicate port, an entrypoint
+// the submitter breaks); running the operator's code leaves nothing to emulate but the kubelet.
+//
+//	harness reconcile -in rendered.yaml -out DIR [-admit]
+//	    reconcile every RayJob until the operator has made its RayCluster, Pods, Services and submitter
+//	    Job; write them to DIR/objects.yaml and the RayJob status sequences to DIR/status.json.
+//	harness run -in rendered.yaml -out DIR -work DIR [-admit] [-timeout 20m]
+//	    also play the kubelet for real: start each container's command as a local process (see kubelet.go)
+//	    and reconcile until every RayJob is Complete or Failed.
+//
+// -admit plays Kueue's part: a suspended RayJob is admitted (spec.suspend set to false) once the operator
+// has reported it Suspended. Errors print one line and exit 1.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	kuberayconfig "github.com/ray-project/kuberay/ray-operator/apis/config/v1alpha1"
+	rayv1 "github.com/ray-project/kuberay/ray-operator/apis/ray/v1"
+	"github.com/ray-project/kuberay/ray-operator/controllers/ray/utils"
+	"github.com/ray-project/kuberay/ray-operator/controllers/ray/utils/dashboardclient"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+)
+
+func main() {
+	if len(os.Args) < 2 || (os.Args[1] != "reconcile" && os.Args[1] != "run") {
+		fail(fmt.Errorf("usage: harness reconcile|run -in FILE -out DIR [-work DIR] [-admit] [-timeout D]"))
+	}
+	mode := os.Args[1]
+	flags := flag.NewFlagSet(mode, flag.ExitOnError)
+	in := flags.String("in", "", "multi-document YAML the chart rendered (ConfigMaps, Secrets, RayJobs)")
+	out := flags.String("out", "", "folder for objects.yaml and status.json")
+	work := flags.String("work", "", "run mode: folder for the pods' files and logs")
+	admit := flags.Bool("admit", false, "play Kueue: admit a suspended RayJob once it is Suspended")
+	timeout := flags.Duration("timeout", 2*time.Minute, "give up after this long")
+	verbose := flags.Bool("v", false, "print the operator's own log lines")
+	_ = flags.Parse(os.Args[2:])
+	if *in == "" || *out == "" || (mode == "run" && *work == "") {
+		fail(fmt.Errorf("%s needs -in and -out%s", mode, map[bool]string{true: " and -work", false: ""}[mode == "run"]))
+	}
+	setupLogging(*verbose)
+
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	var provider utils.ClientProvider = noDashboard{}
+	var k kubelet = statusKubelet{}
+	if mode == "run" {
+		pk, err := newProcessKubelet(*work)
+		if err != nil {
+			fail(err)
+		}
+		// KubeRay's default ClientProvider: its real HTTP dashboard client, at the URL the operator builds
+		// from the head Service; the process kubelet's dialer resolves that name to the head's address.
+		provider, k = kuberayconfig.Configuration{}, pk
+		defer pk.stopAll()
+	}
+	if err := run(ctx, mode, *in, *out, *admit, provider, k); err != nil {
+		if pk, ok := k.(*processKubelet); ok {
+			pk.stopAll()
+		}
+		fail(err)
+	}
+}
+
+func run(ctx context.Context, mode, in, out string, admit bool, provider utils.ClientProvider, k kubelet) error {
+	h, err := newHarness(ctx, in, provider)
+	if err != nil {
+		return err
+	}
+	h.admit, h.kubelet = admit, k
+	runErr := h.loop(ctx, mode)
+	if err := h.write(out); err != nil {
+		return err
+	}
+	return runErr
+}
+
+// noDashboard (reconcile mode): no Ray runs, so the RayJob reconciler's job-status queries fail at once
+// instead of dialling the head Service's cluster DNS name.
+type noDashboard struct{}
+
+func (noDashboard) GetDashboardClient(context.Context, manager.Manager) func(*rayv1.RayCluster, string) (dashboardclient.RayDashboardClientInterface, error) {
+	return func(*rayv1.RayCluster, string) (dashboardclient.RayDashboardClientInterface, error) {
+		return nil, fmt.Errorf("reconcile mode runs no Ray dashboard")
+	}
+}
+
+func (noDashboard) GetHttpProxyClient(manager.Manager) func(string, string, string, int) utils.RayHttpProxyClientInterface {
+	return nil
+}
+
+func fail(err error) {
+	fmt.Fprintf(os.Stderr, "harness: %v\n", err)
+	os.Exit(1)
+}

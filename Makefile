@@ -18,7 +18,7 @@ export MZSANE_DEB_ROOT := $(DEB_ROOT)
 PYTEST_ARGS ?=
 INSTALL := PYTHON='$(PYTHON)' VENV='$(VENV)' DEB_ROOT='$(DEB_ROOT)' PIP_TORCH_ARGS='$(PIP_TORCH_ARGS)' scripts/install.sh
 
-.PHONY: setup demo demo-quick test test-unit lint system-deps clean
+.PHONY: setup demo demo-quick test test-unit lint system-deps harness clean
 
 $(VENV)/.installed: pyproject.toml Makefile scripts/install.sh
 	$(INSTALL) python
@@ -28,6 +28,10 @@ system-deps:
 	$(INSTALL) system
 
 setup: $(VENV)/.installed system-deps
+
+# The tests' Go harness (KubeRay's reconcilers, tests/operator): only `make test` needs Go, `make demo` does not.
+harness:
+	$(INSTALL) harness
 
 # The main job on the embedded default: zoos -> shards -> Ray Train -> sampling -> evaluation.
 demo: setup
@@ -40,7 +44,7 @@ lint: setup
 	$(BIN)/ruff check mzsane tests
 
 # Lint, then the whole suite: unit, integration (real SeaweedFS S3, Prometheus, local Ray, Helm), end to end.
-test: lint
+test: lint harness
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 test-unit: setup

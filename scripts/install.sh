@@ -7,6 +7,10 @@
 #                               dependencies, e.g. tensorflow, are never imported)
 #   scripts/install.sh system   the Debian packages the zoos and tests read: apt-get when root, else
 #                               `apt-get download` + `dpkg -x` into $DEB_ROOT (no root needed)
+#   scripts/install.sh harness  the tests' Go harness (tests/operator: KubeRay's reconcilers) built into
+#                               .mzsane/bin/kuberay-harness with the machine's Go, modules from the Go module
+#                               proxy; skipped when the binary is newer than its sources. Only `make test`
+#                               needs it (exit 3: no Go on this machine)
 #
 # Settings (environment):
 #   PYTHON=python3       interpreter; with VENV set, the one that creates the venv
@@ -17,6 +21,12 @@
 #                        Empty: your pip configuration decides (plain PyPI on Linux x86_64 gives the CUDA
 #                        build, several GB, which also runs on CPUs)
 #   DEB_ROOT=.mzsane/deb where the Debian packages are unpacked without root
+#   GO=go                the Go command (else `go` on PATH, else /usr/local/go/bin/go)
+#   MZSANE_HARNESS=.mzsane/bin/kuberay-harness   where the harness binary goes (the tests read the same)
+#   MZSANE_KUBERAY_GOPROXY=../shared/kuberay/goproxy
+#                        a file-proxy folder holding ray-operator v1.7.0 (scripts/kuberay-goproxy.sh makes it),
+#                        tried before the Go module proxy, which refuses to serve that version here; go.sum
+#                        pins its checksum, so only the exact released module builds
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -82,8 +92,27 @@ install_system() {
     for deb in "$DEB_ROOT"/pkgs/*.deb; do dpkg -x "$deb" "$DEB_ROOT"; done
 }
 
+install_harness() {
+    local go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+    local src="$SRC/tests/operator" bin=${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}
+    if [ ! -x "$go" ] && ! command -v "$go" >/dev/null; then
+        say "no Go at '$go': install Go 1.26 (or set GO=/path/to/go), then re-run \`scripts/install.sh harness\`"
+        exit 3
+    fi
+    if [ -x "$bin" ] && [ -z "$(find "$src" -newer "$bin" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | head -1)" ]; then
+        return 0
+    fi
+    local proxy=${MZSANE_KUBERAY_GOPROXY:-$SRC/../shared/kuberay/goproxy} goproxy
+    goproxy=$("$go" env GOPROXY)
+    [ -d "$proxy" ] && goproxy="file://$(cd "$proxy" && pwd),$goproxy"
+    mkdir -p "$(dirname "$bin")"
+    say "building the KubeRay harness (first build: modules from the proxy, a few minutes)"
+    (cd "$src" && GOPROXY="$goproxy" GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin.tmp" . && mv "$bin.tmp" "$bin")
+}
+
 case "${1:-}" in
     python) install_python ;;
     system) install_system ;;
-    *) echo "usage: scripts/install.sh python|system   (settings: see the top of this file)" >&2; exit 2 ;;
+    harness) install_harness ;;
+    *) echo "usage: scripts/install.sh python|system|harness   (settings: see the top of this file)" >&2; exit 2 ;;
 esac

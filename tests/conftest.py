@@ -19,7 +19,8 @@ import pytest
 
 from mzsane.bench.raycluster import PROCESS_TOKEN
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.prometheus", "tests.fixtures.ray_cluster"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.prometheus", "tests.fixtures.ray_cluster",
+                  "tests.fixtures.operator"]
 
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore: never query 169.254.169.254
 # Ray caches the first auth token a process uses: every Ray instance this test process starts or joins

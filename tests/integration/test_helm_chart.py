@@ -24,7 +24,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from mzsane import sweep  # noqa: E402
 from mzsane.errors import ConfigError  # noqa: E402
-from tests.integration import kuberay  # noqa: E402
+from tests.fixtures import operator as kuberay  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

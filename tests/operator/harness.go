@@ -123,8 +123,12 @@ func readObjects(path string, s *runtime.Scheme) ([]client.Object, error) {
 	return objs, nil
 }
 
-func newHarness(ctx context.Context, in string, provider utils.ClientProvider) (*harness, error) {
+func newHarness(ctx context.Context, in, crds string, provider utils.ClientProvider) (*harness, error) {
 	s, err := newScheme()
+	if err != nil {
+		return nil, err
+	}
+	schemas, err := loadCRDs(crds)
 	if err != nil {
 		return nil, err
 	}
@@ -133,7 +137,8 @@ func newHarness(ctx context.Context, in string, provider utils.ClientProvider) (
 		return nil, err
 	}
 	c := fake.NewClientBuilder().WithScheme(s).
-		WithStatusSubresource(&rayv1.RayJob{}, &rayv1.RayCluster{}, &corev1.Pod{}, &batchv1.Job{}).Build()
+		WithStatusSubresource(&rayv1.RayJob{}, &rayv1.RayCluster{}, &corev1.Pod{}, &batchv1.Job{}).
+		WithInterceptorFuncs(schemas.interceptors()).Build()
 	h := &harness{scheme: s, client: c, input: map[string]bool{}, seq: map[string][]statusStep{}}
 	for _, o := range objs {
 		gvk, _ := apiutil.GVKForObject(o, s)

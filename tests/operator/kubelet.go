@@ -57,13 +57,3 @@ func markRunning(pod *corev1.Pod, ip string) {
 }
 
 func ptr[T any](v T) *T { return &v }
-
-// processKubelet: run mode (process.go).
-func newProcessKubelet(work string) (*processKubelet, error) {
-	return nil, fmt.Errorf("run mode: not built yet")
-}
-
-type processKubelet struct{}
-
-func (k *processKubelet) sync(ctx context.Context, c client.Client) error { return nil }
-func (k *processKubelet) stopAll()                                        {}

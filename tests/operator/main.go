@@ -4,14 +4,15 @@
 // Why: two hand-written emulations of the operator missed what it does (a duplicate port, an entrypoint
 // the submitter breaks); running the operator's code leaves nothing to emulate but the kubelet.
 //
-//	harness reconcile -in rendered.yaml -out DIR [-admit]
+//	harness reconcile -in rendered.yaml -out DIR -crds DIR [-admit]
 //	    reconcile every RayJob until the operator has made its RayCluster, Pods, Services and submitter
 //	    Job; write them to DIR/objects.yaml and the RayJob status sequences to DIR/status.json.
-//	harness run -in rendered.yaml -out DIR -work DIR [-admit] [-timeout 20m]
+//	harness run -in rendered.yaml -out DIR -crds DIR -work DIR [-admit] [-timeout 20m]
 //	    also play the kubelet for real: start each container's command as a local process (see kubelet.go)
 //	    and reconcile until every RayJob is Complete or Failed.
 //
-// -admit plays Kueue's part: a suspended RayJob is admitted (spec.suspend set to false) once the operator
+// -crds names the folder of KubeRay's CRDs: ray.io objects are pruned and defaulted by them on every write,
+// as the API server would. -admit plays Kueue's part: a suspended RayJob is admitted (spec.suspend set to false) once the operator
 // has reported it Suspended. Errors print one line and exit 1.
 package main
 
@@ -31,7 +32,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 || (os.Args[1] != "reconcile" && os.Args[1] != "run") {
-		fail(fmt.Errorf("usage: harness reconcile|run -in FILE -out DIR [-work DIR] [-admit] [-timeout D]"))
+		fail(fmt.Errorf("usage: harness reconcile|run -in FILE -out DIR -crds DIR [-work DIR] [-admit] [-timeout D]"))
 	}
 	mode := os.Args[1]
 	flags := flag.NewFlagSet(mode, flag.ExitOnError)
@@ -41,9 +42,10 @@ func main() {
 	admit := flags.Bool("admit", false, "play Kueue: admit a suspended RayJob once it is Suspended")
 	timeout := flags.Duration("timeout", 2*time.Minute, "give up after this long")
 	verbose := flags.Bool("v", false, "print the operator's own log lines")
+	crds := flags.String("crds", "", "folder of KubeRay's CRD files (ray.io_rayjobs.yaml, ray.io_rayclusters.yaml)")
 	_ = flags.Parse(os.Args[2:])
-	if *in == "" || *out == "" || (mode == "run" && *work == "") {
-		fail(fmt.Errorf("%s needs -in and -out%s", mode, map[bool]string{true: " and -work", false: ""}[mode == "run"]))
+	if *in == "" || *out == "" || *crds == "" || (mode == "run" && *work == "") {
+		fail(fmt.Errorf("%s needs -in, -out and -crds%s", mode, map[bool]string{true: " and -work", false: ""}[mode == "run"]))
 	}
 	setupLogging(*verbose)
 
@@ -61,7 +63,7 @@ func main() {
 		provider, k = kuberayconfig.Configuration{}, pk
 		defer pk.stopAll()
 	}
-	if err := run(ctx, mode, *in, *out, *admit, provider, k); err != nil {
+	if err := run(ctx, mode, *in, *out, *crds, *admit, provider, k); err != nil {
 		if pk, ok := k.(*processKubelet); ok {
 			pk.stopAll()
 		}
@@ -69,8 +71,8 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, mode, in, out string, admit bool, provider utils.ClientProvider, k kubelet) error {
-	h, err := newHarness(ctx, in, provider)
+func run(ctx context.Context, mode, in, out, crds string, admit bool, provider utils.ClientProvider, k kubelet) error {
+	h, err := newHarness(ctx, in, crds, provider)
 	if err != nil {
 		return err
 	}

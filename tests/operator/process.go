@@ -1,0 +1,478 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+)
+
+// processKubelet (run mode) is a local kubelet and Job controller. Each Pod the operator creates, and the
+// Pod of each submitter Job, runs its containers' commands exactly as written, with their env resolved
+// (value, fieldRef, secretKeyRef, configMapKeyRef), as local processes. A pod runs in its own mount and PID
+// namespace (`unshare`, root): /etc is an overlay there, so /etc/hosts maps every Service name to the
+// address of the pod it selects and ConfigMap/Secret volumes appear at their mountPath; emptyDir volumes are
+// fresh folders; when the pod goes, killing the namespace's first process ends every process of the pod.
+// Pods get their own loopback address (127.0.0.2, .3, ...) on the host's network. The one change to a
+// command: `ray start` gets --node-ip-address=<pod address>, since outside a pod network namespace Ray
+// would advertise the host's own network address. A pod is Ready when its readiness probe passes
+// (httpGet/tcpSocket on its address), a Job Complete or Failed by its container's exit code, retried up to
+// its backoffLimit.
+type processKubelet struct {
+	work  string
+	mu    sync.Mutex
+	pods  map[types.UID]*localPod
+	jobs  map[types.UID]*localPod
+	hosts map[string]string // Service DNS name -> address
+	next  int
+}
+
+type localPod struct {
+	name     string
+	ip       string
+	dir      string
+	cmd      *exec.Cmd
+	done     chan struct{}
+	exitCode int
+	attempts int
+}
+
+func newProcessKubelet(work string) (*processKubelet, error) {
+	if _, err := exec.LookPath("unshare"); err != nil {
+		return nil, fmt.Errorf("run mode needs util-linux's unshare (and root): %w", err)
+	}
+	if err := os.MkdirAll(work, 0o755); err != nil {
+		return nil, err
+	}
+	k := &processKubelet{work: work, pods: map[types.UID]*localPod{}, jobs: map[types.UID]*localPod{},
+		hosts: map[string]string{}, next: 1}
+	// KubeRay's dashboard client dials the head Service's cluster DNS name: resolve it like /etc/hosts in
+	// the pods, and refuse anything that is not on loopback.
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	http.DefaultTransport.(*http.Transport).DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		if ip, ok := k.lookup(host); ok {
+			host = ip
+		}
+		if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+			return nil, fmt.Errorf("harness: %s is not on loopback", addr)
+		}
+		return dialer.DialContext(ctx, network, net.JoinHostPort(host, port))
+	}
+	return k, nil
+}
+
+func (k *processKubelet) lookup(host string) (string, bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	ip, ok := k.hosts[strings.TrimSuffix(host, ".")]
+	return ip, ok
+}
+
+func (k *processKubelet) sync(ctx context.Context, c client.Client) error {
+	var pods corev1.PodList
+	if err := c.List(ctx, &pods); err != nil {
+		return err
+	}
+	if err := k.updateHosts(ctx, c, pods.Items); err != nil {
+		return err
+	}
+	alive := map[types.UID]bool{}
+	for i := range pods.Items {
+		pod := &pods.Items[i]
+		alive[pod.UID] = true
+		if err := k.syncPod(ctx, c, pod); err != nil {
+			return err
+		}
+	}
+	for uid, lp := range k.pods { // the operator deleted the pod: end its processes
+		if !alive[uid] {
+			progress("pod %s: deleted, stopping it", lp.name)
+			lp.stop()
+			delete(k.pods, uid)
+		}
+	}
+	var jobs batchv1.JobList
+	if err := c.List(ctx, &jobs); err != nil {
+		return err
+	}
+	for i := range jobs.Items {
+		if err := k.syncJob(ctx, c, &jobs.Items[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// updateHosts maps each Service's names (name, name.ns, name.ns.svc, name.ns.svc.cluster.local) to the
+// address of the first running pod its selector matches.
+func (k *processKubelet) updateHosts(ctx context.Context, c client.Client, pods []corev1.Pod) error {
+	var svcs corev1.ServiceList
+	if err := c.List(ctx, &svcs); err != nil {
+		return err
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, svc := range svcs.Items {
+		for _, pod := range pods {
+			if pod.Status.PodIP == "" || len(svc.Spec.Selector) == 0 || !selects(svc.Spec.Selector, pod.Labels) {
+				continue
+			}
+			for _, name := range []string{svc.Name, svc.Name + "." + svc.Namespace, svc.Name + "." + svc.Namespace + ".svc",
+				svc.Name + "." + svc.Namespace + ".svc.cluster.local"} {
+				k.hosts[name] = pod.Status.PodIP
+			}
+			break
+		}
+	}
+	return nil
+}
+
+func selects(selector, labels map[string]string) bool {
+	for key, v := range selector {
+		if labels[key] != v {
+			return false
+		}
+	}
+	return true
+}
+
+func (k *processKubelet) syncPod(ctx context.Context, c client.Client, pod *corev1.Pod) error {
+	lp, started := k.pods[pod.UID]
+	if !started {
+		k.next++
+		lp = &localPod{name: pod.Name, ip: fmt.Sprintf("127.0.0.%d", k.next), dir: filepath.Join(k.work, pod.Name)}
+		if err := k.start(ctx, c, lp, pod.Namespace, pod.ObjectMeta, &pod.Spec); err != nil {
+			return fmt.Errorf("pod %s: %w", pod.Name, err)
+		}
+		k.pods[pod.UID] = lp
+		pod.Status.Phase = corev1.PodPending
+		pod.Status.PodIP, pod.Status.PodIPs = lp.ip, []corev1.PodIP{{IP: lp.ip}}
+		return c.Status().Update(ctx, pod)
+	}
+	select {
+	case <-lp.done:
+		if pod.Status.Phase != corev1.PodFailed && pod.Status.Phase != corev1.PodSucceeded {
+			progress("pod %s: exited with %d (log: %s)", pod.Name, lp.exitCode, filepath.Join(lp.dir, "log"))
+			pod.Status.Phase = map[bool]corev1.PodPhase{true: corev1.PodSucceeded, false: corev1.PodFailed}[lp.exitCode == 0]
+			pod.Status.Conditions = nil
+			return c.Status().Update(ctx, pod)
+		}
+		return nil
+	default:
+	}
+	if pod.Status.Phase == corev1.PodRunning || !ready(pod, lp.ip) {
+		return nil
+	}
+	progress("pod %s: Running and Ready on %s", pod.Name, lp.ip)
+	markRunning(pod, lp.ip)
+	return c.Status().Update(ctx, pod)
+}
+
+// ready runs the Ray container's readiness probe once (httpGet or tcpSocket on the pod's address).
+func ready(pod *corev1.Pod, ip string) bool {
+	probe := pod.Spec.Containers[0].ReadinessProbe
+	if probe == nil {
+		return true
+	}
+	switch {
+	case probe.HTTPGet != nil:
+		url := fmt.Sprintf("http://%s:%d%s", ip, probe.HTTPGet.Port.IntValue(), probe.HTTPGet.Path)
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get(url)
+		if err != nil {
+			return false
+		}
+		_ = resp.Body.Close()
+		return resp.StatusCode >= 200 && resp.StatusCode < 400
+	case probe.TCPSocket != nil:
+		conn, err := net.DialTimeout("tcp", net.JoinHostPort(ip, probe.TCPSocket.Port.String()), 2*time.Second)
+		if err != nil {
+			return false
+		}
+		return conn.Close() == nil
+	}
+	return true
+}
+
+func (k *processKubelet) syncJob(ctx context.Context, c client.Client, job *batchv1.Job) error {
+	if _, finished := jobFinished(job); finished {
+		return nil
+	}
+	lp, started := k.jobs[job.UID]
+	if started {
+		select {
+		case <-lp.done:
+		default:
+			return nil
+		}
+		limit := int32(6)
+		if job.Spec.BackoffLimit != nil {
+			limit = *job.Spec.BackoffLimit
+		}
+		now := metav1.Now()
+		if lp.exitCode == 0 {
+			progress("job %s: Complete", job.Name)
+			job.Status.Succeeded, job.Status.Active, job.Status.CompletionTime = 1, 0, &now
+			job.Status.Conditions = append(job.Status.Conditions,
+				batchv1.JobCondition{Type: batchv1.JobSuccessCriteriaMet, Status: corev1.ConditionTrue, LastTransitionTime: now},
+				batchv1.JobCondition{Type: batchv1.JobComplete, Status: corev1.ConditionTrue, LastTransitionTime: now})
+			return c.Status().Update(ctx, job)
+		}
+		job.Status.Failed++
+		if job.Status.Failed > limit {
+			progress("job %s: Failed (exit %d, %d attempts)", job.Name, lp.exitCode, lp.attempts)
+			job.Status.Active = 0
+			job.Status.Conditions = append(job.Status.Conditions,
+				batchv1.JobCondition{Type: batchv1.JobFailureTarget, Status: corev1.ConditionTrue, LastTransitionTime: now, Reason: "BackoffLimitExceeded"},
+				batchv1.JobCondition{Type: batchv1.JobFailed, Status: corev1.ConditionTrue, LastTransitionTime: now, Reason: "BackoffLimitExceeded"})
+			return c.Status().Update(ctx, job)
+		}
+		progress("job %s: attempt %d exited %d, retrying", job.Name, lp.attempts, lp.exitCode)
+		if err := c.Status().Update(ctx, job); err != nil {
+			return err
+		}
+	} else {
+		k.next++
+		lp = &localPod{name: job.Name, ip: fmt.Sprintf("127.0.0.%d", k.next)}
+		k.jobs[job.UID] = lp
+	}
+	lp.attempts++
+	lp.dir = filepath.Join(k.work, fmt.Sprintf("%s-%d", job.Name, lp.attempts))
+	meta := job.Spec.Template.ObjectMeta
+	meta.Name, meta.Namespace = fmt.Sprintf("%s-%d", job.Name, lp.attempts), job.Namespace
+	if err := k.start(ctx, c, lp, job.Namespace, meta, &job.Spec.Template.Spec); err != nil {
+		return fmt.Errorf("job %s: %w", job.Name, err)
+	}
+	job.Status.Active = 1
+	return c.Status().Update(ctx, job)
+}
+
+func jobFinished(job *batchv1.Job) (batchv1.JobConditionType, bool) {
+	for _, cond := range job.Status.Conditions {
+		if (cond.Type == batchv1.JobComplete || cond.Type == batchv1.JobFailed) && cond.Status == corev1.ConditionTrue {
+			return cond.Type, true
+		}
+	}
+	return "", false
+}
+
+var rayStart = regexp.MustCompile(`\bray start `)
+
+// start writes the pod's volumes and /etc/hosts under its folder and starts its init containers, then its
+// first container, in one mount+PID namespace; the process's exit code is the pod's.
+func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPod, ns string, meta metav1.ObjectMeta, spec *corev1.PodSpec) error {
+	if err := os.MkdirAll(lp.dir, 0o755); err != nil {
+		return err
+	}
+	var mounts []string // "source:target" bind mounts, in order
+	volumes := map[string]corev1.Volume{}
+	for _, v := range spec.Volumes {
+		volumes[v.Name] = v
+	}
+	containers := append(append([]corev1.Container{}, spec.InitContainers...), spec.Containers[0])
+	seen := map[string]bool{}
+	for _, ctr := range containers {
+		for _, m := range ctr.VolumeMounts {
+			if seen[m.MountPath] || m.MountPath == "/dev/shm" {
+				continue
+			}
+			seen[m.MountPath] = true
+			src := filepath.Join(lp.dir, "volumes", m.Name)
+			if err := os.MkdirAll(src, 0o777); err != nil {
+				return err
+			}
+			v := volumes[m.Name]
+			files := map[string][]byte{}
+			switch {
+			case v.ConfigMap != nil:
+				var cm corev1.ConfigMap
+				if err := c.Get(ctx, types.NamespacedName{Namespace: ns, Name: v.ConfigMap.Name}, &cm); err != nil {
+					return fmt.Errorf("volume %s: %w", m.Name, err)
+				}
+				for name, data := range cm.Data {
+					files[name] = []byte(data)
+				}
+			case v.Secret != nil:
+				var sec corev1.Secret
+				if err := c.Get(ctx, types.NamespacedName{Namespace: ns, Name: v.Secret.SecretName}, &sec); err != nil {
+					return fmt.Errorf("volume %s: %w", m.Name, err)
+				}
+				files = sec.Data
+			case v.EmptyDir == nil:
+				return fmt.Errorf("volume %s: only configMap, secret and emptyDir volumes run locally", m.Name)
+			}
+			for name, data := range files {
+				if err := os.WriteFile(filepath.Join(src, name), data, 0o644); err != nil {
+					return err
+				}
+			}
+			mounts = append(mounts, src+":"+m.MountPath)
+		}
+	}
+	// mounts over /tmp last: their sources may live under /tmp
+	sort.SliceStable(mounts, func(i, j int) bool {
+		return !strings.HasSuffix(mounts[i], ":/tmp") && strings.HasSuffix(mounts[j], ":/tmp")
+	})
+	k.mu.Lock()
+	var hosts strings.Builder
+	hosts.WriteString("127.0.0.1 localhost\n" + lp.ip + " " + meta.Name + "\n")
+	for name, ip := range k.hosts {
+		hosts.WriteString(ip + " " + name + "\n")
+	}
+	k.mu.Unlock()
+	if err := os.WriteFile(filepath.Join(lp.dir, "hosts"), []byte(hosts.String()), 0o644); err != nil {
+		return err
+	}
+	var script strings.Builder // runs as root inside the namespace, then execs the containers
+	script.WriteString("set -e\nmount -t tmpfs tmpfs \"$POD/ns\"\nmkdir -p \"$POD/ns/u\" \"$POD/ns/w\"\n" +
+		"mount -t overlay overlay -o lowerdir=/etc,upperdir=\"$POD/ns/u\",workdir=\"$POD/ns/w\" /etc\n" +
+		"cp \"$POD/hosts\" /etc/hosts\n")
+	for _, m := range mounts {
+		src, dst, _ := strings.Cut(m, ":")
+		script.WriteString(fmt.Sprintf("mkdir -p %q && mount --bind %q %q\n", dst, src, dst))
+	}
+	script.WriteString("cd /\n")
+	for i, ctr := range containers {
+		env, err := k.env(ctx, c, ns, meta, lp.ip, ctr)
+		if err != nil {
+			return fmt.Errorf("container %s: %w", ctr.Name, err)
+		}
+		argv := append(append([]string{}, ctr.Command...), ctr.Args...)
+		for j := range argv {
+			argv[j] = rayStart.ReplaceAllString(argv[j], "ray start --node-ip-address="+lp.ip+" ")
+		}
+		line := "env -i"
+		for _, e := range env {
+			line += " " + shellQuote(e)
+		}
+		for _, a := range argv {
+			line += " " + shellQuote(a)
+		}
+		if i == len(containers)-1 {
+			line = "exec " + line
+		}
+		script.WriteString(line + "\n")
+	}
+	if err := os.WriteFile(filepath.Join(lp.dir, "pod.sh"), []byte(script.String()), 0o755); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Join(lp.dir, "ns"), 0o755); err != nil {
+		return err
+	}
+	log, err := os.Create(filepath.Join(lp.dir, "log"))
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+		"--mount-proc", "/bin/bash", filepath.Join(lp.dir, "pod.sh"))
+	cmd.Env = append(os.Environ(), "POD="+lp.dir)
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	lp.cmd, lp.done = cmd, make(chan struct{})
+	progress("pod %s: started on %s (%s)", meta.Name, lp.ip, filepath.Join(lp.dir, "log"))
+	go func() {
+		_ = cmd.Wait()
+		lp.exitCode = cmd.ProcessState.ExitCode()
+		_ = log.Close()
+		close(lp.done)
+	}()
+	return nil
+}
+
+// env resolves a container's environment as the kubelet does, on top of the harness's PATH and PYTHONPATH
+// (the image's Python environment here is the one the tests run in).
+func (k *processKubelet) env(ctx context.Context, c client.Client, ns string, meta metav1.ObjectMeta, ip string, ctr corev1.Container) ([]string, error) {
+	var env []string
+	for _, name := range []string{"PATH", "PYTHONPATH", "LANG", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} {
+		if v, ok := os.LookupEnv(name); ok {
+			env = append(env, name+"="+v)
+		}
+	}
+	for _, e := range ctr.Env {
+		value := e.Value
+		if src := e.ValueFrom; src != nil {
+			switch {
+			case src.FieldRef != nil:
+				value = fieldValue(src.FieldRef.FieldPath, ns, meta, ip)
+			case src.SecretKeyRef != nil:
+				var sec corev1.Secret
+				if err := c.Get(ctx, types.NamespacedName{Namespace: ns, Name: src.SecretKeyRef.Name}, &sec); err != nil {
+					return nil, fmt.Errorf("env %s: %w", e.Name, err)
+				}
+				value = string(sec.Data[src.SecretKeyRef.Key])
+			case src.ConfigMapKeyRef != nil:
+				var cm corev1.ConfigMap
+				if err := c.Get(ctx, types.NamespacedName{Namespace: ns, Name: src.ConfigMapKeyRef.Name}, &cm); err != nil {
+					return nil, fmt.Errorf("env %s: %w", e.Name, err)
+				}
+				value = cm.Data[src.ConfigMapKeyRef.Key]
+			case src.ResourceFieldRef != nil:
+				value = "0"
+			}
+		}
+		env = append(env, e.Name+"="+value) // the chart uses no $(VAR) references
+	}
+	return env, nil
+}
+
+var labelRef = regexp.MustCompile(`^metadata\.labels\['(.+)'\]$`)
+
+func fieldValue(path, ns string, meta metav1.ObjectMeta, ip string) string {
+	switch path {
+	case "metadata.name":
+		return meta.Name
+	case "metadata.namespace":
+		return ns
+	case "status.podIP", "status.hostIP":
+		return ip
+	}
+	if m := labelRef.FindStringSubmatch(path); m != nil {
+		return meta.Labels[m[1]]
+	}
+	return ""
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+func (lp *localPod) stop() {
+	if lp.cmd == nil || lp.cmd.Process == nil {
+		return
+	}
+	select {
+	case <-lp.done:
+		return
+	default:
+	}
+	_ = syscall.Kill(-lp.cmd.Process.Pid, syscall.SIGKILL) // unshare --kill-child: the pod's PID namespace goes with it
+	<-lp.done
+}
+
+func (k *processKubelet) stopAll() {
+	for _, lp := range k.pods {
+		lp.stop()
+	}
+	for _, lp := range k.jobs {
+		lp.stop()
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 
 	rayv1 "github.com/ray-project/kuberay/ray-operator/apis/ray/v1"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apiextensions-apiserver/pkg/apis/apiextensions"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	structuralschema "k8s.io/apiextensions-apiserver/pkg/apiserver/schema"
@@ -52,10 +53,20 @@ func loadCRDs(dir string) (crdSchemas, error) {
 	return out, nil
 }
 
-// apply prunes and defaults obj in place, through its unstructured form.
+// apply prunes and defaults obj in place, through its unstructured form. A Secret's stringData is merged
+// into data, as the API server does on every write (the operator writes the auth token as stringData).
 func (c crdSchemas) apply(obj client.Object) error {
 	var kind string
-	switch obj.(type) {
+	switch o := obj.(type) {
+	case *corev1.Secret:
+		if len(o.StringData) > 0 && o.Data == nil {
+			o.Data = map[string][]byte{}
+		}
+		for k, v := range o.StringData {
+			o.Data[k] = []byte(v)
+		}
+		o.StringData = nil
+		return nil
 	case *rayv1.RayJob:
 		kind = "RayJob"
 	case *rayv1.RayCluster:

@@ -21,6 +21,9 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
 	"time"
 
 	kuberayconfig "github.com/ray-project/kuberay/ray-operator/apis/config/v1alpha1"
@@ -42,6 +45,8 @@ func main() {
 	admit := flags.Bool("admit", false, "play Kueue: admit a suspended RayJob once it is Suspended")
 	timeout := flags.Duration("timeout", 2*time.Minute, "give up after this long")
 	verbose := flags.Bool("v", false, "print the operator's own log lines")
+	var forwards multiFlag
+	flags.Var(&forwards, "forward", "run mode: NAME:PORT=HOST:PORT, the pods reach HOST:PORT as NAME:PORT (repeatable)")
 	crds := flags.String("crds", "", "folder of KubeRay's CRD files (ray.io_rayjobs.yaml, ray.io_rayclusters.yaml)")
 	_ = flags.Parse(os.Args[2:])
 	if *in == "" || *out == "" || *crds == "" || (mode == "run" && *work == "") {
@@ -49,12 +54,15 @@ func main() {
 	}
 	setupLogging(*verbose)
 
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	// SIGTERM/SIGINT end the loop like the timeout does, so the pods and namespaces are cleaned up
+	sigCtx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	ctx, cancel := context.WithTimeout(sigCtx, *timeout)
 	defer cancel()
 	var provider utils.ClientProvider = noDashboard{}
 	var k kubelet = statusKubelet{}
 	if mode == "run" {
-		pk, err := newProcessKubelet(*work)
+		pk, err := newProcessKubelet(*work, forwards)
 		if err != nil {
 			fail(err)
 		}
@@ -102,3 +110,8 @@ func fail(err error) {
 	fmt.Fprintf(os.Stderr, "harness: %v\n", err)
 	os.Exit(1)
 }
+
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }

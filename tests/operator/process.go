@@ -24,16 +24,20 @@ import (
 
 // processKubelet (run mode) is a local kubelet and Job controller. Each Pod the operator creates, and the
 // Pod of each submitter Job, runs its containers' commands exactly as written, with their env resolved
-// (value, fieldRef, secretKeyRef, configMapKeyRef), as local processes. A pod runs in its own mount and PID
-// namespace (`unshare`, root): /etc is an overlay there, so /etc/hosts maps every Service name to the
-// address of the pod it selects and ConfigMap/Secret volumes appear at their mountPath; emptyDir volumes are
-// fresh folders; when the pod goes, killing the namespace's first process ends every process of the pod.
-// Pods get their own loopback address (127.0.0.2, .3, ...) on the host's network. The one change to a
-// command: `ray start` gets --node-ip-address=<pod address>, since outside a pod network namespace Ray
-// would advertise the host's own network address. A pod is Ready when its readiness probe passes
-// (httpGet/tcpSocket on its address), a Job Complete or Failed by its container's exit code, retried up to
-// its backoffLimit.
+// (value, fieldRef, secretKeyRef, configMapKeyRef), as local processes (root needed):
+//   - network: each pod has its own network namespace (so the operator's fixed ports, 6379, 8265, 8080,
+//     52365 on 127.0.0.1 too, never collide with each other or with anything on the host), with eth0 on
+//     10.244.0.N/24 bridged in a namespace of the harness's own (netns.go); nothing is routed off it. The
+//     harness reaches pods (probes, the dashboard client) and forwards -forward ports (the S3 endpoint)
+//     from inside that bridge namespace.
+//   - files: a mount and PID namespace per pod; /etc is an overlay there, so /etc/hosts maps each Service
+//     name to the pod it selects and ConfigMap/Secret volumes appear at their mountPath; emptyDir volumes
+//     are fresh folders; killing the namespace's first process ends every process of the pod.
+//
+// A pod is Ready when its readiness probe passes (httpGet/tcpSocket on its address), a Job Complete or
+// Failed by its container's exit code, retried up to its backoffLimit.
 type processKubelet struct {
+	net   *podNetwork
 	work  string
 	mu    sync.Mutex
 	pods  map[types.UID]*localPod
@@ -45,6 +49,7 @@ type processKubelet struct {
 type localPod struct {
 	name     string
 	ip       string
+	netns    string
 	dir      string
 	cmd      *exec.Cmd
 	done     chan struct{}
@@ -52,18 +57,32 @@ type localPod struct {
 	attempts int
 }
 
-func newProcessKubelet(work string) (*processKubelet, error) {
-	if _, err := exec.LookPath("unshare"); err != nil {
-		return nil, fmt.Errorf("run mode needs util-linux's unshare (and root): %w", err)
+func newProcessKubelet(work string, forwards []string) (*processKubelet, error) {
+	for _, tool := range []string{"unshare", "ip"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return nil, fmt.Errorf("run mode needs %s (util-linux, iproute2) and root: %w", tool, err)
+		}
 	}
 	if err := os.MkdirAll(work, 0o755); err != nil {
 		return nil, err
 	}
-	k := &processKubelet{work: work, pods: map[types.UID]*localPod{}, jobs: map[types.UID]*localPod{},
+	pn, err := newPodNetwork()
+	if err != nil {
+		return nil, err
+	}
+	k := &processKubelet{net: pn, work: work, pods: map[types.UID]*localPod{}, jobs: map[types.UID]*localPod{},
 		hosts: map[string]string{}, next: 1}
-	// KubeRay's dashboard client dials the head Service's cluster DNS name: resolve it like /etc/hosts in
-	// the pods, and refuse anything that is not on loopback.
-	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	for _, f := range forwards {
+		name, target, err := pn.forward(f)
+		if err != nil {
+			pn.close()
+			return nil, err
+		}
+		k.hosts[name] = pn.gateway
+		progress("forwarding %s to %s", f, target)
+	}
+	// KubeRay's dashboard client dials the head Service's cluster DNS name: resolve it as the pods'
+	// /etc/hosts does and dial from inside the pod network; refuse anything else.
 	http.DefaultTransport.(*http.Transport).DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		host, port, err := net.SplitHostPort(addr)
 		if err != nil {
@@ -72,10 +91,10 @@ func newProcessKubelet(work string) (*processKubelet, error) {
 		if ip, ok := k.lookup(host); ok {
 			host = ip
 		}
-		if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
-			return nil, fmt.Errorf("harness: %s is not on loopback", addr)
+		if !pn.contains(host) {
+			return nil, fmt.Errorf("harness: %s is not a pod address", addr)
 		}
-		return dialer.DialContext(ctx, network, net.JoinHostPort(host, port))
+		return pn.dial(ctx, network, net.JoinHostPort(host, port))
 	}
 	return k, nil
 }
@@ -107,6 +126,7 @@ func (k *processKubelet) sync(ctx context.Context, c client.Client) error {
 		if !alive[uid] {
 			progress("pod %s: deleted, stopping it", lp.name)
 			lp.stop()
+			k.net.remove(lp)
 			delete(k.pods, uid)
 		}
 	}
@@ -159,7 +179,10 @@ func (k *processKubelet) syncPod(ctx context.Context, c client.Client, pod *core
 	lp, started := k.pods[pod.UID]
 	if !started {
 		k.next++
-		lp = &localPod{name: pod.Name, ip: fmt.Sprintf("127.0.0.%d", k.next), dir: filepath.Join(k.work, pod.Name)}
+		lp = &localPod{name: pod.Name, dir: filepath.Join(k.work, pod.Name)}
+		if err := k.net.add(lp, k.next); err != nil {
+			return fmt.Errorf("pod %s: %w", pod.Name, err)
+		}
 		if err := k.start(ctx, c, lp, pod.Namespace, pod.ObjectMeta, &pod.Spec); err != nil {
 			return fmt.Errorf("pod %s: %w", pod.Name, err)
 		}
@@ -179,7 +202,7 @@ func (k *processKubelet) syncPod(ctx context.Context, c client.Client, pod *core
 		return nil
 	default:
 	}
-	if pod.Status.Phase == corev1.PodRunning || !ready(pod, lp.ip) {
+	if pod.Status.Phase == corev1.PodRunning || !k.ready(pod, lp.ip) {
 		return nil
 	}
 	progress("pod %s: Running and Ready on %s", pod.Name, lp.ip)
@@ -188,7 +211,7 @@ func (k *processKubelet) syncPod(ctx context.Context, c client.Client, pod *core
 }
 
 // ready runs the Ray container's readiness probe once (httpGet or tcpSocket on the pod's address).
-func ready(pod *corev1.Pod, ip string) bool {
+func (k *processKubelet) ready(pod *corev1.Pod, ip string) bool {
 	probe := pod.Spec.Containers[0].ReadinessProbe
 	if probe == nil {
 		return true
@@ -203,7 +226,9 @@ func ready(pod *corev1.Pod, ip string) bool {
 		_ = resp.Body.Close()
 		return resp.StatusCode >= 200 && resp.StatusCode < 400
 	case probe.TCPSocket != nil:
-		conn, err := net.DialTimeout("tcp", net.JoinHostPort(ip, probe.TCPSocket.Port.String()), 2*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		conn, err := k.net.dial(ctx, "tcp", net.JoinHostPort(ip, probe.TCPSocket.Port.String()))
 		if err != nil {
 			return false
 		}
@@ -251,7 +276,10 @@ func (k *processKubelet) syncJob(ctx context.Context, c client.Client, job *batc
 		}
 	} else {
 		k.next++
-		lp = &localPod{name: job.Name, ip: fmt.Sprintf("127.0.0.%d", k.next)}
+		lp = &localPod{name: job.Name}
+		if err := k.net.add(lp, k.next); err != nil {
+			return fmt.Errorf("job %s: %w", job.Name, err)
+		}
 		k.jobs[job.UID] = lp
 	}
 	lp.attempts++
@@ -273,8 +301,6 @@ func jobFinished(job *batchv1.Job) (batchv1.JobConditionType, bool) {
 	}
 	return "", false
 }
-
-var rayStart = regexp.MustCompile(`\bray start `)
 
 // start writes the pod's volumes and /etc/hosts under its folder and starts its init containers, then its
 // first container, in one mount+PID namespace; the process's exit code is the pod's.
@@ -356,9 +382,6 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 			return fmt.Errorf("container %s: %w", ctr.Name, err)
 		}
 		argv := append(append([]string{}, ctr.Command...), ctr.Args...)
-		for j := range argv {
-			argv[j] = rayStart.ReplaceAllString(argv[j], "ray start --node-ip-address="+lp.ip+" ")
-		}
 		line := "env -i"
 		for _, e := range env {
 			line += " " + shellQuote(e)
@@ -381,8 +404,8 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-		"--mount-proc", "/bin/bash", filepath.Join(lp.dir, "pod.sh"))
+	cmd := exec.Command("ip", "netns", "exec", lp.netns, "unshare", "--mount", "--propagation", "private", "--pid",
+		"--fork", "--kill-child", "--mount-proc", "/bin/bash", filepath.Join(lp.dir, "pod.sh"))
 	cmd.Env = append(os.Environ(), "POD="+lp.dir)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -475,4 +498,5 @@ func (k *processKubelet) stopAll() {
 	for _, lp := range k.jobs {
 		lp.stop()
 	}
+	k.net.close()
 }

@@ -40,8 +40,8 @@ type processKubelet struct {
 	net   *podNetwork
 	work  string
 	mu    sync.Mutex
-	pods  map[types.UID]*localPod
-	jobs  map[types.UID]*localPod
+	pods  map[string]*localPod
+	jobs  map[string]*localPod
 	hosts map[string]string // Service DNS name -> address
 	next  int
 }
@@ -70,7 +70,7 @@ func newProcessKubelet(work string, forwards []string) (*processKubelet, error) 
 	if err != nil {
 		return nil, err
 	}
-	k := &processKubelet{net: pn, work: work, pods: map[types.UID]*localPod{}, jobs: map[types.UID]*localPod{},
+	k := &processKubelet{net: pn, work: work, pods: map[string]*localPod{}, jobs: map[string]*localPod{},
 		hosts: map[string]string{}, next: 1}
 	for _, f := range forwards {
 		name, target, err := pn.forward(f)
@@ -114,10 +114,10 @@ func (k *processKubelet) sync(ctx context.Context, c client.Client) error {
 	if err := k.updateHosts(ctx, c, pods.Items); err != nil {
 		return err
 	}
-	alive := map[types.UID]bool{}
+	alive := map[string]bool{}
 	for i := range pods.Items {
 		pod := &pods.Items[i]
-		alive[pod.UID] = true
+		alive[podKey(pod.ObjectMeta)] = true
 		if err := k.syncPod(ctx, c, pod); err != nil {
 			return err
 		}
@@ -176,7 +176,7 @@ func selects(selector, labels map[string]string) bool {
 }
 
 func (k *processKubelet) syncPod(ctx context.Context, c client.Client, pod *corev1.Pod) error {
-	lp, started := k.pods[pod.UID]
+	lp, started := k.pods[podKey(pod.ObjectMeta)]
 	if !started {
 		k.next++
 		lp = &localPod{name: pod.Name, dir: filepath.Join(k.work, pod.Name)}
@@ -186,7 +186,7 @@ func (k *processKubelet) syncPod(ctx context.Context, c client.Client, pod *core
 		if err := k.start(ctx, c, lp, pod.Namespace, pod.ObjectMeta, &pod.Spec); err != nil {
 			return fmt.Errorf("pod %s: %w", pod.Name, err)
 		}
-		k.pods[pod.UID] = lp
+		k.pods[podKey(pod.ObjectMeta)] = lp
 		pod.Status.Phase = corev1.PodPending
 		pod.Status.PodIP, pod.Status.PodIPs = lp.ip, []corev1.PodIP{{IP: lp.ip}}
 		return c.Status().Update(ctx, pod)
@@ -241,7 +241,7 @@ func (k *processKubelet) syncJob(ctx context.Context, c client.Client, job *batc
 	if _, finished := jobFinished(job); finished {
 		return nil
 	}
-	lp, started := k.jobs[job.UID]
+	lp, started := k.jobs[podKey(job.ObjectMeta)]
 	if started {
 		select {
 		case <-lp.done:
@@ -280,7 +280,7 @@ func (k *processKubelet) syncJob(ctx context.Context, c client.Client, job *batc
 		if err := k.net.add(lp, k.next); err != nil {
 			return fmt.Errorf("job %s: %w", job.Name, err)
 		}
-		k.jobs[job.UID] = lp
+		k.jobs[podKey(job.ObjectMeta)] = lp
 	}
 	lp.attempts++
 	lp.dir = filepath.Join(k.work, fmt.Sprintf("%s-%d", job.Name, lp.attempts))
@@ -500,3 +500,6 @@ func (k *processKubelet) stopAll() {
 	}
 	k.net.close()
 }
+
+// podKey: namespace/name (the fake client sets no UIDs).
+func podKey(m metav1.ObjectMeta) string { return m.Namespace + "/" + m.Name }

@@ -48,6 +48,8 @@ type processKubelet struct {
 
 type localPod struct {
 	name     string
+	hostname string
+	hosts    string // what its /etc/hosts holds now
 	ip       string
 	netns    string
 	dir      string
@@ -150,7 +152,6 @@ func (k *processKubelet) updateHosts(ctx context.Context, c client.Client, pods 
 		return err
 	}
 	k.mu.Lock()
-	defer k.mu.Unlock()
 	for _, svc := range svcs.Items {
 		for _, pod := range pods {
 			if pod.Status.PodIP == "" || len(svc.Spec.Selector) == 0 || !selects(svc.Spec.Selector, pod.Labels) {
@@ -163,7 +164,50 @@ func (k *processKubelet) updateHosts(ctx context.Context, c client.Client, pods 
 			break
 		}
 	}
+	k.mu.Unlock()
+	for _, lp := range k.pods { // a Service whose pod was replaced points at the new one, as DNS would
+		if err := k.writeHosts(lp); err != nil {
+			return err
+		}
+	}
+	for _, lp := range k.jobs {
+		if err := k.writeHosts(lp); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// writeHosts (re)writes a pod's /etc/hosts in place (the file is bind-mounted into the pod's namespace).
+func (k *processKubelet) writeHosts(lp *localPod) error {
+	if lp.dir == "" || lp.ip == "" {
+		return nil
+	}
+	k.mu.Lock()
+	names := make([]string, 0, len(k.hosts))
+	for name := range k.hosts {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	var hosts strings.Builder
+	hosts.WriteString("127.0.0.1 localhost\n" + lp.ip + " " + lp.hostname + "\n")
+	for _, name := range names {
+		hosts.WriteString(k.hosts[name] + " " + name + "\n")
+	}
+	k.mu.Unlock()
+	if hosts.String() == lp.hosts {
+		return nil
+	}
+	lp.hosts = hosts.String()
+	f, err := os.OpenFile(filepath.Join(lp.dir, "hosts"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(lp.hosts); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func selects(selector, labels map[string]string) bool {
@@ -357,20 +401,14 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 	sort.SliceStable(mounts, func(i, j int) bool {
 		return !strings.HasSuffix(mounts[i], ":/tmp") && strings.HasSuffix(mounts[j], ":/tmp")
 	})
-	k.mu.Lock()
-	var hosts strings.Builder
-	hosts.WriteString("127.0.0.1 localhost\n" + lp.ip + " " + meta.Name + "\n")
-	for name, ip := range k.hosts {
-		hosts.WriteString(ip + " " + name + "\n")
-	}
-	k.mu.Unlock()
-	if err := os.WriteFile(filepath.Join(lp.dir, "hosts"), []byte(hosts.String()), 0o644); err != nil {
+	lp.hostname, lp.hosts = meta.Name, ""
+	if err := k.writeHosts(lp); err != nil {
 		return err
 	}
 	var script strings.Builder // runs as root inside the namespace, then execs the containers
 	script.WriteString("set -e\nmount -t tmpfs tmpfs \"$POD/ns\"\nmkdir -p \"$POD/ns/u\" \"$POD/ns/w\"\n" +
 		"mount -t overlay overlay -o lowerdir=/etc,upperdir=\"$POD/ns/u\",workdir=\"$POD/ns/w\" /etc\n" +
-		"cp \"$POD/hosts\" /etc/hosts\n")
+		"mount --bind \"$POD/hosts\" /etc/hosts\n")
 	for _, m := range mounts {
 		src, dst, _ := strings.Cut(m, ":")
 		script.WriteString(fmt.Sprintf("mkdir -p %q && mount --bind %q %q\n", dst, src, dst))

@@ -462,9 +462,11 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 }
 
 // env resolves a container's environment as the kubelet does, on top of the harness's PATH and PYTHONPATH
-// (the image's Python environment here is the one the tests run in).
+// (the image's Python environment here is the one the tests run in). GRPC_DNS_RESOLVER=native: there is
+// no cluster DNS server here, names resolve through /etc/hosts, which gRPC's default (c-ares) resolver
+// does not read, so Ray's GCS clients would never find the head Service.
 func (k *processKubelet) env(ctx context.Context, c client.Client, ns string, meta metav1.ObjectMeta, ip string, ctr corev1.Container) ([]string, error) {
-	var env []string
+	env := []string{"GRPC_DNS_RESOLVER=native"}
 	for _, name := range []string{"PATH", "PYTHONPATH", "LANG", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} {
 		if v, ok := os.LookupEnv(name); ok {
 			env = append(env, name+"="+v)

@@ -30,7 +30,8 @@ import (
 //     10.244.0.N/24 bridged in a namespace of the harness's own (netns.go); nothing is routed off it. The
 //     harness reaches pods (probes, the dashboard client) and forwards -forward ports (the S3 endpoint)
 //     from inside that bridge namespace.
-//   - files: a mount and PID namespace per pod; /etc is an overlay there, so /etc/hosts maps each Service
+//   - files: a mount, PID and UTS namespace per pod (its hostname is the pod's name, as in Kubernetes:
+//     gloo resolves it); /etc is an overlay there, so /etc/hosts maps each Service
 //     name to the pod it selects and ConfigMap/Secret volumes appear at their mountPath; emptyDir volumes
 //     are fresh folders; killing the namespace's first process ends every process of the pod.
 //
@@ -408,7 +409,7 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 	var script strings.Builder // runs as root inside the namespace, then execs the containers
 	script.WriteString("set -e\nmount -t tmpfs tmpfs \"$POD/ns\"\nmkdir -p \"$POD/ns/u\" \"$POD/ns/w\"\n" +
 		"mount -t overlay overlay -o lowerdir=/etc,upperdir=\"$POD/ns/u\",workdir=\"$POD/ns/w\" /etc\n" +
-		"mount --bind \"$POD/hosts\" /etc/hosts\n")
+		"mount --bind \"$POD/hosts\" /etc/hosts\nhostname \"$POD_NAME\"\n")
 	for _, m := range mounts {
 		src, dst, _ := strings.Cut(m, ":")
 		script.WriteString(fmt.Sprintf("mkdir -p %q && mount --bind %q %q\n", dst, src, dst))
@@ -442,9 +443,9 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("ip", "netns", "exec", lp.netns, "unshare", "--mount", "--propagation", "private", "--pid",
+	cmd := exec.Command("ip", "netns", "exec", lp.netns, "unshare", "--uts", "--mount", "--propagation", "private", "--pid",
 		"--fork", "--kill-child", "--mount-proc", "/bin/bash", filepath.Join(lp.dir, "pod.sh"))
-	cmd.Env = append(os.Environ(), "POD="+lp.dir)
+	cmd.Env = append(os.Environ(), "POD="+lp.dir, "POD_NAME="+meta.Name)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

@@ -137,9 +137,19 @@ func (k *processKubelet) sync(ctx context.Context, c client.Client) error {
 	if err := c.List(ctx, &jobs); err != nil {
 		return err
 	}
+	liveJobs := map[string]bool{}
 	for i := range jobs.Items {
+		liveJobs[podKey(jobs.Items[i].ObjectMeta)] = true
 		if err := k.syncJob(ctx, c, &jobs.Items[i]); err != nil {
 			return err
+		}
+	}
+	for key, lp := range k.jobs { // deleted (a retried RayJob's submitter is deleted, then made again)
+		if !liveJobs[key] {
+			progress("job %s: deleted, stopping it", lp.name)
+			lp.stop()
+			k.net.remove(lp)
+			delete(k.jobs, key)
 		}
 	}
 	return nil

@@ -31,7 +31,7 @@ setup: $(VENV)/.installed system-deps
 
 # The tests' Go harness (KubeRay's reconcilers, tests/operator): only `make test` needs Go, `make demo` does not.
 harness:
-	$(INSTALL) harness
+	$(INSTALL) harness || echo "make: the KubeRay harness was not built; its tests skip (and fail under CI=true)"
 
 # The main job on the embedded default: zoos -> shards -> Ray Train -> sampling -> evaluation.
 demo: setup

@@ -151,8 +151,11 @@ class LossConfig:
     temperature: float = param(0.1, exclusive_min=0.0)
     min_valid_per_token: int = param(3, min=1)  # token mode: fewer valid entries (BN tokens): per-entry layer stats
     # how the normalized squared errors are averaged: over every valid entry (a token weighs as many entries as
-    # it has), or per token first (every token weighs the same: BN, first-conv and classifier rows included)
-    reduction: str = param("entry", choices=("entry", "token"))
+    # it has), per token first (every token weighs the same: BN, first-conv and classifier rows included), per
+    # token weighted by n^token_weight_alpha (n valid entries: 0 = token, 1 = entry), or per (sample, layer)
+    # group first (every layer of a window weighs the same)
+    reduction: str = param("entry", choices=("entry", "token", "token_power", "layer"))
+    token_weight_alpha: float = param(0.5, min=0.0, max=1.0)  # reduction token_power: token weight n^alpha
 
 
 @dataclass

@@ -1,0 +1,60 @@
+"""The science sweeps of issues 25 and 26 render the points their questions need, and nothing else differs
+between the settings a comparison pairs (rendered with the chart, placed locally, nothing run)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("helm_python")
+
+from mzsane.sweep import chart, local, prerequisites  # noqa: E402
+from mzsane.sweep.point import rendered_points  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _configs(tmp_path: Path, *files: str, sets: tuple[str, ...] = ()) -> dict:
+    paths = [str(ROOT / "jobs" / f) for f in files]
+    return {p.name: local.place(p, str(tmp_path / "data"), str(tmp_path / "s"), write=False).cfg
+            for p in rendered_points(chart.render(paths, sets=list(sets)))}
+
+
+def _without(cfg, *paths: str) -> dict:
+    out = cfg.to_dict() if hasattr(cfg, "to_dict") else __import__("dataclasses").asdict(cfg)
+    out.pop("run_name", None)
+    for path in paths:
+        section, key = path.split(".")
+        out[section].pop(key, None)
+    return out
+
+
+@pytest.mark.parametrize("name", ["norm-weighting", "norm-weighting-resnet18"])
+def test_norm_weighting_sweeps_cover_every_weighting_at_three_seeds(tmp_path, name):
+    cfgs = _configs(tmp_path, f"{name}.yaml", f"local/{name}.yaml")
+    settings = {}
+    for cfg in cfgs.values():
+        key = (cfg.loss.norm_mode, cfg.loss.reduction,
+               cfg.loss.token_weight_alpha if cfg.loss.reduction == "token_power" else None)
+        settings.setdefault(key, set()).add((cfg.data.seed, cfg.train.seed, cfg.sample.seed, cfg.evaluate.seed))
+    want = {("token", "token_power", a) for a in (0.0, 0.25, 0.5, 0.75, 1.0)} | {("token", "layer", None)}
+    assert set(settings) == want
+    assert all(seeds == {(s, s, s, s) for s in (0, 1, 2)} for seeds in settings.values())
+    # the settings differ in the loss weighting alone: a seed's points are otherwise one config
+    by_seed = {}
+    for cfg in cfgs.values():
+        by_seed.setdefault(cfg.train.seed, []).append(_without(cfg, "loss.reduction", "loss.token_weight_alpha"))
+    assert all(all(c == group[0] for c in group) for group in by_seed.values())
+    prerequisites.check_anchor_pools(cfgs)
+
+
+def test_norm_weighting_matches_the_norm_ablation_token_points_but_for_the_weighting(tmp_path):
+    """Its alpha-1 points are the norm-ablation sweep's masked-token points (per-entry weighting, identical
+    loss), so the two sweeps' figures can be read side by side."""
+    weighting = _configs(tmp_path, "norm-weighting.yaml", "local/norm-weighting.yaml")
+    ablation = _configs(tmp_path, "norm-ablation.yaml", "local/norm-ablation.yaml")
+    alpha1 = {c.train.seed: _without(c, "loss.reduction", "loss.token_weight_alpha") for c in weighting.values()
+              if c.loss.reduction == "token_power" and c.loss.token_weight_alpha == 1.0}
+    token = {c.train.seed: _without(c, "loss.reduction", "loss.token_weight_alpha") for c in ablation.values()
+             if c.loss.norm_mode == "token"}
+    assert alpha1 == token and len(token) == 3

@@ -2,14 +2,15 @@
 between the settings a comparison pairs (rendered with the chart, placed locally, nothing run)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("helm_python")
 
-from mzsane.sweep import chart, local, prerequisites  # noqa: E402
-from mzsane.sweep.point import rendered_points  # noqa: E402
+from mzsane.sweep import chart, local, prerequisites
+from mzsane.sweep.point import rendered_points
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ def _configs(tmp_path: Path, *files: str, sets: tuple[str, ...] = ()) -> dict:
 
 
 def _without(cfg, *paths: str) -> dict:
-    out = cfg.to_dict() if hasattr(cfg, "to_dict") else __import__("dataclasses").asdict(cfg)
+    out = dataclasses.asdict(cfg)
     out.pop("run_name", None)
     for path in paths:
         section, key = path.split(".")

@@ -189,6 +189,8 @@ def _cmd_sweep_status(args: argparse.Namespace) -> None:
 def _add_sweep_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="storage URL of a sweep: {storage}/sweeps/{sweep}")
     p.add_argument("--out", default="", help="where to write the table and plot (default: the sweep URL)")
+    p.add_argument("--baseline", default="", help="the setting every other is compared with, paired by seed: a "
+                   "substring of its label, e.g. 'mnist n=8' or 'loss.token_weight_alpha=1' (default: the first)")
 
 
 def _cmd_sweep_report(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from mzsane import storage
 from mzsane.errors import DataError
+from mzsane.sweep import paired
 from mzsane.sweep.schema import SEED_PATHS
 
 ZERO_SHOT_METHOD = "generated"
@@ -283,8 +284,10 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return text.getvalue()
 
 
-def report(url: str, out: str = "") -> dict[str, Any]:
-    """Collect every point's results into rows, ``sweep_results.csv`` and ``sweep_zero_shot.png`` under ``out``."""
+def report(url: str, out: str = "", baseline: str = "") -> dict[str, Any]:
+    """Collect every point's results into rows, ``sweep_results.csv`` and ``sweep_zero_shot.png`` under ``out``,
+    and every setting against ``baseline`` (a substring of a setting's label, empty = the first) paired by seed
+    in ``sweep_paired.csv`` (``mzsane.sweep.paired``)."""
     url = url.rstrip("/")
     rows, pending = collect(url)
     if not rows:
@@ -298,8 +301,11 @@ def report(url: str, out: str = "") -> dict[str, Any]:
     storage.write_text(csv_url, _csv(rows, REPORT_COLUMNS))
     storage.write_text(summary_url, _csv(summary, SUMMARY_COLUMNS))
     storage.write_bytes(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy"))
+    paired_rows = [c.as_dict() for c in paired.compare_settings(rows, ZERO_SHOT_METHOD, baseline)]
+    paired_url = storage.join(out, "sweep_paired.csv")
+    storage.write_text(paired_url, _csv(paired_rows, paired.COLUMNS))
     result = {"rows": rows, "summary": summary, "pending": pending, "csv": csv_url, "summary_csv": summary_url,
-              "png": png_url}
+              "png": png_url, "paired": paired_rows, "paired_csv": paired_url}
     if any(np.isfinite(r["probe_r2_embedding"]) for r in summary):
         result["probe_png"] = storage.join(out, "sweep_probe.png")
         storage.write_bytes(result["probe_png"], _plot(summary, f"sweep {name}: probe of test accuracy",
@@ -308,14 +314,19 @@ def report(url: str, out: str = "") -> dict[str, Any]:
 
 
 def report_cli(args: argparse.Namespace) -> None:
-    result = report(args.url, args.out)
+    result = report(args.url, args.out, getattr(args, "baseline", ""))
     zero_shot = [r for r in result["rows"] if r["method"] == ZERO_SHOT_METHOD] or result["rows"]
     print(format_table(zero_shot, ["target_zoo", "composition", "zoo_size", "axes", "seed", "point", "method",
                                     "test_acc_mean", "test_acc_std", "n", "probe_r2_embedding"]))
     print("\nper setting (test accuracy, mean ± 95% half-width over seeds; generated = top-k by validation; "
           "finetuned_* = after evaluate.finetune_epochs of fine-tuning from that start):")
     print(summary_table(result["summary"]))
+    if result["paired"]:
+        print(f"\npaired by seed ({ZERO_SHOT_METHOD}, a - b; p_t: paired t-test, two-sided; p_sign_flip: exact "
+              f"sign-flip test, whose smallest p at n pairs is 2/2^n; '{paired.NOT_DISTINGUISHABLE}' when p_t >= "
+              f"{paired.ALPHA}):")
+        print(paired.format_comparisons([paired.Comparison(**c) for c in result["paired"]]))
     if result["pending"]:
         print(f"pending (no results yet): {', '.join(result['pending'])}")
-    wrote = [result["csv"], result["summary_csv"], result["png"], result.get("probe_png", "")]
+    wrote = [result["csv"], result["summary_csv"], result["paired_csv"], result["png"], result.get("probe_png", "")]
     print(f"wrote {', '.join(w for w in wrote if w)}")

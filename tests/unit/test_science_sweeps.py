@@ -59,3 +59,21 @@ def test_norm_weighting_matches_the_norm_ablation_token_points_but_for_the_weigh
     token = {c.train.seed: _without(c, "loss.reduction", "loss.token_weight_alpha") for c in ablation.values()
              if c.loss.norm_mode == "token"}
     assert alpha1 == token and len(token) == 3
+
+
+def test_the_composition_control_differs_from_the_composition_sweep_only_in_its_budget(tmp_path):
+    base = ("composition.yaml", "local/composition.yaml")
+    passes = _configs(tmp_path, *base)
+    steps = _configs(tmp_path, *base, "local/composition-equal-steps.yaml")
+    assert set(passes) == set(steps) and len(steps) == 12
+    for name, cfg in steps.items():
+        assert cfg.train.num_epochs == 0 and cfg.train.num_steps == 1200
+        assert cfg.evaluate.finetune_epochs == 0 and cfg.evaluate.hypernet_steps == 0
+        assert _without(cfg, "train.num_epochs", "train.num_steps", "evaluate.finetune_epochs",
+                        "evaluate.hypernet_steps") == _without(passes[name], "train.num_epochs", "train.num_steps",
+                                                               "evaluate.finetune_epochs", "evaluate.hypernet_steps")
+    # its mnist point is the zoo-size control's size-8 point: one config, the same seeds
+    size = _configs(tmp_path, "zoo-size.yaml", "local/zoo-size.yaml", "local/zoo-size-equal-steps.yaml")
+    mnist = {c.train.seed: _without(c, "data.zoos") for c in steps.values() if c.data.zoos == ["mnist-cnn_s"]}
+    size8 = {c.train.seed: _without(c, "data.zoos") for c in size.values() if c.data.num_models_per_zoo == 8}
+    assert mnist == size8 and len(mnist) == 3

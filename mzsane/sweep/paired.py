@@ -67,6 +67,8 @@ def paired_t(diffs: np.ndarray) -> tuple[float, float]:
     diffs = np.asarray(diffs, dtype=float)
     if diffs.size < 2 or not np.any(diffs != 0):
         return float("nan"), float("nan")
+    if np.ptp(diffs) <= 1e-12 * np.abs(diffs).max():  # every pair moved by the same amount: no spread, t infinite
+        return math.copysign(math.inf, float(diffs.mean())), 0.0
     from scipy import stats
 
     res = stats.ttest_rel(diffs, np.zeros_like(diffs))
@@ -100,8 +102,11 @@ def compare(a: dict[Any, float], b: dict[Any, float], *, label_a: str = "a", lab
 
 
 def setting_label(row: dict[str, Any]) -> str:
-    """A report row's setting: composition, zoo size and non-seed axes (what ``sweep report`` groups by)."""
-    return f"{row['composition']} n={row['zoo_size']}" + (f" {row['axes']}" if row.get("axes") else "")
+    """A report row's setting: composition, zoo size, non-seed axes (what ``sweep report`` groups by) and the
+    anchor pool where it is not the held-out headline's."""
+    pool = row.get("anchor_pool", "held_out")
+    return (f"{row['composition']} n={row['zoo_size']}" + (f" {row['axes']}" if row.get("axes") else "")
+            + (f" [{pool} anchors]" if pool != "held_out" else ""))
 
 
 def compare_settings(rows: list[dict[str, Any]], method: str = "generated", baseline: str = "",

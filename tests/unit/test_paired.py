@@ -91,3 +91,8 @@ def test_report_pairs_settings_by_seed_against_the_baseline(tmp_path, capsys):
 
     sweep.report_cli(argparse.Namespace(url=url, out="", baseline="lr=0.01"))
     assert "paired by seed" in capsys.readouterr().out
+
+
+def test_identical_nonzero_differences_have_no_spread():
+    c = paired.compare({0: 0.7, 1: 0.8}, {0: 0.5, 1: 0.6}, label_a="A", label_b="B")
+    assert c.t_stat == math.inf and c.p_t == 0.0 and c.verdict == "A higher"

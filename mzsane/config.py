@@ -248,6 +248,13 @@ class EvaluateConfig:
 
     finetune_epochs: int = param(2, min=0)
     finetune_lr: float = param(1e-3, exclusive_min=0.0)
+    # the one fine-tuning optimizer of every start, fixed per target (not the first anchor's hyper-parameters,
+    # which changed with the seed's anchor draw, and with them every start's budget)
+    finetune_optimizer: str = param("adam", choices=("adam", "sgd"))
+    finetune_batch_size: int = param(64, min=1)
+    finetune_weight_decay: float = param(0.0, min=0.0)
+    # init scheme of the random-init baseline, fixed per target (was the first anchor's: seed-dependent)
+    random_init: str = param("default", choices=("default", "uniform", "normal", "kaiming_uniform", "kaiming_normal"))
     soup_sizes: list[int] = field(default_factory=lambda: [1, 2, 3, 5], metadata=rule(items={"min": 1}))
     num_random: int = param(5, min=0)
     num_finetune_models: int = param(3, min=0)  # generated (best by val) and random models fine-tuned per method

@@ -30,7 +30,8 @@ PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embed
 # the columns of the printed summary: the headline, what it is selected from, its ceiling and the baselines
 FINETUNED_PREFIX = "finetuned_"
 SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "reconstruction_best", "anchors_selected",
-                   "soup_aligned", "random", "finetuned_generated", "finetuned_hypernet", "finetuned_random")
+                   "soup_aligned", "soup_best", "random", "finetuned_generated", "finetuned_hypernet",
+                   "finetuned_random")
 # A point's second evaluation with another anchor pool sits in this sibling folder of its samples: the
 # seen-anchor run (sample.anchor_pool=seen, the paper's protocol) beside the held-out headline
 POOL_FOLDERS = {"seen": "anchors-seen"}
@@ -125,7 +126,8 @@ def _rows(point_url: str, name: str, results: dict[str, Any], first_target: bool
             "seed": ",".join(str(x) for x in dict.fromkeys(seeds)), **probe,
             "target_zoo": results.get("target_zoo", ""), "dataset": results.get("dataset", ""),
             "in_distribution": bool(results.get("in_distribution", False)), "anchor_pool": pool,
-            "method": method.get("method", ""), "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
+            "method": method.get("method", ""), "budget": method.get("budget", ""),
+            "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
             "test_acc_std": float(method.get("test_acc_std", 0.0) or 0.0), "n": int(method.get("n", 0) or 0),
         })
     return rows
@@ -150,8 +152,19 @@ def _finetuned(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each fine-tuning start's accuracy after the last fine-tuning epoch, as ``finetuned_<start>`` rows."""
     curves = (results.get("finetune") or {}).get("curves") or {}
     return [{"method": f"{FINETUNED_PREFIX}{start}", "test_acc_mean": c["test_acc_mean"][-1],
-             "test_acc_std": c["test_acc_std"][-1], "n": c.get("n", 0)}
+             "test_acc_std": c["test_acc_std"][-1], "n": c.get("n", 0),
+             "budget": hypernet_budget(results) if start == "hypernet" else ""}
             for start, c in curves.items() if c.get("test_acc_mean")]
+
+
+def hypernet_budget(results: dict[str, Any]) -> str:
+    """The HyperNetwork start's training budget, stated beside its row: steps x images per step (its data)."""
+    settings = ((results.get("finetune") or {}).get("hypernet") or {}).get("settings") or {}
+    if not settings.get("steps"):
+        return ""
+    images = int(settings.get("max_train_images", -1))
+    return (f"{int(settings['steps'])} steps x {int(settings.get('batch_size', 64))} images"
+            + (f" of {images:,}" if images > 0 else " of the train split"))
 
 
 def _ci95(values: np.ndarray) -> float:
@@ -177,7 +190,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                           "in_distribution", "method", "anchor_pool"), key))
         entry.update({"test_acc_mean": float(np.nanmean(acc)), "test_acc_ci95": _ci95(acc[np.isfinite(acc)]),
                       "test_acc_seed_std": float(np.nanstd(acc, ddof=1)) if acc.size > 1 else float("nan"),
-                      "n_seeds": len(members), "seeds": ",".join(str(m["seed"]) for m in members)})
+                      "n_seeds": len(members), "seeds": ",".join(str(m["seed"]) for m in members),
+                      "budget": " / ".join(dict.fromkeys(m.get("budget", "") for m in members if m.get("budget")))})
         for col in PROBE_COLUMNS:
             vals = np.array([m[col] for m in members], dtype=float)
             entry[col] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
@@ -204,10 +218,8 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             r = methods.get(m)
             if r is None:
                 line.append("-")
-            elif np.isfinite(r["test_acc_ci95"]):
-                line.append(f"{r['test_acc_mean']:.3f} ± {r['test_acc_ci95']:.3f}")
             else:
-                line.append(f"{r['test_acc_mean']:.3f}")
+                line.append(_mean_ci(r) + (f" ({r['budget']})" if r.get("budget") else ""))
         line += [_cell(gen["probe_r2_embedding"]), _cell(gen["probe_r2_weight_stats"])]
         cells.append(line)
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
@@ -334,10 +346,11 @@ def _plot_settings(ax: Any, lines: dict[str, list[dict[str, Any]]], column: str,
 
 
 REPORT_COLUMNS = ["point", "composition", "num_zoos", "zoos", "zoo_size", "axes", "seed", "target_zoo", "dataset",
-                  "in_distribution", "anchor_pool", "method", "test_acc_mean", "test_acc_std", "n", *PROBE_COLUMNS]
+                  "in_distribution", "anchor_pool", "method", "budget", "test_acc_mean", "test_acc_std", "n",
+                  *PROBE_COLUMNS]
 SUMMARY_COLUMNS = ["composition", "num_zoos", "zoos", "zoo_size", "axes", "target_zoo", "dataset", "in_distribution",
-                   "anchor_pool", "method", "test_acc_mean", "test_acc_ci95", "test_acc_seed_std", "n_seeds", "seeds",
-                   *PROBE_COLUMNS]
+                   "anchor_pool", "method", "budget", "test_acc_mean", "test_acc_ci95", "test_acc_seed_std", "n_seeds",
+                   "seeds", *PROBE_COLUMNS]
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:

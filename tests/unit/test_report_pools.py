@@ -68,3 +68,18 @@ def test_held_out_only_sweeps_print_no_pool_table(tmp_path):
                                                               "zoos": ["mnist-cnn_s"], "axes": {}})
     storage.write_json(storage.join(url, "p", "evaluate", "results.json"), _results("held_out", 0.7, [0.6]))
     assert report_mod.pool_table(sweep.report(url)["summary"]) == ""
+
+
+def test_the_hypernetwork_row_states_its_budget(tmp_path):
+    url = storage.join(str(tmp_path), "sweeps", "ft")
+    res = _results("held_out", 0.7, [0.6])
+    res["finetune"] = {"curves": {m: {"test_acc_mean": [0.1, f], "test_acc_std": [0.0, 0.0], "n": 3}
+                                  for m, f in (("generated", 0.9), ("hypernet", 0.88))},
+                       "hypernet": {"settings": {"steps": 300, "batch_size": 64, "max_train_images": 5000}}}
+    storage.write_json(storage.join(url, "p", "point.json"), {"composition": "mnist", "zoo_size": 8,
+                                                              "zoos": ["mnist-cnn_s"], "axes": {}})
+    storage.write_json(storage.join(url, "p", "evaluate", "results.json"), res)
+    result = sweep.report(url)
+    budget = {r["method"]: r["budget"] for r in result["summary"]}
+    assert budget["finetuned_hypernet"] == "300 steps x 64 images of 5,000" and budget["finetuned_generated"] == ""
+    assert "0.880 (300 steps x 64 images of 5,000)" in report_mod.summary_table(result["summary"])

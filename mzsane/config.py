@@ -100,6 +100,10 @@ class ShardsConfig:
     rows_per_row_group: int = param(8, min=1)
     # checkpoint epochs to shard; empty = all
     epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
+    # weight-match every model of a zoo to one reference (its first train-split model) before tokenizing, as
+    # SANE prepares its zoos: a model's permutation is found on its last sharded epoch and applied to all of
+    # them; sampling aligns the anchors of such a zoo to the same reference
+    align_to_reference: bool = False
 
 
 @dataclass

@@ -77,3 +77,31 @@ def test_the_composition_control_differs_from_the_composition_sweep_only_in_its_
     mnist = {c.train.seed: _without(c, "data.zoos") for c in steps.values() if c.data.zoos == ["mnist-cnn_s"]}
     size8 = {c.train.seed: _without(c, "data.zoos") for c in size.values() if c.data.num_models_per_zoo == 8}
     assert mnist == size8 and len(mnist) == 3
+
+
+def _flat(cfg) -> dict:
+    return {f"{s}.{k}": v for s, sec in dataclasses.asdict(cfg).items() if isinstance(sec, dict)
+            for k, v in sec.items()}
+
+
+def test_the_cause_table_changes_one_thing_per_row_against_the_baseline(tmp_path):
+    cfgs = _configs(tmp_path, "causes.yaml", "local/causes.yaml")
+    base = {c.train.seed: _flat(c) for n, c in cfgs.items() if n.startswith("n32-mnist-")}
+    assert sorted(base) == [0, 1, 2] and base[0]["train.num_epochs"] == 300
+    changed = {}
+    for name, cfg in cfgs.items():
+        flat = _flat(cfg)
+        diff = {k for k in flat if flat[k] != base[cfg.train.seed][k]}
+        changed.setdefault(name.rsplit("-", 1)[0], set()).add(frozenset(diff))
+    changed.pop("n32-mnist")
+    assert {row: {tuple(sorted(d)) for d in diffs} for row, diffs in changed.items()} == {
+        "latent128": {("model.latent_dim",)}, "dmodel256": {("model.d_model",)},
+        "norm-unmasked": {("loss.norm_mode",)}, "anchors10": {("sample.num_anchors",)},
+        "bw0-1": {("sample.bandwidth",)}, "bw0-4": {("sample.bandwidth",)},
+        "cand500": {("sample.num_candidates",)}}
+    prerequisites.check_anchor_pools(cfgs)
+    aligned = _configs(tmp_path, "causes.yaml", "local/causes.yaml", "local/causes-aligned.yaml")
+    assert sorted(aligned) == ["n32-mnist-0", "n32-mnist-1", "n32-mnist-2"]
+    for name, cfg in aligned.items():
+        diff = {k for k, v in _flat(cfg).items() if v != _flat(cfgs[name])[k]}
+        assert diff == {"shards.align_to_reference", "data.shards_url"} and cfg.shards.align_to_reference

@@ -105,3 +105,47 @@ def test_the_cause_table_changes_one_thing_per_row_against_the_baseline(tmp_path
     for name, cfg in aligned.items():
         diff = {k for k, v in _flat(cfg).items() if v != _flat(cfgs[name])[k]}
         assert diff == {"shards.align_to_reference", "data.shards_url"} and cfg.shards.align_to_reference
+
+
+def test_the_gpu_paper_recipe_renders_the_paper_scale_backbone_on_the_seed_zoo(tmp_path):
+    cfgs = _configs(tmp_path, "gpu/paper-mnist.yaml")
+    assert sorted(c.train.seed for c in cfgs.values()) == [0, 1, 2]
+    for cfg in cfgs.values():
+        m = cfg.model
+        assert (m.d_model, m.num_heads, m.num_layers, m.latent_dim) == (1024, 8, 4, 128)
+        assert cfg.train.precision == "bf16" and cfg.cluster.use_gpu and cfg.loss.norm_mode == "batch"
+        assert (cfg.zoo.recipe, cfg.zoo.num_epochs, cfg.zoo.save_epochs) == ("seed", 25, [21, 22, 23, 24, 25])
+        assert cfg.data.epochs == [21, 22, 23, 24, 25] and cfg.sample.target_epoch == 25
+        assert cfg.data.num_models_per_zoo == 70  # the 100-model zoo's 70/15/15 train split
+    prerequisites.check_anchor_pools(cfgs)
+
+
+def test_the_gpu_paper_recipe_trains_at_tiny_scale_on_a_cpu(tmp_path):
+    """The tiny overlay keeps the recipe (epochs 21-25 of a zoo, the paper preset's loss) and trains a few
+    steps without Ray on a small zoo of random CNN-s checkpoints saved at those epochs."""
+    import torch
+
+    from mzsane import storage
+    from mzsane.shards.writer import build_shards
+    from mzsane.train.launch import train
+    from mzsane.zoo.architectures import build_model
+    from mzsane.zoo.records import ModelRecord, ZooInfo
+    from mzsane.zoo.store import ZooWriter
+
+    cfgs = _configs(tmp_path, "gpu/paper-mnist.yaml", "gpu/cpu-tiny.yaml")
+    cfg = cfgs[sorted(cfgs)[0]]
+    assert cfg.data.epochs == [21, 22, 23, 24, 25] and cfg.model.d_model == 32 and cfg.train.precision == "fp32"
+    zoo = storage.join(cfg.storage.root, "zoos", "mnist-cnn_s")
+    writer = ZooWriter(zoo, ZooInfo(zoo="mnist-cnn_s", dataset="mnist", architecture="cnn_s", num_models=8))
+    for i in range(8):
+        torch.manual_seed(i)
+        sd = build_model("cnn_s").state_dict()
+        writer.write_model(ModelRecord(zoo="mnist-cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
+                                       epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in range(21, 26)]),
+                           {e: {k: v + 0.01 * (e - 21) for k, v in sd.items()} for e in range(21, 26)})
+    build_shards([zoo], cfg.data.shards_url or storage.join(cfg.storage.root, "shards", "default"), cfg.tokens,
+                 cfg.shards, progress=False)
+    cfg.train.num_epochs, cfg.train.num_steps = 0.0, 3
+    run = train(cfg, no_ray=True)
+    assert storage.exists(storage.join(run, "config.json"))
+    assert any(name.startswith("checkpoint_") for name in storage.listdir(run))

@@ -149,7 +149,8 @@ class LossConfig:
     """gamma * contrastive + (1 - gamma) * reconstruction (spec section 4)."""
 
     gamma: float = param(0.05, min=0.0, max=1.0)
-    # masked loss normalization: batch | token | token_unmasked (padding in the token stats: ablation) | layer | none
+    # masked loss normalization: batch (the reference code's) | token | token_unmasked (padding in the token stats:
+    # ablation) | layer | none
     norm_mode: str = param("token", choices=("batch", "token", "token_unmasked", "layer", "none"))
     std_eps: float = param(1e-4, exclusive_min=0.0)
     temperature: float = param(0.1, exclusive_min=0.0)

@@ -222,10 +222,7 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
                 line.append(_mean_ci(r) + (f" ({r['budget']})" if r.get("budget") else ""))
         line += [_cell(gen["probe_r2_embedding"]), _cell(gen["probe_r2_weight_stats"])]
         cells.append(line)
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
-    return "\n".join(lines)
+    return format_table_cells(head, cells)
 
 
 def _mean_ci(row: dict[str, Any] | None) -> str:
@@ -263,11 +260,7 @@ def format_table_cells(head: list[str], cells: list[list[str]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    return format_table_cells(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
 
 
 def _cell(value: Any) -> str:

@@ -7,16 +7,17 @@ through the statistics). Modes (``LossConfig.norm_mode``):
 
 * ``batch``  the reference: one mean/std over every valid entry of the batch (both views), eps added to
              the std, so the loss is masked MSE / (sigma + eps)^2.
-* ``token``  asked per-token normalization, as the MZ-SANE paper's name for it reads (the reference code's
-             ``MaskedReconLoss`` and the follow-up paper use one statistic per batch: ``batch``): mean/std of each token
-             over its own valid entries. A token with fewer than ``min_valid_per_token`` valid entries (every BatchNorm
-             token: weight and bias of one channel) or a (numerically) constant one has no usable statistics of its own;
-             each of its entries is then normalized by the masked std of *the same entry across its layer's tokens* (a
-             BN weight against the other channels' weights of that layer, its bias against their biases) in the same
-             sample, then across the batch; only where those are unusable by the std of its layer (in the sample, then
-             across the batch), and last by the batch's. Why per entry: a BN token's two values sit near 1 and near 0,
-             so any statistic pooled over both entries (the token's, or its layer's) measures that offset (~0.5), not
-             how the weights vary between channels and models (~0.05-0.2), and its reconstruction errors were weighted
+* ``token``  masked per-token normalization, as the MZ-SANE paper's name for it reads (the reference code's
+             ``MaskedReconLoss`` and the follow-up paper use one statistic per batch: ``batch``): mean/std of
+             each token over its own valid entries. A token with fewer than ``min_valid_per_token`` valid
+             entries (every BatchNorm token: weight and bias of one channel) or a (numerically) constant one
+             has no usable statistics of its own; each of its entries is then normalized by the masked std of
+             *the same entry across its layer's tokens* (a BN weight against the other channels' weights of
+             that layer, its bias against their biases) in the same sample, then across the batch; only where
+             those are unusable by the std of its layer (in the sample, then across the batch), and last by
+             the batch's. Why per entry: a BN token's two values sit near 1 and near 0, so any statistic
+             pooled over both entries (the token's, or its layer's) measures that offset (~0.5), not how the
+             weights vary between channels and models (~0.05-0.2), and its reconstruction errors were weighted
              ~70x below the conv weights'. No token gets a near-zero denominator and a 1e8 weight.
 * ``token_unmasked`` the naive per-token normalization the masked one fixes (ablation, Figure 2): each
              token's std over all D entries, zero padding included, so a BN token's 2 values among 286 zeros

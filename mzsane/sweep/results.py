@@ -30,8 +30,8 @@ PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embed
 # the columns of the printed summary: the headline, what it is selected from, its ceiling and the baselines
 FINETUNED_PREFIX = "finetuned_"
 SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "reconstruction_best", "anchors_selected",
-                   "soup_aligned", "soup_best", "random", "finetuned_generated", "finetuned_hypernet",
-                   "finetuned_random")
+                   "soup_aligned", "soup_best", "random", "finetuned_generated", "finetuned_anchors",
+                   "finetuned_hypernet", "finetuned_random")
 # A point's second evaluation with another anchor pool sits in this sibling folder of its samples: the
 # seen-anchor run (sample.anchor_pool=seen, the paper's protocol) beside the held-out headline
 POOL_FOLDERS = {"seen": "anchors-seen"}

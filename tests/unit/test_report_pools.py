@@ -74,7 +74,7 @@ def test_the_hypernetwork_row_states_its_budget(tmp_path):
     url = storage.join(str(tmp_path), "sweeps", "ft")
     res = _results("held_out", 0.7, [0.6])
     res["finetune"] = {"curves": {m: {"test_acc_mean": [0.1, f], "test_acc_std": [0.0, 0.0], "n": 3}
-                                  for m, f in (("generated", 0.9), ("hypernet", 0.88))},
+                                  for m, f in (("generated", 0.9), ("hypernet", 0.88), ("anchors", 0.93))},
                        "hypernet": {"settings": {"steps": 300, "batch_size": 64, "max_train_images": 5000}}}
     storage.write_json(storage.join(url, "p", "point.json"), {"composition": "mnist", "zoo_size": 8,
                                                               "zoos": ["mnist-cnn_s"], "axes": {}})
@@ -82,4 +82,8 @@ def test_the_hypernetwork_row_states_its_budget(tmp_path):
     result = sweep.report(url)
     budget = {r["method"]: r["budget"] for r in result["summary"]}
     assert budget["finetuned_hypernet"] == "300 steps x 64 images of 5,000" and budget["finetuned_generated"] == ""
-    assert "0.880 (300 steps x 64 images of 5,000)" in report_mod.summary_table(result["summary"])
+    table = report_mod.summary_table(result["summary"])
+    assert "0.880 (300 steps x 64 images of 5,000)" in table
+    # the anchors' own start sits beside the generated one (it can beat it)
+    head, line = table.splitlines()
+    assert head.index("finetuned_generated") < head.index("finetuned_anchors") and "0.930" in line

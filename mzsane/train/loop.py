@@ -315,7 +315,8 @@ def _announce(ctx: TrainContext, run_url: str, target: str, start: int) -> None:
     """Who runs where: ``{run}/workers/rank_{r}.json`` (pid, node, scrape target) and rank 0's
     ``metrics_targets.json`` for Prometheus file_sd."""
     info = {"world_rank": ctx.world_rank, "world_size": ctx.world_size, "pid": os.getpid(),
-            "node": ctx.node, "metrics_target": target, "start_step": start, "time": time.time()}
+            "node": ctx.node, "metrics_target": target, "start_step": start, "time": time.time(),
+            "torch_threads": torch.get_num_threads()}
     storage.write_json(storage.join(run_url, "workers", f"rank_{ctx.world_rank}.json"), info)
     targets = ctx.all_gather_object(target)
     if ctx.world_rank == 0:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -176,6 +177,8 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                     "train/samples": parts.train.samples - samples_mark, "train/steps": steps_mark,
                     "perf/step_time_s": step_times, "perf/data_wait_s": wait,
+                    # the list above goes to Prometheus' histogram only; log.jsonl keeps these two (bench train)
+                    "perf/step_time_median_s": statistics.median(step_times), "perf/step_time_sum_s": sum(step_times),
                     "perf/data_wait_fraction": wait / max(sum(step_times), 1e-9),
                     # positions computed (padding included) and the models' own tokens, one view, per second
                     "perf/tokens_per_s": positions / max(sum(step_times), 1e-9),

@@ -205,6 +205,8 @@ def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
         "cnn_ray_2x1": (case(demo, scratch, cnn, steps, 2, 1, 16), 2, 1),
         "cnn_ray_1x2": (case(demo, scratch, cnn, steps, 1, 2, 16), 1, 2),
         "cnn_no_ray_b16": (case(demo, scratch, cnn, steps, 0, 2, 16), 0, 2),
+        # a local sweep point (jobs/local: 1 rank x 1 CPU, two points side by side on 2 cores)
+        "cnn_ray_1x1": (case(demo, scratch, cnn, steps, 1, 1, 16), 1, 1),
         "resnet_default_ray_1x2": (case(demo, scratch, resnet, steps, 1, 2, 16), 1, 2),
         "resnet_small_ray_1x2": (case(small, scratch, resnet, max(steps // 4, 12), 1, 2, 16), 1, 2),
     }

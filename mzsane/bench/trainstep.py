@@ -148,13 +148,7 @@ def measure(cases: dict[str, tuple[Config, int, int]], repeats: int) -> dict[str
             row.update({"load_avg": load_before, "wall_s": round(time.perf_counter() - t0, 1),
                         "threads_total": total, "peak": how})
             runs[name].append(row)
-    # every fraction against the best peak of its thread count: a peak round that another process slowed down
-    # would otherwise inflate the fraction of the run after it (rounds here varied 27-200 GFLOP/s at load 5-25)
-    for rows in runs.values():
-        for row in rows:
-            best = peaks[row["threads_total"]]
-            row.update({"peak_gflops": round(best / 1e9, 1), "mfu": round(row["achieved_gflops"] * 1e9 / best, 3),
-                        "mfu_real": round(row["achieved_real_gflops"] * 1e9 / best, 3)})
+    renormalize(runs, peaks)
     out: dict[str, Any] = {}
     for name, rows in runs.items():
         cfg, workers, threads = cases[name]
@@ -164,6 +158,18 @@ def measure(cases: dict[str, tuple[Config, int, int]], repeats: int) -> dict[str
                      "ray": bool(workers), "pad_windows": cfg.data.pad_windows,
                      "real_tokens_per_s_range": spread, "runs": rows}
     return out
+
+
+def renormalize(runs: dict[str, list[dict[str, Any]]], peaks: dict[int, float]) -> None:
+    """Every fraction against the best peak per thread seen in the whole measurement, times the run's threads: a
+    peak round that another process slowed down would otherwise inflate the fraction of the run after it (single
+    rounds here ranged 27-200 GFLOP/s at load 5-25), and a thread count measured only under load would too."""
+    per_thread = max(flops / threads for threads, flops in peaks.items())
+    for rows in runs.values():
+        for row in rows:
+            best = per_thread * row["threads_total"]
+            row.update({"peak_gflops": round(best / 1e9, 1), "mfu": round(row["achieved_gflops"] * 1e9 / best, 3),
+                        "mfu_real": round(row["achieved_real_gflops"] * 1e9 / best, 3)})
 
 
 def _stack_seconds(blocks: torch.nn.ModuleList, x_BTH: torch.Tensor, mask: torch.Tensor | None) -> float:

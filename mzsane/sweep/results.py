@@ -23,6 +23,7 @@ import numpy as np
 from mzsane import storage
 from mzsane.errors import DataError
 from mzsane.sweep import paired
+from mzsane.sweep.point import SEEN_ANCHORS_FOLDER
 from mzsane.sweep.schema import SEED_PATHS
 
 ZERO_SHOT_METHOD = "generated"
@@ -34,7 +35,7 @@ SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "recon
                    "finetuned_hypernet", "finetuned_random")
 # A point's second evaluation with another anchor pool sits in this sibling folder of its samples: the
 # seen-anchor run (sample.anchor_pool=seen, the paper's protocol) beside the held-out headline
-POOL_FOLDERS = {"seen": "anchors-seen"}
+POOL_FOLDERS = {"seen": SEEN_ANCHORS_FOLDER}
 # the protocol table: per anchor pool, the generated top-k and its ceiling (the mean and the best anchor's
 # noise-free reconstruction)
 POOL_COLUMNS = ("generated", "reconstruction", "reconstruction_best")

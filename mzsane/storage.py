@@ -350,6 +350,9 @@ def read_json(url: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise StorageError(f"'{url}' is not valid JSON (line {err.lineno}); the file is corrupt, rewrite it") from None
+    except RecursionError:  # a crafted file of deeply nested brackets
+        raise StorageError(f"'{url}' is nested too deeply to be a file mzsane wrote; it is corrupt or crafted, "
+                           f"rewrite it") from None
 
 
 def open_read(url: str) -> IO[bytes]:

@@ -139,3 +139,16 @@ def test_a_crafted_dataset_is_one_line_for_info_verify_and_train(clean, case):
         assert lines and lines[-1].startswith("error: ") and ("shard" in lines[-1] or "manifest" in lines[-1]), \
             f"{name}: {lines[-3:]}"
     print(f"\n{case}: peak RSS " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()) + f" | {lines[-1][:160]}")
+
+
+def test_verify_compares_every_part_file_footer_with_the_manifest(clean):
+    """Counts that agree with each other but not with the file they describe (a row-group size of 3 where the file
+    has 4 would read the wrong rows): ``shards verify`` opens every footer and says so in one line."""
+    url, manifest = _copy(clean, "row_groups_off")
+    manifest["files"][0]["rows_per_row_group"] -= 1
+    shards = _save(url, manifest)
+    code, stderr, peak = _peak_run(["shards", "verify", shards], os.path.join(url, "peak-verify"))
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1].startswith("error: ") and "damaged" in lines[-1], lines[-3:]
+    print(f"\nrow groups off by one: shards verify peak RSS {peak:.0f} MiB | {lines[-1][:160]}")

@@ -114,6 +114,9 @@ class DataConfig:
     epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
     num_tail_epochs: int = param(2, min=1, sentinels=(-1,))
     window_size: int = param(64, min=1)
+    # true: every batch is window_size positions long, shorter models padded (the old behaviour); false: a batch
+    # is as long as its longest window, so a model shorter than the window costs no compute on padding
+    pad_windows: bool = False
     # windows cut from each checkpoint row per epoch, at most one per window_size tokens (small models: 1);
     # more amortise the row's read, the buffer then spans shuffle_buffer / windows_per_row rows
     windows_per_row: int = param(16, min=1)

@@ -46,6 +46,8 @@ _GAUGES = {
     "train/lr": ("mzsane_train_learning_rate", "learning rate of the first parameter group"),
     "train/grad_norm": ("mzsane_train_grad_norm", "global gradient norm before clipping"),
     "perf/tokens_per_s": ("mzsane_perf_tokens_per_second", "window tokens processed per second on this rank"),
+    "perf/real_tokens_per_s": ("mzsane_perf_real_tokens_per_second",
+                               "model tokens processed per second on this rank, padding positions excluded"),
     "perf/data_wait_fraction": ("mzsane_perf_data_wait_ratio", "fraction of step time spent waiting for data"),
     "checkpoint/save_s": ("mzsane_checkpoint_save_seconds", "seconds the last checkpoint took to save"),
     "mem/host_rss_bytes": ("mzsane_host_rss_bytes", "peak resident set size of this worker process"),

@@ -13,9 +13,10 @@
 #   VENV=.venv           virtual environment to create and install into; empty: install into $PYTHON's own
 #                        environment (the image's Python)
 #   PIP_TORCH_ARGS=      extra pip arguments for the torch install only, e.g.
-#                        "--index-url https://download.pytorch.org/whl/cpu" for the CPU build (~200 MB).
-#                        Empty: your pip configuration decides (plain PyPI on Linux x86_64 gives the CUDA
-#                        build, several GB, which also runs on CPUs)
+#                        "--index-url https://download.pytorch.org/whl/cpu" for the CPU build (~200 MB), or
+#                        "--find-links DIR" for a local torch-2.13.0+cpu wheel. Empty: your pip configuration
+#                        decides (plain PyPI on Linux x86_64 gives the CUDA build: ~3 GB of downloads, a
+#                        6.3 GB venv, which also runs on CPUs)
 #   DEB_ROOT=.mzsane/deb where the Debian packages are unpacked without root
 set -euo pipefail
 
@@ -57,7 +58,13 @@ install_python() {
     fi
     # shellcheck disable=SC2086  # PIP_TORCH_ARGS is a list of pip options
     "${pip[@]}" install -q "torch==$TORCH_VERSION" $PIP_TORCH_ARGS
-    "${pip[@]}" install -q -e "$SRC[test]"
+    # Every later install is constrained to the torch just installed (with its local label, e.g. +cpu), so
+    # no resolver can swap in another build: a dependency wanting one fails the install instead.
+    local pins
+    pins=$(mktemp)
+    "${pip[@]}" freeze --all | grep -iE '^torch==' > "$pins"
+    "${pip[@]}" install -q -e "$SRC[test]" -c "$pins"
+    rm -f "$pins"
     "${pip[@]}" install -q --no-deps "${WHEELS[@]}"
 }
 

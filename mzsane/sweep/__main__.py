@@ -1,4 +1,4 @@
-"""``python -m mzsane.sweep record-point SRC OUT``: the first step of every chart RayJob."""
+"""``python -m mzsane.sweep run-point FILE``: every chart RayJob's entrypoint (mzsane/sweep/point.py)."""
 import sys
 
 from mzsane.sweep.point import main

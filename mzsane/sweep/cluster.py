@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from mzsane.errors import ClusterError
+from mzsane.sweep.capacity import quantity, unschedulable
 from mzsane.sweep.chart import is_test_hook, render
 from mzsane.sweep.results import format_table
 
@@ -73,11 +74,41 @@ def _call(api_client: Any, action: str, namespace: str, fn: Any, *args: Any, **k
         raise _cluster_error(err, action, namespace, api_client.configuration.host) from None
 
 
-def submit(objects: list[dict[str, Any]], namespace: str = "mzsane", api_client: Any = None) -> list[dict[str, str]]:
-    """Create the rendered objects; existing ones are left alone (re-submitting a sweep is safe)."""
+def node_allocatable(api_client: Any = None) -> list[dict[str, float]] | None:
+    """Each node's allocatable resources (cpu cores, bytes, devices), or None where the user may not list
+    nodes (namespace-scoped RBAC): the fit check is then skipped, not the submission."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    api = _api_client(api_client)
+    try:
+        nodes = client.CoreV1Api(api).list_node(_request_timeout=30).items
+    except ApiException as err:
+        if err.status in (401, 403, 404):
+            return None
+        raise _cluster_error(err, "list nodes", "", api.configuration.host) from None
+    except Exception as err:
+        raise _cluster_error(err, "list nodes", "", api.configuration.host) from None
+    out = []
+    for node in nodes:
+        if node.spec and node.spec.unschedulable:
+            continue
+        out.append({k: quantity(v) for k, v in ((node.status.allocatable if node.status else None) or {}).items()})
+    return out
+
+
+def submit(objects: list[dict[str, Any]], namespace: str = "mzsane", api_client: Any = None,
+           check_fit: bool = True) -> list[dict[str, str]]:
+    """Create the rendered objects; existing ones are left alone (re-submitting a sweep is safe). A point
+    whose pods no set of the cluster's nodes can hold at once is refused before anything is created."""
     from kubernetes import client
 
     api = _api_client(api_client)
+    if check_fit:
+        nodes = node_allocatable(api)
+        problem = unschedulable(objects, nodes or [])
+        if problem:
+            raise ClusterError(problem)
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     created: list[dict[str, str]] = []
     for obj in map(_owned_by_mzsane, (o for o in objects if not is_test_hook(o))):

@@ -6,7 +6,7 @@ cannot drift. Only locations change: the ConfigMap's mount path (``/etc/mzsane``
 holding the same files, and the chart's ``storage.root`` (always ``s3://`` for pods) becomes ``--storage``,
 a local folder by default.
 
-How: the ``A && B && C`` entrypoint is run stage by stage (record-point, train, sample, evaluate), each as
+How: the entrypoint's stages (``point.plan``: record-point, train, sample, evaluate, probe) run one by one, each as
 its own process group connected to the sweep's Ray instance through ``RAY_ADDRESS`` (``cluster.address:
 auto`` resolves to it, as it resolves to KubeRay's head in a submitter pod). Points run side by side while
 their ``cluster.num_workers x cluster.cpus_per_worker`` fit the Ray CPUs. Every finished stage is recorded
@@ -38,7 +38,7 @@ from mzsane.errors import ClusterError, ConfigError, MzsaneError
 from mzsane.sweep import prerequisites
 from mzsane.sweep.chart import render
 from mzsane.sweep.lock import SweepLock
-from mzsane.sweep.point import RenderedPoint, rendered_points, stage_name
+from mzsane.sweep.point import POINT_FILE, RenderedPoint, Stage, plan, rendered_points
 from mzsane.sweep.results import ZERO_SHOT_METHOD, format_table, report
 
 STATE_FILE = "state.json"
@@ -57,7 +57,7 @@ class LocalPoint:
     cfg: Config
     results_url: str
     state_dir: str  # local folder: the ConfigMap files (etc/), stage logs and state.json
-    stages: list[list[str]]
+    stages: list[Stage]
     cpus: int
     status: str = "queued"  # queued | running | done | failed
     stage: int = 0
@@ -75,7 +75,7 @@ class LocalPoint:
 
     @property
     def stage_names(self) -> list[str]:
-        return [stage_name(s) for s in self.stages]
+        return [s.name for s in self.stages]
 
     def log_path(self, index: int) -> str:
         return os.path.join(self.state_dir, f"{index}-{self.stage_names[index]}.log")
@@ -109,13 +109,11 @@ def place(point: RenderedPoint, storage_root: str, state_root: str, write: bool 
         elif new_root != old_root and key.endswith(".json"):
             text = json.dumps(_relocate(json.loads(text), old_root, new_root), indent=2, sort_keys=True) + "\n"
         files[os.path.join(etc, key)] = text
-    mounted = {f"{point.mount_path}/{key}": os.path.join(etc, key) for key in point.files}
-    stages = [[mounted.get(arg, _relocate(arg, old_root, new_root)) for arg in argv] for argv in point.stages()]
-    if stages and stages[0][:2] == ["bash", "-c"]:  # not a plain && chain: the whole command, paths replaced
-        command = stages[0][2]
-        for mount, local in mounted.items():
-            command = command.replace(mount, local)
-        stages = [["bash", "-c", command.replace(old_root, new_root) if old_root else command]]
+    if point.runs_point_file:  # planned from the relocated point file, as run-point plans from the mounted one
+        stages = plan(os.path.join(etc, POINT_FILE), json.loads(files[os.path.join(etc, POINT_FILE)]))
+    else:  # not the chart's run-point: the whole command as one stage, locations replaced
+        command = point.stages()[0].argv[2].replace(f"{point.mount_path}/", f"{etc}/")
+        stages = [Stage("entrypoint", ["bash", "-c", command.replace(old_root, new_root) if old_root else command])]
     overrides = _relocate(point.overrides, old_root, new_root)
     try:
         cfg = config_mod.from_dict(overrides, base=presets.PRESETS[point.preset]())
@@ -202,10 +200,11 @@ def _with_parent_death(argv: list[str]) -> list[str]:
 def _start_stage(point: LocalPoint, env: dict[str, str]) -> None:
     index = point.stage
     with open(point.log_path(index), "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(point.stages[index])}\n".encode())
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(point.stages[index].argv)}\n".encode())
         log.flush()
-        point.proc = subprocess.Popen(_with_parent_death(point.stages[index]), stdin=subprocess.DEVNULL, stdout=log,
-                                      stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": str(point.cpus)},
+        argv = _with_parent_death(point.stages[index].argv)
+        point.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      env={**env, "OMP_NUM_THREADS": str(point.cpus)},
                                       start_new_session=True)  # its own process group: stopped as a whole
     point.stage_started = time.time()
     _save_state(point, running=point.stage_names[index], pid=point.proc.pid)

@@ -1,17 +1,23 @@
-"""A sweep point: its identity record, and the point as the chart rendered it (RayJob + ConfigMap).
+"""A sweep point: its identity record, the stages it runs, and the point as the chart rendered it.
 
-Why one module: the chart's RayJob writes ``{sweep}/{point}/point.json`` as its first step (``python -m
-mzsane.sweep record-point``) so ``sweep report`` knows a point's coordinates (zoos, zoo size, axes)
-without the cluster; ``sweep run`` reads every point back out of the *rendered* objects (entrypoint,
-ConfigMap files, where they are mounted) instead of rebuilding them, so a local run executes exactly
-what the cluster would. This module stays light (no Helm, no Kubernetes, no Ray): it runs in every RayJob.
+Why the stages live here and not in the chart: KubeRay pastes a RayJob's ``spec.entrypoint`` unquoted into
+the submitter's ``bash -ce`` command line (``ray job submit ... -- ENTRYPOINT ;``), so an ``A && B`` chain
+sends only ``A`` to Ray and runs the rest in the submitter pod, and any Helm value written into the
+entrypoint reaches a shell. The chart's entrypoint is therefore one fixed command, ``python -m mzsane.sweep
+run-point /etc/mzsane/point.json``: every location and name a stage needs is read from the mounted point
+file (no value is on a command line), the stages run here one after the other as argv lists (no shell),
+and the first stage that fails ends the point with its exit status, which Ray reports as the job's.
+``sweep run`` plans the same stages from the same files, so a local run executes what the cluster would.
+This module stays light (no Helm, no Kubernetes, no Ray): it runs in every RayJob.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +29,9 @@ from mzsane.errors import ConfigError, MzsaneError
 
 SWEEP_LABEL, POINT_LABEL, RESULTS_ANNOTATION = "mzsane.io/sweep", "mzsane.io/point", "mzsane.io/results"
 OVERRIDES_FILE, POINT_FILE = "overrides.yaml", "point.json"
+MOUNT_PATH = "/etc/mzsane"  # where the chart mounts the point's ConfigMap in the head pod
+RUN_POINT = ("python", "-m", "mzsane.sweep", "run-point")
+PROGRESS_FILE = "run-point.json"  # {results}/: the stages an earlier attempt of this point finished
 
 
 def record_point(src_file: str, out_url: str) -> None:
@@ -30,6 +39,95 @@ def record_point(src_file: str, out_url: str) -> None:
     with open(src_file, encoding="utf-8") as fh:
         point = json.load(fh)
     storage.write_json(storage.join(out_url, "point.json"), point)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a point: a name for logs and resume, and the argv it runs (never through a shell)."""
+
+    name: str
+    argv: list[str]
+
+
+def _text(record: dict[str, Any], *keys: str) -> str:
+    node: Any = record
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, str) or not node:
+        raise ConfigError(f"point file lacks {'.'.join(keys)}; render it with the mzsane chart (helm/mzsane)")
+    return node
+
+
+def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stage]:
+    """The stages of the point described by ``record`` (the parsed ``point_file``): record the point, train,
+    sample and evaluate the target zoo, probe, then sample and evaluate every extra target zoo.
+
+    Everything comes from the point file and the ``overrides.yaml`` beside it, the files the ConfigMap
+    mounts; ``python`` is the interpreter the stages run with (default: this one)."""
+    python = python or sys.executable
+    root = _text(record, "overrides", "storage", "root").rstrip("/")
+    run = storage.join(root, "runs", _text(record, "overrides", "run_name"))
+    out = storage.join(root, "sweeps", _text(record, "sweep"), _text(record, "point"))
+    target = _text(record, "target_zoo")
+    cfg = ["--preset", _text(record, "preset"), "--config", os.path.join(os.path.dirname(point_file), OVERRIDES_FILE)]
+    mz = [python, "-m", "mzsane"]
+    stages = [
+        Stage("record-point", [python, "-m", "mzsane.sweep", "record-point", point_file, out]),
+        Stage("train", [*mz, "train", *cfg]),
+        Stage("sample", [*mz, "sample", *cfg, "--backbone", run, "--zoo", storage.join(root, "zoos", target),
+                         "--out", out]),
+        Stage("evaluate", [*mz, "evaluate", *cfg, "--samples", out, "--zoo", storage.join(root, "zoos", target)]),
+        Stage("probe", [*mz, "probe", "--backbone", run, "--zoo", target, "--out", storage.join(out, "probe")]),
+    ]
+    for extra in record.get("extra_target_zoos") or []:
+        zoo, xout = storage.join(root, "zoos", str(extra)), storage.join(out, "targets", str(extra))
+        stages += [Stage("sample", [*mz, "sample", *cfg, "--backbone", run, "--zoo", zoo, "--out", xout]),
+                   Stage("evaluate", [*mz, "evaluate", *cfg, "--samples", xout, "--zoo", zoo])]
+    return stages
+
+
+def read_point_file(point_file: str) -> dict[str, Any]:
+    try:
+        with open(point_file, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the point file {point_file} ({err}); "
+                          "is the point's ConfigMap mounted there?") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"point file {point_file} is not a JSON object; render it with the mzsane chart")
+    return record
+
+
+def run_point(point_file: str, python: str = "", log=print) -> int:
+    """The RayJob's entrypoint: run the point's stages in order; the first failure's exit status is the
+    point's. A retried job skips the stages an earlier attempt finished with the same point file."""
+    record = read_point_file(point_file)
+    stages = plan(point_file, record, python)
+    out = stages[0].argv[-1]
+    progress_url = storage.join(out, PROGRESS_FILE)
+    with open(point_file, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+    done: list[str] = []
+    if storage.exists(progress_url):
+        saved = storage.read_json(progress_url)
+        keys = [f"{i}-{s.name}" for i, s in enumerate(stages)]
+        if saved.get("digest") == digest and saved.get("done") == keys[:len(saved.get("done") or [])]:
+            done = list(saved["done"])
+    for index, stage in enumerate(stages):
+        key = f"{index}-{stage.name}"
+        if key in done:
+            log(f"[point {record.get('point')}] {stage.name} ({index + 1}/{len(stages)}): finished before, skipped")
+            continue
+        log(f"[point {record.get('point')}] {stage.name} ({index + 1}/{len(stages)}): {shlex.join(stage.argv)}",
+            flush=True)
+        rc = subprocess.run(stage.argv, stdin=subprocess.DEVNULL).returncode
+        if rc != 0:
+            log(f"error: point {record.get('point')}: stage {stage.name} exited with {rc}; the point failed",
+                file=sys.stderr)
+            return rc if rc > 0 else 128 - rc
+        done.append(key)
+        storage.write_json(progress_url, {"digest": digest, "done": done})
+    return 0
 
 
 @dataclass
@@ -53,39 +151,22 @@ class RenderedPoint:
         blob = json.dumps({"entrypoint": self.entrypoint, "files": self.files}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def stages(self) -> list[list[str]]:
-        """The entrypoint's ``A && B && C`` chain as argv lists (one stage each), or one ``bash -c`` stage.
-
-        Running the parts one by one with stop-on-failure is what ``&&`` means; splitting lets a resumed
-        run skip the stages that finished. Anything but a plain ``&&`` chain runs as one shell command."""
-        lexer = shlex.shlex(self.entrypoint, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
+    @property
+    def runs_point_file(self) -> bool:
+        """Whether the entrypoint is the chart's ``run-point`` on its mounted point file."""
         try:
-            tokens = list(lexer)
+            argv = shlex.split(self.entrypoint)
         except ValueError:
-            return [["bash", "-c", self.entrypoint]]
-        operators = {t for t in tokens if t and all(c in "();<>|&" for c in t)}
-        if operators - {"&&"}:
-            return [["bash", "-c", self.entrypoint]]
-        stages, current = [], []
-        for token in [*tokens, "&&"]:
-            if token == "&&":
-                if current:
-                    stages.append(current)
-                current = []
-            else:
-                current.append(token)
-        return stages
+            return False
+        return tuple(argv[:4]) == RUN_POINT and argv[4:] == [f"{self.mount_path}/{POINT_FILE}"]
 
-
-def stage_name(argv: list[str]) -> str:
-    """``mzsane train ...`` -> train; ``python -m mzsane.sweep record-point ...`` -> record-point."""
-    words = [w for w in argv if not w.startswith("-")]
-    if "-m" in argv and len(argv) > argv.index("-m") + 2:
-        return argv[argv.index("-m") + 2]
-    if words and words[0].rsplit("/", 1)[-1] == "mzsane" and len(words) > 1:
-        return words[1]
-    return argv[0].rsplit("/", 1)[-1] if argv else "?"
+    def stages(self, mount_dir: str = "", python: str = "") -> list[Stage]:
+        """The point's stages with its files at ``mount_dir`` (default: where the pod mounts them); an
+        entrypoint that is not the chart's ``run-point`` runs as one ``bash -c`` stage, as written."""
+        if not self.runs_point_file:
+            return [Stage("entrypoint", ["bash", "-c", self.entrypoint])]
+        point_file = os.path.join(mount_dir or self.mount_path, POINT_FILE)
+        return plan(point_file, json.loads(self.files[POINT_FILE]), python)
 
 
 def _mounted_config_map(job: dict[str, Any]) -> tuple[str, str]:
@@ -121,14 +202,18 @@ def rendered_points(objects: list[dict[str, Any]]) -> list[RenderedPoint]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mzsane.sweep record-point SRC OUT``: the first step of every chart RayJob."""
+    """``python -m mzsane.sweep run-point FILE`` (every chart RayJob's entrypoint), ``record-point SRC OUT``."""
     parser = argparse.ArgumentParser(prog="python -m mzsane.sweep")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run-point", help="run a sweep point's stages from its mounted point file")
+    run.add_argument("point_file")
     rec = sub.add_parser("record-point", help="copy the point's point.json beside its results")
     rec.add_argument("src")
     rec.add_argument("out")
     args = parser.parse_args(argv)
     try:
+        if args.command == "run-point":
+            return run_point(args.point_file)
         record_point(args.src, args.out)
     except (OSError, MzsaneError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -304,7 +304,7 @@ def make_augmenter(cfg: Any, manifest: Any) -> Any:
     layouts = {lid: manifest.layout(lid) for lid in manifest.layouts}
     permuters = {info["layout_id"]: Permuter(info["architecture"], layouts[info["layout_id"]])
                  for info in manifest.zoos.values()}
-    return Augmenter(cfg.augment, cfg.data.window_size, permuters, layouts)
+    return Augmenter(cfg.augment, cfg.data.window_size, permuters, layouts, pad_to_window=cfg.data.pad_windows)
 
 
 def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = None

@@ -134,10 +134,9 @@ def test_grid_renders_sizes_times_compositions_with_resolved_overrides():
         seen.add((point["zoo_size"], tuple(point["zoos"])))
     assert seen == {(s, tuple(c["zoos"])) for s in grid["zooSizes"] for c in grid["compositions"]}
     job = jobs[0]
-    entry = job["spec"]["entrypoint"]
     point = job["metadata"]["labels"]["mzsane.io/point"]
-    assert entry.index("mzsane train") < entry.index("mzsane sample") < entry.index("mzsane evaluate")
-    assert f"s3://mzsane/data/sweeps/grid/{point}" in entry
+    assert job["spec"]["entrypoint"] == "python -m mzsane.sweep run-point /etc/mzsane/point.json"
+    assert job["metadata"]["annotations"]["mzsane.io/results"] == f"s3://mzsane/data/sweeps/grid/{point}"
     assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
 
 

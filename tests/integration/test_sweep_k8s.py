@@ -40,6 +40,7 @@ def kube_api():
         emulator = kmock.KubernetesEmulator()
         emulator.resources["ray.io/v1/rayjobs"] = {}
         emulator.resources["v1/configmaps"] = {}
+        emulator.resources["v1/nodes"] = {}
         emulator["get /apis/ray.io/v1/namespaces/locked/rayjobs"] << 403 << {
             "kind": "Status", "message": 'rayjobs.ray.io is forbidden: User "bob" cannot list resource "rayjobs"'}
         async with emulator, kmock.Server(emulator, host="127.0.0.1") as server:
@@ -163,3 +164,23 @@ def test_missing_kubeconfig_is_a_cluster_error(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ClusterError, match="KUBECONFIG"):
         sweep.status("composition", NS)
+
+
+def test_submit_refuses_a_sweep_whose_point_fits_no_node_and_creates_nothing(kubeconfig, kube_api):
+    """One kind node of 8 CPU / 32 GiB: a grid point (10.5 CPU) can never run there; with the kind overlay it can."""
+    raw = _raw_api(kube_api)
+    core = client.CoreV1Api(raw)
+    core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "kind-control-plane"},
+                      "status": {"allocatable": {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "100Gi",
+                                                 "pods": "110"}}})
+    try:
+        grid = sweep.render([str(ROOT / "jobs" / "grid.yaml")], release="fit", namespace=NS)
+        with pytest.raises(ClusterError, match=r"^point fit-grid-\S+ can never be scheduled: .*deploy/values-kind"):
+            sweep.submit(grid, NS)
+        names = {o["metadata"]["name"] for o in grid if o["kind"] == "ConfigMap"}
+        assert not names & {cm.metadata.name for cm in core.list_namespaced_config_map(NS).items}
+        kind = sweep.render([str(ROOT / "jobs" / "grid.yaml"), str(ROOT / "deploy" / "values-kind.yaml")],
+                            release="fit", namespace=NS)
+        assert {r["action"] for r in sweep.submit(kind, NS)} == {"created"}
+    finally:
+        core.delete_node("kind-control-plane")

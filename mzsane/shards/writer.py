@@ -49,6 +49,18 @@ FILE_BYTES = 2**30
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
+def split_counts(num_models: int, fractions: list[float]) -> tuple[int, int, int]:
+    """(train, val, test) model counts of a zoo of ``num_models`` under ``split_models``: they depend on the count
+    alone, so a sweep can size a zoo without drawing any split (O(1), not a permutation per candidate size)."""
+    n = int(num_models)
+
+    def count(frac: float) -> int:
+        return 0 if frac <= 0 else (max(1, round(frac * n)) if n >= 3 else int(frac * n))
+
+    n_val, n_test = count(fractions[1]), count(fractions[2])
+    return n - n_val - n_test, n_val, n_test
+
+
 def split_models(model_ids: list[str], fractions: list[float], seed: int, zoo: str) -> dict[str, str]:
     """Assign each model to train/val/test: a seeded permutation (per zoo), cut 70/15/15 by default.
 
@@ -58,12 +70,7 @@ def split_models(model_ids: list[str], fractions: list[float], seed: int, zoo: s
     ids = sorted(model_ids)
     n = len(ids)
     order = [ids[i] for i in np.random.default_rng([int(seed), zlib.crc32(zoo.encode())]).permutation(n)]
-
-    def count(frac: float) -> int:
-        return 0 if frac <= 0 else (max(1, round(frac * n)) if n >= 3 else int(frac * n))
-
-    n_val, n_test = count(fractions[1]), count(fractions[2])
-    n_train = n - n_val - n_test
+    n_train, n_val, _ = split_counts(n, fractions)
     return {m: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, m in enumerate(order)}
 
 

@@ -189,6 +189,8 @@ def _cmd_sweep_status(args: argparse.Namespace) -> None:
 def _add_sweep_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="storage URL of a sweep: {storage}/sweeps/{sweep}")
     p.add_argument("--out", default="", help="where to write the table and plot (default: the sweep URL)")
+    p.add_argument("--baseline", default="", help="the setting every other is compared with, paired by seed: a "
+                   "substring of its label, e.g. 'mnist n=8' or 'loss.token_weight_alpha=1' (default: the first)")
 
 
 def _cmd_sweep_report(args: argparse.Namespace) -> None:
@@ -230,6 +232,16 @@ def _add_bench_scale(p: argparse.ArgumentParser) -> None:
                         "float16 halves the zoo's disk: 1,000 ResNet-18s are 22 GB instead of 45")
     p.add_argument("--out", default="", help="also write the figures to this JSON file: after every size, and the "
                                              "whole result at the end with its plot beside it (same name, .png)")
+
+
+def _add_bench_train(p: argparse.ArgumentParser) -> None:
+    _add_bench(p)
+    p.add_argument("--steps", type=int, default=0, help="training steps per case (default 200; --quick 40; with a "
+                                                        "--preset other than default 40, --quick 8)")
+    p.add_argument("--repeats", type=int, default=0, help="interleaved runs of every case (default 2; --quick 1)")
+    p.add_argument("--arch", default="", help="--preset runs: zoo architecture (resnet_mini, default; cnn_s)")
+    p.add_argument("--steps-only", action="store_true", help="only the whole-step figures, not the I/O ones")
+    p.add_argument("--out", default="", help="also write the JSON here (e.g. docs/results/bench-train.json)")
 
 
 def _interrupt_on_sigterm() -> None:
@@ -278,7 +290,9 @@ COMMANDS: dict[str, dict[str, tuple[Callable, Callable, str]]] = {
         "run": (_add_sweep_run, _cmd_sweep_run, "run the sweep's rendered points on local Ray (or --address)"),
     },
     "bench": {name: (_add_bench, _bench(name), f"throughput figures of the {name} stage as JSON")
-              for name in ("tokens", "shards", "zoo", "model", "train", "sample")}
+              for name in ("tokens", "shards", "zoo", "model", "sample")}
+    | {"train": (_add_bench_train, _bench("train"), "whole training steps (real and padded tokens/s, MFU), data "
+                 "wait, checkpoints and reads as JSON; --preset paper: the paper-scale backbone's tokens/s and MFU")}
     | {"scale": (_add_bench_scale, _bench("scale"), "shards build and training vs zoo size (10 to 1,000 models)")}
     | {"norm": (_add_bench, _bench("norm"), "loss-normalization ablation on a ResNet zoo: Figure-2 histograms")},
 }

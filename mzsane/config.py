@@ -100,6 +100,10 @@ class ShardsConfig:
     rows_per_row_group: int = param(8, min=1)
     # checkpoint epochs to shard; empty = all
     epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
+    # weight-match every model of a zoo to one reference (its first train-split model) before tokenizing, as
+    # SANE prepares its zoos: a model's permutation is found on its last sharded epoch and applied to all of
+    # them; sampling aligns the anchors of such a zoo to the same reference
+    align_to_reference: bool = False
 
 
 @dataclass
@@ -114,6 +118,9 @@ class DataConfig:
     epochs: list[int] = field(default_factory=list, metadata=rule(items={"min": 0}))
     num_tail_epochs: int = param(2, min=1, sentinels=(-1,))
     window_size: int = param(64, min=1)
+    # true: every batch is window_size positions long, shorter models padded (the old behaviour); false: a batch
+    # is as long as its longest window, so a model shorter than the window costs no compute on padding
+    pad_windows: bool = False
     # windows cut from each checkpoint row per epoch, at most one per window_size tokens (small models: 1);
     # more amortise the row's read, the buffer then spans shuffle_buffer / windows_per_row rows
     windows_per_row: int = param(16, min=1)
@@ -145,14 +152,18 @@ class LossConfig:
     """gamma * contrastive + (1 - gamma) * reconstruction (spec section 4)."""
 
     gamma: float = param(0.05, min=0.0, max=1.0)
-    # masked loss normalization: batch | token | token_unmasked (padding in the token stats: ablation) | layer | none
+    # masked loss normalization: batch (the reference code's) | token | token_unmasked (padding in the token stats:
+    # ablation) | layer | none
     norm_mode: str = param("token", choices=("batch", "token", "token_unmasked", "layer", "none"))
     std_eps: float = param(1e-4, exclusive_min=0.0)
     temperature: float = param(0.1, exclusive_min=0.0)
     min_valid_per_token: int = param(3, min=1)  # token mode: fewer valid entries (BN tokens): per-entry layer stats
     # how the normalized squared errors are averaged: over every valid entry (a token weighs as many entries as
-    # it has), or per token first (every token weighs the same: BN, first-conv and classifier rows included)
-    reduction: str = param("entry", choices=("entry", "token"))
+    # it has), per token first (every token weighs the same: BN, first-conv and classifier rows included), per
+    # token weighted by n^token_weight_alpha (n valid entries: 0 = token, 1 = entry), or per (sample, layer)
+    # group first (every layer of a window weighs the same)
+    reduction: str = param("entry", choices=("entry", "token", "token_power", "layer"))
+    token_weight_alpha: float = param(0.5, min=0.0, max=1.0)  # reduction token_power: token weight n^alpha
 
 
 @dataclass
@@ -245,6 +256,13 @@ class EvaluateConfig:
 
     finetune_epochs: int = param(2, min=0)
     finetune_lr: float = param(1e-3, exclusive_min=0.0)
+    # the one fine-tuning optimizer of every start, fixed per target (not the first anchor's hyper-parameters,
+    # which changed with the seed's anchor draw, and with them every start's budget)
+    finetune_optimizer: str = param("adam", choices=("adam", "sgd"))
+    finetune_batch_size: int = param(64, min=1)
+    finetune_weight_decay: float = param(0.0, min=0.0)
+    # init scheme of the random-init baseline, fixed per target (was the first anchor's: seed-dependent)
+    random_init: str = param("default", choices=("default", "uniform", "normal", "kaiming_uniform", "kaiming_normal"))
     soup_sizes: list[int] = field(default_factory=lambda: [1, 2, 3, 5], metadata=rule(items={"min": 1}))
     num_random: int = param(5, min=0)
     num_finetune_models: int = param(3, min=0)  # generated (best by val) and random models fine-tuned per method

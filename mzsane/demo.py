@@ -47,7 +47,9 @@ FINETUNE_TARGETS = ["fashion_mnist-cnn_s", "digits-cnn_s"]
 # runs alone, so it takes both cores of the demo machine (1.5x faster: 36 vs 56 s for mnist-cnn_s); a fixed
 # thread count, not "all cores", keeps the zoos bitwise the same on any machine. The backbones train with 2
 # Ray Train (DDP) workers, one per core, at 8 windows each: the same global batch of 16 as one worker at the
-# preset's 16, so the same updates, with the work split over both cores (see the README for the cost).
+# preset's 16, so the same updates, with the work split over both cores. Chosen by measurement (issue 29,
+# `mzsane bench train`, docs/results/bench-train.json): against 1 worker x 2 threads at batch 16, 2 x 1 was
+# faster in 4 of 5 interleaved pairs on the shared 2-core machine (e.g. 6,027 vs 4,956 real tokens/s).
 # Budget by exposure (issue 13): 150 passes over each backbone's selected rows (the trained tail, epochs 2-3), so
 # single (44 rows: 413 steps) and multi (100 rows: 938 steps) see every zoo equally often; at equal *steps* the
 # multi-zoo backbone saw each zoo less than half as often and lost for that reason (docs/results.md).

@@ -23,6 +23,11 @@ On KubeRay set ``metrics.host=0.0.0.0`` and a fixed ``metrics.port``: the rank w
 ``port + r`` (each pod declares one port per rank *it* runs, so a PodMonitor finds every rank without
 down targets). ``metrics.host=node`` binds the node's own address (several Ray nodes on one machine,
 as in the loopback test cluster, can then share a port).
+
+All interfaces (``0.0.0.0``/``::``) only inside Kubernetes (``KUBERNETES_SERVICE_HOST``, which the kubelet sets in
+every pod): the chart asks for 0.0.0.0 so Prometheus reaches the pod IP, but ``sweep run`` runs the same rendered
+config on a laptop, where it would expose the exporter to the network. Elsewhere it binds 127.0.0.1 unless
+``MZSANE_METRICS_HOST`` says otherwise (e.g. ``0.0.0.0`` on a VM scraped from another host).
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ _GAUGES = {
     "train/lr": ("mzsane_train_learning_rate", "learning rate of the first parameter group"),
     "train/grad_norm": ("mzsane_train_grad_norm", "global gradient norm before clipping"),
     "perf/tokens_per_s": ("mzsane_perf_tokens_per_second", "window tokens processed per second on this rank"),
+    "perf/real_tokens_per_s": ("mzsane_perf_real_tokens_per_second",
+                               "model tokens processed per second on this rank, padding positions excluded"),
     "perf/data_wait_fraction": ("mzsane_perf_data_wait_ratio", "fraction of step time spent waiting for data"),
     "checkpoint/save_s": ("mzsane_checkpoint_save_seconds", "seconds the last checkpoint took to save"),
     "mem/host_rss_bytes": ("mzsane_host_rss_bytes", "peak resident set size of this worker process"),
@@ -178,13 +185,29 @@ class PrometheusSink:
         self._server.server_close()
 
 
+METRICS_HOST_ENV = "MZSANE_METRICS_HOST"
+_ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def bind_host(host: str, node: str = "127.0.0.1") -> str:
+    """The address a rank's exporter listens on for ``metrics.host`` (see the module docstring)."""
+    override = os.environ.get(METRICS_HOST_ENV, "").strip()
+    if override:
+        return node if override == "node" else override
+    if host == "node":
+        return node
+    if host in _ALL_INTERFACES and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return "127.0.0.1"
+    return host
+
+
 def make_sink(cfg_metrics: Any, run: str, run_url: str, world_rank: int, local_rank: int | None = None,
               node: str = "127.0.0.1", start_step: int = 0) -> tuple[FanOut, str]:
     """The sinks of one rank and its scrape target ('' when Prometheus export is disabled)."""
     sinks: list[MetricSink] = []
     target = ""
     if cfg_metrics.enabled:
-        host = node if cfg_metrics.host == "node" else cfg_metrics.host
+        host = bind_host(cfg_metrics.host, node)
         prom_sink = PrometheusSink(run, world_rank, host, cfg_metrics.port, local_rank)
         sinks.append(prom_sink)
         target = prom_sink.target

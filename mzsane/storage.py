@@ -12,16 +12,29 @@ Credentials never come from config files: the endpoint is ``MZSANE_S3_ENDPOINT``
 Writes are atomic so a crash never leaves a half-written object that a reader would trust: locally a
 temporary file in the same directory is renamed into place; on S3 an object becomes visible only when
 its upload completes, so a plain PUT (or completed multipart upload) is already all-or-nothing.
+
+Every S3 call is bounded (a hung endpoint, e.g. a SIGSTOPped server or one that accepts and never answers,
+must give one line, not minutes of silence): ``MZSANE_S3_TIMEOUT_S`` (default 40 s) is the deadline of one
+call. Inside it botocore gets connect/read timeouts of a quarter of it and s3fs and botocore two attempts
+each (4 x read timeout <= the deadline), and calls that send or receive a known number of bytes run on a
+small thread pool under a hard deadline of ``MZSANE_S3_TIMEOUT_S`` plus one second per MiB (a healthy slow
+link is not a hang; a blocked upload has no read timeout to end it). A call that hits the deadline marks the
+endpoint hung for one more deadline, so the clean-up after the error (abort an upload, remove a partial
+checkpoint, a last log line) fails at once instead of waiting again. Nothing half-written becomes visible:
+S3 objects appear only when their upload completes, and a checkpoint's config.json is written last.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import math
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -38,6 +51,12 @@ _OTHER_CREDENTIAL_VARS = ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB
 TMP_PREFIX = ".tmp-"  # local atomic writes: ``.tmp-{pid}-{random}`` beside the target, renamed into place
 _S3_ERRORS_UNREACHABLE = ("Could not connect", "ConnectTimeout", "EndpointConnectionError", "Connection refused",
                           "Cannot connect to host", "ConnectionError")
+_S3_ERRORS_TIMEOUT = ("Read timeout", "ReadTimeout", "FSTimeoutError", "TimeoutError", "timed out")
+TIMEOUT_ENV = "MZSANE_S3_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 40.0
+_MIN_RATE_BYTES_S = 2**20  # the hard deadline of a transfer grows by 1 s per MiB: a slow healthy link is no hang
+_ATTEMPTS = 2  # s3fs's retry loop and botocore's own, each: 4 attempts of at most timeout_s / 4 per call
+_hung_until: dict[str, float] = {}  # endpoint -> monotonic time until which calls fail at once
 _S3_ERRORS_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidClientTokenId",
                           "Forbidden", "403", "NoCredentialsError", "Unable to locate credentials")
 
@@ -68,11 +87,33 @@ def endpoint() -> str:
     return ""
 
 
+def timeout_s() -> float:
+    """The deadline of one S3 call in seconds (``MZSANE_S3_TIMEOUT_S``, default 40)."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise StorageError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds; set e.g. "
+                           f"{TIMEOUT_ENV}={DEFAULT_TIMEOUT_S:g} or unset it")
+    return value
+
+
+def _attempt_timeouts() -> tuple[float, float]:
+    """(connect, read) timeout of one HTTP attempt: 4 attempts (s3fs x botocore) fit in one deadline."""
+    per_attempt = timeout_s() / (_ATTEMPTS * _ATTEMPTS)
+    return min(5.0, per_attempt), per_attempt
+
+
 def s3_options() -> dict[str, Any]:
     """fsspec/s3fs options from the environment; never logged (holds credentials)."""
+    connect_s, read_s = _attempt_timeouts()
     options: dict[str, Any] = {"client_kwargs": {"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")},
-                               "config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 5,
-                                                 "read_timeout": 60}}
+                               "config_kwargs": {"retries": {"total_max_attempts": _ATTEMPTS},
+                                                 "connect_timeout": connect_s, "read_timeout": read_s}}
     if endpoint():
         options["endpoint_url"] = endpoint()
     if os.environ.get("AWS_ACCESS_KEY_ID"):
@@ -104,6 +145,7 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         # gets a new client while repeated calls reuse the open connection pool; listings are never cached
         # because other workers write the same prefixes.
         fs = fsspec.filesystem("s3", use_listings_cache=False, **s3_options())
+        fs.retries = _ATTEMPTS  # s3fs's own retry loop around botocore's (a class attribute, 5 by default)
         return fs, url.split("://", 1)[1].rstrip("/")
     if kind == "memory":
         return fsspec.filesystem("memory"), "/" + url.split("://", 1)[1].strip("/")
@@ -115,6 +157,8 @@ def _translate(err: BaseException, url: str, action: str) -> StorageError:
     where = endpoint() or "the default AWS endpoint"
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return disk_full(url)
+    if is_remote(url) and (isinstance(err, TimeoutError) or any(s in text for s in _S3_ERRORS_TIMEOUT)):
+        return _hung(url, action, timeout_s())
     if "NoSuchBucket" in text or "bucket does not exist" in text or "NoSuchBucket" in repr(err.__cause__):
         bucket = url.split("://", 1)[-1].split("/", 1)[0]
         return StorageError(f"cannot {action} '{url}': bucket '{bucket}' does not exist at {where}; create it "
@@ -134,6 +178,65 @@ def _translate(err: BaseException, url: str, action: str) -> StorageError:
                                      f"check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
     first_line = text.splitlines()[0][:200] if text else type(err).__name__
     return StorageError(f"cannot {action} '{url}': {first_line}")
+
+
+def _hung(url: str, action: str, limit_s: float) -> StorageError:
+    """The one line for an endpoint that did not answer in time; later calls fail at once for one deadline."""
+    where = endpoint() or "the default AWS endpoint"
+    _hung_until[where] = time.monotonic() + timeout_s()
+    return StoreUnavailableError(f"cannot {action} '{url}': S3 endpoint {where} did not answer within {limit_s:.0f} s "
+                                 f"({TIMEOUT_ENV}); check that the server is running (not stopped or overloaded), "
+                                 f"then retry or resume with --resume")
+
+
+def _check_hung(url: str, action: str) -> None:
+    where = endpoint() or "the default AWS endpoint"
+    if time.monotonic() < _hung_until.get(where, 0.0):
+        raise StoreUnavailableError(f"cannot {action} '{url}': S3 endpoint {where} did not answer within "
+                                    f"{timeout_s():.0f} s moments ago ({TIMEOUT_ENV}); check that the server is "
+                                    f"running (not stopped or overloaded), then retry or resume with --resume")
+
+
+def _with_deadline(limit_s: float, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread; ``TimeoutError`` after ``limit_s``. A daemon thread, not a pool's:
+    an upload blocked on a stopped server may never return, and the interpreter joins pool threads at exit, so
+    the process would hang after printing its error."""
+    done, box = threading.Event(), {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=call, name="mzsane-s3-call", daemon=True).start()
+    if not done.wait(limit_s):
+        raise TimeoutError(limit_s)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _run(url: str, action: str, fn: Any, *args: Any, nbytes: int | None = 0) -> Any:
+    """``fn(*args)`` with storage errors as one line; on S3 under a hard deadline of ``timeout_s()`` plus 1 s per
+    MiB of ``nbytes`` (``None``: a transfer of unknown size, bounded by the per-attempt read timeouts alone).
+    A call past its deadline is left behind in its daemon thread; nothing waits for it."""
+    if scheme(url) not in ("s3", "s3a"):
+        with _errors(url, action):
+            return fn(*args)
+    _check_hung(url, action)
+    with _errors(url, action):
+        if nbytes is None:
+            return fn(*args)
+        limit = timeout_s() + max(int(nbytes), 0) / _MIN_RATE_BYTES_S
+        try:
+            return _with_deadline(limit, fn, *args)
+        except TimeoutError as err:
+            if err.args == (limit,):  # our deadline, not a timeout raised inside the call
+                raise _hung(url, action, limit) from None
+            raise
 
 
 def disk_full(url: str, needed: int = 0) -> StorageError:
@@ -198,46 +301,43 @@ def local_path(url: str) -> str | None:
 
 def exists(url: str) -> bool:
     fs, path = _fs(url)
-    with _errors(url, "check"):
-        return bool(fs.exists(path))
+    return bool(_run(url, "check", fs.exists, path))
 
 
 def isdir(url: str) -> bool:
     fs, path = _fs(url)
-    with _errors(url, "check"):
-        return bool(fs.isdir(path))
+    return bool(_run(url, "check", fs.isdir, path))
 
 
 def listdir(url: str) -> list[str]:
     """Names of the direct children of a folder (empty when it does not exist)."""
     fs, path = _fs(url)
-    with _errors(url, "list"):
+
+    def ls() -> list[str]:
         if not fs.exists(path):
             return []
-        entries = fs.ls(path, detail=False, refresh=True) if is_remote(url) else fs.ls(path, detail=False)
+        return fs.ls(path, detail=False, refresh=True) if is_remote(url) else fs.ls(path, detail=False)
+
+    entries = _run(url, "list", ls)
     base = path.rstrip("/")
     return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries if str(e).rstrip("/") != base} - {""})
 
 
 def size(url: str) -> int:
     fs, path = _fs(url)
-    with _errors(url, "stat"):
-        return int(fs.size(path))
+    return int(_run(url, "stat", fs.size, path))
 
 
 def du(url: str) -> int:
     """Total bytes below a folder."""
     fs, path = _fs(url)
-    with _errors(url, "measure"):
-        if not fs.exists(path):
-            return 0
-        return int(fs.du(path, total=True))
+    return int(_run(url, "measure", lambda: fs.du(path, total=True) if fs.exists(path) else 0))
 
 
 def read_bytes(url: str) -> bytes:
+    """The whole object; its size is not known up front, so on S3 the per-attempt read timeouts bound it."""
     fs, path = _fs(url)
-    with _errors(url, "read"):
-        return fs.cat_file(path)
+    return _run(url, "read", fs.cat_file, path, nbytes=None)
 
 
 def read_text(url: str) -> str:
@@ -250,13 +350,15 @@ def read_json(url: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise StorageError(f"'{url}' is not valid JSON (line {err.lineno}); the file is corrupt, rewrite it") from None
+    except RecursionError:  # a crafted file of deeply nested brackets
+        raise StorageError(f"'{url}' is nested too deeply to be a file mzsane wrote; it is corrupt or crafted, "
+                           f"rewrite it") from None
 
 
 def open_read(url: str) -> IO[bytes]:
     """A seekable binary file (pyarrow.parquet.ParquetFile accepts it)."""
     fs, path = _fs(url)
-    with _errors(url, "open"):
-        fh = fs.open(path, "rb")
+    fh = _run(url, "open", fs.open, path, "rb")
     return _ReadErrors(fh, url) if is_remote(url) else fh
 
 
@@ -267,13 +369,20 @@ class _ReadErrors:
     def __init__(self, fh: Any, url: str):
         self._fh, self._url = fh, url
 
+    def _left(self, n: int) -> int:
+        """Bytes a read of ``n`` (-1: to the end) fetches at most: the hard deadline grows with them."""
+        try:
+            left = max(int(self._fh.size) - int(self._fh.tell()), 0)
+        except (AttributeError, TypeError, ValueError):
+            return max(n, 0)
+        return left if n is None or n < 0 else min(n, left)
+
     def read(self, *args: Any) -> bytes:
-        with _errors(self._url, "read"):
-            return self._fh.read(*args)
+        n = args[0] if args else -1
+        return _run(self._url, "read", self._fh.read, *args, nbytes=self._left(n))
 
     def readinto(self, buffer: Any) -> int:
-        with _errors(self._url, "read"):
-            return self._fh.readinto(buffer)
+        return _run(self._url, "read", self._fh.readinto, buffer, nbytes=self._left(len(memoryview(buffer))))
 
     def seek(self, *args: Any) -> int:
         with _errors(self._url, "read"):
@@ -321,19 +430,37 @@ def open_write(url: str) -> Iterator[IO[bytes]]:
             fs.pipe_file(path, buffer.getvalue())
         return
     # S3: the object is only created when the (multipart) upload completes at close; on error we abort.
-    with _errors(url, "write"):
-        fh = fs.open(path, "wb", block_size=64 * 2**20)
+    fh = _run(url, "write", fs.open, path, "wb", 64 * 2**20)
     try:
-        yield fh
+        yield _BoundedWrites(fh, url)
     except BaseException as err:
         with contextlib.suppress(Exception):
-            fh.discard()
-            fh.closed = True  # discarded: without this its __del__ would try to upload the dropped buffer
+            _run(url, "write", fh.discard)  # aborts a multipart upload: fails at once when the endpoint hung
+        fh.closed = True  # discarded: without this its __del__ would try to upload the dropped buffer
         if _from_s3_client(err):  # a write past block_size uploads a part: the endpoint may fail right here
             raise _translate(err, url, "write") from None
         raise
-    with _errors(url, "write"):
-        fh.close()
+    _run(url, "write", fh.close, nbytes=_buffered(fh))
+
+
+def _buffered(fh: Any) -> int:
+    buffer = getattr(fh, "buffer", None)
+    return int(buffer.tell()) if buffer is not None else 0
+
+
+class _BoundedWrites:
+    """An S3 file being written whose ``write`` (which uploads a part once 64 MiB are buffered) runs under the
+    hard deadline: a stopped server that no longer reads would otherwise block the upload for good."""
+
+    def __init__(self, fh: Any, url: str):
+        self._fh, self._url = fh, url
+
+    def write(self, data: Any) -> int:
+        size = len(memoryview(data)) if not isinstance(data, (bytes, bytearray)) else len(data)
+        return _run(self._url, "write", self._fh.write, data, nbytes=_buffered(self._fh) + size)
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, closed, ...
+        return getattr(self._fh, name)
 
 
 class _MemoryBuffer:
@@ -432,11 +559,14 @@ def write_json(url: str, obj: Any) -> None:
 
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = _fs(url)
-    with _errors(url, "remove"):
+
+    def rm() -> None:
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
         if recursive and scheme(url) in ("s3", "s3a"):
             _remove_folder_markers(fs, path)
+
+    _run(url, "remove", rm)
 
 
 def _remove_folder_markers(fs: fsspec.AbstractFileSystem, path: str) -> None:
@@ -481,13 +611,17 @@ def upload_dir(local_dir: str, url: str) -> None:
 def download_dir(url: str, local_dir: str) -> str:
     fs, path = _fs(url)
     os.makedirs(local_dir, exist_ok=True)
-    with _errors(url, "download"):
-        if not fs.exists(path):
-            raise FileNotFoundError(path)
-        if not is_remote(url):
+    if not is_remote(url):
+        with _errors(url, "download"):
+            if not fs.exists(path):
+                raise FileNotFoundError(path)
             shutil.copytree(path, local_dir, dirs_exist_ok=True)
-            return local_dir
-        for src, info in fs.find(path, detail=True).items():
+        return local_dir
+    found = _run(url, "download", lambda: fs.find(path, detail=True) if fs.exists(path) else None)
+    if found is None:
+        raise _translate(FileNotFoundError(path), url, "download")
+    with _errors(url, "download"):
+        for src, info in found.items():
             rel = posixpath.relpath(src, path)
             # object stores may hold the prefix itself or "folder/" marker objects (Ray writes them)
             if rel in (".", "") or info.get("type") == "directory" or src.endswith("/"):
@@ -508,8 +642,11 @@ def pyarrow_fs(url: str) -> tuple[Any, str]:
         return pafs.LocalFileSystem(), _fs(url)[1]
     if kind in ("s3", "s3a"):
         ep = endpoint()
+        connect_s, read_s = _attempt_timeouts()
+        # Ray Train uploads checkpoints through this one: bounded like s3fs (attempts x request timeout)
         kwargs: dict[str, Any] = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                                  "connect_timeout": 5, "request_timeout": 60}
+                                  "connect_timeout": connect_s, "request_timeout": read_s,
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_ATTEMPTS**2 - 1)}
         if ep:
             kwargs["endpoint_override"] = ep.split("://", 1)[-1]
             kwargs["scheme"] = ep.split("://", 1)[0] if "://" in ep else "https"

@@ -3,8 +3,10 @@
 Usage: .venv/bin/python docs/results/sweep_tables.py mzsane-data/sweeps/zoo-size [more sweep folders]
 
 Per sweep: the per-setting table of ``mzsane sweep report`` (mean ± 95% t half-width over seeds) for each
-target, the candidate distribution before selection, weight averaging against generation as the soup grows,
-fine-tuned starts, the novelty verdicts and the exposure (passes per zoo) the budget gave.
+target (held-out anchors; seen anchors, the paper's protocol, in a table of their own), every setting against
+a baseline paired by seed (``--baseline``), the candidate distribution before selection, weight averaging
+against generation as the soup grows, fine-tuned starts, the novelty verdicts and the exposure (passes per
+zoo) the budget gave.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import sys
 import numpy as np
 
 from mzsane import storage, sweep
+from mzsane.sweep import paired
 
-COLUMNS = ("generated", "generated_unselected", "reconstruction", "anchors", "anchors_selected", "soup_aligned",
-           "random")
-FINETUNED = ("finetuned_generated", "finetuned_hypernet", "finetuned_random")
+COLUMNS = ("generated", "generated_unselected", "reconstruction", "reconstruction_best", "anchors", "anchors_selected",
+           "soup_aligned", "soup_best", "random")
+SEEN_COLUMNS = ("generated", "reconstruction", "reconstruction_best", "anchors")  # the paper's protocol
+FINETUNED = ("finetuned_generated", "finetuned_anchors", "finetuned_hypernet", "finetuned_random")
 
 
 def _ci(values: list[float]) -> str:
@@ -38,6 +42,10 @@ def _ci(values: list[float]) -> str:
 def _setting(row: dict) -> tuple:
     return (not row["in_distribution"], row["target_zoo"], row["num_zoos"], row["composition"], row["zoo_size"],
             row["axes"])
+
+
+def _pool(rows: list[dict], pool: str) -> list[dict]:
+    return [r for r in rows if r.get("anchor_pool", "held_out") == pool]
 
 
 def _label(key: tuple) -> list[str]:
@@ -74,6 +82,8 @@ def details(url: str, rows: list[dict]) -> str:
     acc: dict[tuple, dict[str, list[float]]] = {}
     verdicts: dict[tuple, list[str]] = {}
     for point, res in _results(url):
+        if sweep.results.anchor_pool(res) != "held_out":  # the seen-anchor evaluation: its own table
+            continue
         key = meta.get((point, res.get("target_zoo", "")))
         if key is None:
             continue
@@ -117,12 +127,24 @@ def details(url: str, rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweeps", nargs="+", help="sweep result folders, {storage.root}/sweeps/{sweep}")
+    ap.add_argument("--baseline", default="", help="setting the others are compared with, paired by seed (a "
+                    "substring of its label, e.g. 'mnist n=8'; default: the first)")
+    ap.add_argument("--method", default="generated", help="the row the paired comparison compares")
     args = ap.parse_args()
     for url in args.sweeps:
         rows, pending = sweep.collect(url)
+        seen, rows = _pool(rows, "seen"), _pool(rows, "held_out")
         print(f"### {os.path.basename(url.rstrip('/'))}" + (f" (pending: {', '.join(pending)})" if pending else ""))
         print("\nZero-shot test accuracy, held-out anchors:\n")
         print(per_setting(rows, COLUMNS))
+        if seen:
+            print("\nZero-shot test accuracy, seen anchors (the paper's protocol):\n")
+            print(per_setting(seen, SEEN_COLUMNS))
+        comparisons = paired.compare_settings(rows + seen, args.method, args.baseline)
+        if comparisons:
+            print(f"\nPaired by seed against the baseline ({args.method}; p_t: paired t-test, p_sign_flip: exact "
+                  "sign-flip test):\n")
+            print(paired.format_comparisons(comparisons))
         if any(r["method"] in FINETUNED for r in rows):
             print("\nAfter fine-tuning (test accuracy at the last fine-tuning epoch):\n")
             print(per_setting([r for r in rows if r["method"] in FINETUNED], FINETUNED))

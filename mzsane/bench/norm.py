@@ -21,7 +21,9 @@ MODES = ("none", "layer", "token_unmasked", "token")
 # ones averaged per token first (what token_unmasked does implicitly: its padded std scales a token with n
 # valid entries by ~288/n, so every token weighs about the same)
 VARIANTS = (*((m, m, "entry") for m in MODES), ("layer/token-mean", "layer", "token"),
-            ("token/token-mean", "token", "token"))
+            ("token/token-mean", "token", "token"),
+            # between the two (issue 25.3): token weight n^0.5 (loss.token_weight_alpha's default), every layer alike
+            ("token/n^0.5", "token", "token_power"), ("token/layer-mean", "token", "layer"))
 ZOO = "mnist-resnet_mini"
 
 
@@ -75,6 +77,7 @@ def run(args: Any) -> dict:
         run_cfg.loss.norm_mode, run_cfg.loss.reduction = mode, reduction
         key = [mode, run_cfg.train.num_steps, run_cfg.train.seed, run_cfg.model.d_model]
         key += [reduction] if reduction != "entry" else []  # entry-mean runs keep their earlier names
+        key += [run_cfg.loss.token_weight_alpha] if reduction == "token_power" else []
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         run_cfg.run_name = f"bench-norm-{mode}{'-' + reduction if reduction != 'entry' else ''}-{digest}"
         run_url = storage.join(cfg.storage.root, "runs", run_cfg.run_name)

@@ -1,17 +1,22 @@
 """``mzsane bench train``: training throughput, data wait, checkpoint cost and the shard-reading path.
 
-Figures (JSON): tokens/s per worker with 1 and 2 Ray Train workers (``small`` preset, local Ray on
-loopback, local shards); the data-wait fraction of step time when the shards live in S3 (a SeaweedFS
-server started here on 127.0.0.1 and stopped by PID), in-process and under 2 Ray Train workers;
+Figures (JSON): whole training steps (``trainstep.py``): real (non-padding) and padded model tokens/s and
+the step's FLOP fraction of matmul peak, for the demo's CNN config in its layouts (2 Ray Train ranks x 1
+thread, 1 rank x 2 threads, in-process batch 16, and the old padded windows) and for a ResNet zoo config,
+run interleaved; packing short models into windows vs trimming windows; tokens/s per worker with 1 and 2
+Ray Train workers (``small`` preset, local Ray on loopback, local shards); the data-wait fraction of step
+time when the shards live in S3 (a SeaweedFS server started here on 127.0.0.1 and stopped by PID),
+in-process and under 2 Ray Train workers;
 checkpoint save (write + upload to S3) and restore (download + safe load) seconds; and reading the
 same shard files with Ray Data's ``read_parquet`` against plain pyarrow row-group reads (the reason
 ``train/data.py`` reads row groups itself).
 
-The zoo is synthetic (cnn_s networks drawn around a shared base): throughput and I/O do not depend on
+The zoos are synthetic (cnn_s or resnet_mini networks drawn around shared bases): throughput and I/O do not depend on
 what the weights learned, and building a real zoo would dominate the benchmark.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -167,10 +172,86 @@ def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
     return out
 
 
+def resnet_shards(root: str, tokensize: int, num_models: int, arch: str = "resnet_mini") -> str:
+    """A synthetic zoo of ``arch`` (epochs 2 and 3, as the demo trains the tail) sharded at ``{root}/shards/{arch}``."""
+    from mzsane.bench.synthzoo import write_synthetic_zoo
+    from mzsane.shards import writer
+
+    zoo_url = storage.join(root, "zoos", f"synth_{arch}")
+    write_synthetic_zoo(zoo_url, num_models, arch=arch, epochs=(2, 3))
+    cfg = config_mod.Config()
+    cfg.tokens.tokensize = tokensize
+    cfg.shards.rows_per_row_group = 8
+    out = storage.join(root, "shards", arch)
+    writer.build_shards([zoo_url], out, cfg.tokens, cfg.shards, progress=False)
+    return out
+
+
+def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
+    """The demo's CNN config (default preset, the demo's settings) in each layout, and the default and small
+    presets on a ResNet zoo, all interleaved; plus packing vs trimming at the demo's sizes."""
+    from mzsane.bench import trainstep
+    from mzsane.demo import demo_config
+
+    demo = demo_config()
+    cnn = synthetic_shards(scratch, demo.tokens.tokensize)
+    resnet = resnet_shards(scratch, demo.tokens.tokensize, 8)
+    padded = copy.deepcopy(demo)
+    padded.data.pad_windows = True
+    small = config_mod.load("small")
+    case = trainstep.case_config
+    cases = {
+        "cnn_ray_2x1_padded": (case(padded, scratch, cnn, steps, 2, 1, 16), 2, 1),  # before issue 29
+        "cnn_ray_2x1": (case(demo, scratch, cnn, steps, 2, 1, 16), 2, 1),
+        "cnn_ray_1x2": (case(demo, scratch, cnn, steps, 1, 2, 16), 1, 2),
+        "cnn_no_ray_b16": (case(demo, scratch, cnn, steps, 0, 2, 16), 0, 2),
+        # a local sweep point (jobs/local: 1 rank x 1 CPU, two points side by side on 2 cores)
+        "cnn_ray_1x1": (case(demo, scratch, cnn, steps, 1, 1, 16), 1, 1),
+        "resnet_default_ray_1x2": (case(demo, scratch, resnet, steps, 1, 2, 16), 1, 2),
+        "resnet_small_ray_1x2": (case(small, scratch, resnet, max(steps // 4, 12), 1, 2, 16), 1, 2),
+    }
+    out = trainstep.measure(cases, repeats)
+    out["packing"] = trainstep.packing(demo, model_tokens=48, window=64, num_windows=32)
+    return out
+
+
+def preset_steps(cfg: config_mod.Config, preset: str, arch: str, steps: int, repeats: int) -> dict[str, Any]:
+    """One preset's whole steps in-process (the GPU if there is one, bf16 autocast there): tokens/s and MFU.
+    ``paper`` trains the paper's backbone at d_model 1024, 4+4 layers, latent 128."""
+    from mzsane.bench import trainstep
+
+    cfg = copy.deepcopy(cfg)
+    if preset == "paper":
+        cfg.model.d_model, cfg.model.num_heads, cfg.model.num_layers, cfg.model.latent_dim = 1024, 16, 4, 128
+    scratch = tempfile.mkdtemp(prefix="mzsane-bench-train-")
+    try:
+        shards = (synthetic_shards(scratch, cfg.tokens.tokensize) if arch == "cnn_s"
+                  else resnet_shards(scratch, cfg.tokens.tokensize, 8, arch))
+        threads = torch.get_num_threads()
+        cases = {preset: (trainstep.case_config(cfg, scratch, shards, steps, 0, threads, cfg.train.batch_size),
+                          0, threads)}
+        result = trainstep.measure(cases, repeats)[preset]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    c = cfg.model
+    return {"preset": preset, "device": device, "arch": arch, "steps": steps,
+            "precision": "bf16 autocast" if torch.cuda.is_available() else "fp32",
+            "model": {"d_model": c.d_model, "num_heads": c.num_heads, "num_layers": c.num_layers,
+                      "latent_dim": c.latent_dim, "window_size": cfg.data.window_size,
+                      "batch_size": cfg.train.batch_size}, **result}
+
+
 def run(args: Any) -> dict[str, Any]:
     from mzsane.bench.seaweedfs import SeaweedFS
 
     quick = bool(getattr(args, "quick", False))
+    preset = getattr(args, "preset", "default")
+    step_count = int(getattr(args, "steps", 0) or 0)
+    repeats = int(getattr(args, "repeats", 0) or 0) or (1 if quick else 2)
+    if preset != "default":  # one preset's whole steps only
+        return _save(args, preset_steps(args.cfg, preset, getattr(args, "arch", "") or "resnet_mini",
+                                        step_count or (8 if quick else 40), repeats))
     steps = 12 if quick else 40
     cfg = config_mod.load("small")
     result: dict[str, Any] = {"preset": "small", "steps": steps, "cpus": os.cpu_count(),
@@ -179,6 +260,10 @@ def run(args: Any) -> dict[str, Any]:
     saved_env = dict(os.environ)
     server = SeaweedFS(os.path.join(scratch, "s3"), bucket="bench")
     try:
+        result["demo_steps"] = demo_steps(os.path.join(scratch, "steps"), step_count or (40 if quick else 200),
+                                          repeats)
+        if getattr(args, "steps_only", False):
+            return _save(args, result)
         local_root = os.path.join(scratch, "local")
         synthetic_shards(local_root, cfg.tokens.tokensize)
         result["ray_train"] = ray_throughput(local_root, steps)
@@ -195,4 +280,12 @@ def run(args: Any) -> dict[str, Any]:
         os.environ.clear()
         os.environ.update(saved_env)
         shutil.rmtree(scratch, ignore_errors=True)
+    return _save(args, result)
+
+
+def _save(args: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """Also write the result to ``--out`` (e.g. docs/results/bench-train.json)."""
+    out = getattr(args, "out", "")
+    if out:
+        storage.write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -4,10 +4,11 @@ The paper's Figure 4 fine-tunes SANE-generated weights, HyperNetwork-generated w
 initializations on five datasets. Here every start (generated, hypernet, random, anchors, soup,
 soup_aligned) goes through ONE call of ``zoo.evaluation.finetune`` per method with identical arguments:
 same epochs, learning rate, optimizer, batch size, weight decay, seed (so the same image order) and the
-same seeded subset of the train split. Starts that need BatchNorm statistics (hypernet, random, soups)
-got the same re-estimation as the generated models before they arrive here, so curves differ only in
-the weights they start from. At most ``num_finetune_models`` models per method are fine-tuned (the
-generated ones best-by-validation first), so every method has the same number of curves where it can.
+same seeded subset of the train split, all from ``evaluate`` (fixed per target, never from an anchor).
+Starts that need BatchNorm statistics (hypernet, random, soups) got the same re-estimation as the
+generated models before they arrive here, so curves differ only in the weights they start from. At most
+``num_finetune_models`` models per method are fine-tuned (the generated ones best-by-validation first), so
+every method has the same number of curves where it can.
 
 What this module adds to ``mzsane evaluate`` (``report.py`` calls ``compare``): the HyperNetwork start
 (``evaluate/hypernet.py``, its training budget recorded under ``finetune.hypernet``), the anchors as a
@@ -44,12 +45,13 @@ def curve_stats(rows: list[list[dict]]) -> dict[str, Any]:
             "n": len(rows), "per_model": acc.tolist()}
 
 
-def finetune_settings(ecfg: Any, hparams: dict) -> dict[str, Any]:
-    """The one budget every start gets: the zoo's own optimizer/batch size/weight decay, lr and epochs from
-    ``evaluate``."""
+def finetune_settings(ecfg: Any) -> dict[str, Any]:
+    """The one budget every start gets, all from ``evaluate``: fixed per target, so it cannot change with the
+    seed (it was the first anchor's optimizer, batch size and weight decay: a seed drawing an SGD-trained
+    anchor fine-tuned every start with SGD)."""
     return {"epochs": int(ecfg.finetune_epochs), "lr": float(ecfg.finetune_lr),
-            "optimizer": str(hparams.get("optimizer", "adam")), "batch_size": int(hparams.get("batch_size", 32)),
-            "weight_decay": float(hparams.get("weight_decay", 0.0)), "seed": int(ecfg.seed),
+            "optimizer": str(ecfg.finetune_optimizer), "batch_size": int(ecfg.finetune_batch_size),
+            "weight_decay": float(ecfg.finetune_weight_decay), "seed": int(ecfg.seed),
             "max_train_images": int(ecfg.finetune_max_train_images)}
 
 
@@ -90,10 +92,10 @@ def hypernet_starts(kwargs: dict, dataset: Any, ecfg: Any, sample_cfg: Any, num:
     return baselines.conditioned(kwargs, models, dataset, sample_cfg), {"settings": asdict(settings), "runs": records}
 
 
-def compare(kwargs: dict, per_method: dict[str, list[dict]], dataset: Any, ecfg: Any, sample_cfg: Any,
-            hparams: dict) -> dict[str, Any]:
+def compare(kwargs: dict, per_method: dict[str, list[dict]], dataset: Any, ecfg: Any, sample_cfg: Any
+            ) -> dict[str, Any]:
     """The ``finetune`` section of ``results.json``: settings, hypernet record, one curve per start."""
-    settings = finetune_settings(ecfg, hparams)
+    settings = finetune_settings(ecfg)
     out: dict[str, Any] = {**settings, "methods": list(METHODS), "curves": {}, "hypernet": {}}
     if settings["epochs"] <= 0:
         return out

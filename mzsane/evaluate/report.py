@@ -15,6 +15,9 @@ headline says whether its anchors were ever seen by the backbone:
 * ``anchors`` (the K prompts, unselected) and ``anchors_selected``: the best n of the whole anchor pool by
   validation accuracy on the same validation images the candidates were ranked on (selection on equal
   footing);
+* ``soup`` / ``soup_aligned``: the plain and weight-matched average of the K anchors' pool; ``soup_best``: of
+  every soup made (plain and aligned, each size of ``evaluate.soup_sizes``), the one of best validation
+  accuracy on those same images (selected like the generated top-k, not fixed at K models);
 * ``headline``: the generated figure with a flag saying whether every anchor is held out (never in the
   backbone's training selection, verified from its shards);
 * novelty ``matched``: generated-to-nearest-anchor distance and disagreement against zoo models of matched
@@ -49,7 +52,7 @@ from mzsane.evaluate.novelty import matched_novelty, novelty
 from mzsane.sample.generate import load_results, read_state_dict, score_candidates, selection_split
 
 METHODS = ("generated", "generated_unselected", "reconstruction", "anchors", "anchors_selected", "soup",
-           "soup_aligned", "random")
+           "soup_aligned", "soup_best", "random")
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -109,7 +112,6 @@ def evaluate(samples_url: str, zoo_url: str, eval_cfg: EvaluateConfig | None = N
     out_url = out_url or storage.join(samples_url, "evaluate")
     scfg = _sample_cfg(res)
     kwargs = baselines.zoo_kwargs(res)
-    hparams = res.get("hparams", {})
     dataset = dataset if dataset is not None else load_dataset(res["dataset"])
     reader = open_zoo(zoo_url)
     epoch = int(res["anchors"]["epoch"])
@@ -142,23 +144,26 @@ def evaluate(samples_url: str, zoo_url: str, eval_cfg: EvaluateConfig | None = N
     val_split = selection_split(dataset, scfg.max_val_images, scfg.seed)
     pool_val = [a for _, a in score_candidates(kwargs, [load(m) for m in pool_all], val_split)]
     best_ids = select_best(pool_all, pool_val, min(len(generated) or scfg.num_keep, len(pool_all)))
-    randoms = baselines.conditioned(kwargs, baselines.random_models(kwargs, hparams.get("init", "default"),
+    randoms = baselines.conditioned(kwargs, baselines.random_models(kwargs, ecfg.random_init,
                                                                     ecfg.num_random, ecfg.seed), dataset, scfg)
     soup_pool = [load(m) for m in pool_ids[:max(max(ecfg.soup_sizes, default=1), len(anchor_ids))]]
-    curve, soups = [], {}
+    curve, soups, every_soup = [], {}, []
     for aligned in (False, True):
         sizes = sorted(set(ecfg.soup_sizes) | {len(anchor_ids)})
         made = baselines.soup_models(soup_pool, kwargs["architecture"], sizes, ecfg.seed, aligned)
         conditioned = baselines.conditioned(kwargs, [sd for _, sd in made], dataset, scfg)
         accs = _test_accs(kwargs, conditioned, dataset)
-        for (n, _), sd, acc in zip(made, conditioned, accs):
-            curve.append({"n": n, "aligned": aligned, "test_acc": acc})
+        vals = [a for _, a in score_candidates(kwargs, conditioned, val_split)]
+        for (n, _), sd, acc, val in zip(made, conditioned, accs, vals):
+            curve.append({"n": n, "aligned": aligned, "test_acc": acc, "val_acc": val})
+            every_soup.append(sd)
             if n == len(anchor_ids):
                 soups["soup_aligned" if aligned else "soup"] = sd
+    best_soup = max(range(len(curve)), key=lambda i: (curve[i]["val_acc"], -i))  # ties: plain, fewer models
 
     per_method = {"generated": generated, "generated_unselected": unselected, "reconstruction": reconstructed,
                   "anchors": anchors, "anchors_selected": [load(m) for m in best_ids], "soup": [soups["soup"]],
-                  "soup_aligned": [soups["soup_aligned"]], "random": randoms}
+                  "soup_aligned": [soups["soup_aligned"]], "soup_best": [every_soup[best_soup]], "random": randoms}
     accs = {m: _test_accs(kwargs, sds, dataset) for m, sds in per_method.items()}
     rows = [{"method": m, **_stats(accs[m])} for m in METHODS if per_method[m]]
     provenance = {k: v for k, v in res["anchors"].items() if k != "pool_ids"}
@@ -166,13 +171,15 @@ def evaluate(samples_url: str, zoo_url: str, eval_cfg: EvaluateConfig | None = N
     headline = {"method": "generated", **_stats(accs["generated"]), "anchors_held_out": held_out,
                 "anchor_pool": provenance.get("pool", "any"),
                 "unselected_test_acc_mean": _stats(accs["generated_unselected"])["test_acc_mean"],
-                "reconstruction_test_acc_mean": _stats(accs["reconstruction"])["test_acc_mean"]}
+                "reconstruction_test_acc_mean": _stats(accs["reconstruction"])["test_acc_mean"],
+                "reconstruction_best_test_acc": max(accs["reconstruction"], default=float("nan"))}
     candidates = {"val_acc": distribution([c["val_acc"] for c in res.get("candidates", [])]),
                   "kept_val_acc": distribution([g["val_acc"] for g in res["generated"]]),
-                  "anchor_pool_val_acc": distribution(pool_val), "anchors_selected": best_ids}
+                  "anchor_pool_val_acc": distribution(pool_val), "anchors_selected": best_ids,
+                  "soup_best": {k: curve[best_soup][k] for k in ("n", "aligned", "val_acc")}}
 
     # every start (generated, hypernet, random, anchors, soups) with one budget: evaluate/finetune.py
-    finetune = finetune_mod.compare(kwargs, per_method, dataset, ecfg, scfg, hparams)
+    finetune = finetune_mod.compare(kwargs, per_method, dataset, ecfg, scfg)
 
     x_nov = dataset.test.x[:max(ecfg.num_novelty_images, 1)]
     nov = novelty(kwargs, generated, dict(zip(anchor_ids, anchors)), {m: load(m) for m in train_ids}, x_nov)
@@ -278,7 +285,9 @@ def format_table(results: dict) -> str:
                  f"{'' if p.get('held_out_verified') else ', provenance unverified'})")
         lines.append(f"  headline: generated {h['test_acc_mean']:.4f} +- {h['test_acc_std']:.4f} (top {h['n']} by val) "
                      f"on {where}; unselected {h['unselected_test_acc_mean']:.4f}; "
-                     f"reconstruction ceiling {h['reconstruction_test_acc_mean']:.4f}")
+                     f"noise-free reconstruction of the anchors (the ceiling): mean "
+                     f"{h['reconstruction_test_acc_mean']:.4f}, best anchor's "
+                     f"{h.get('reconstruction_best_test_acc', float('nan')):.4f}")
     lines.append(f"  {'method':<22}{'test acc':>10}{'std':>9}{'n':>5}")
     for r in results["rows"]:
         lines.append(f"  {r['method']:<22}{r['test_acc_mean']:>10.4f}{r['test_acc_std']:>9.4f}{r['n']:>5}")

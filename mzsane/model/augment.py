@@ -8,8 +8,15 @@ exactly 0), so a ResNet-18 sample costs its window, not its 12.6M weights. Noise
 run batched on the device; every draw comes from the caller's seeded generator.
 
 View 1 is the canonical window, view 2 the same window of a randomly permuted model (optionally never the
-identity). Short models are padded to the window with mask 0 and positions 0; ``valid_BT`` marks real
-tokens. Mixed architectures in one batch are the normal case: layouts and permuters are keyed by layout id.
+identity). A batch is as long as its longest window, not ``window_size``: a model shorter than the window
+(the demo's 48-token CNNs under a 64-token window) gives a batch of 48 positions, because every padded
+position costs the same matmuls as a real one and carries nothing (a quarter of the demo's step was
+padding). Only in a batch that mixes lengths are the shorter windows padded, with mask 0 and positions 0;
+``valid_BT`` marks real tokens. ``pad_to_window=True`` (``data.pad_windows``) restores the fixed
+``window_size`` length. The alternative, packing several short models into one window, was measured and
+is not used (``mzsane bench train``'s ``packing`` figures): it computes the same per-token matmuls plus
+attention across the whole packed window, which needs a block-diagonal mask (a slower SDPA path on CPU).
+Mixed architectures in one batch are the normal case: layouts and permuters are keyed by layout id.
 
 Shape legend: B batch, T tokens in window, N tokens in a whole model, D token width, P position axes.
 """
@@ -84,7 +91,8 @@ class Augmenter:
     """Makes ``Views`` from whole-model samples; see the module docstring for why it is built this way."""
 
     def __init__(self, augment_cfg: AugmentConfig, window_size: int, permuters: Mapping[str, IndexSampler],
-                 layouts: Mapping[str, Any], device: torch.device | str = "cpu", max_identity_redraws: int = 16):
+                 layouts: Mapping[str, Any], device: torch.device | str = "cpu", max_identity_redraws: int = 16,
+                 pad_to_window: bool = False):
         if window_size < 1:
             raise ConfigError(f"data.window_size must be >= 1, got {window_size}")
         if augment_cfg.noise_mode not in ("multiplicative", "additive", "none"):
@@ -92,6 +100,7 @@ class Augmenter:
                               "use multiplicative, additive or none")
         self.cfg = augment_cfg
         self.window_size = int(window_size)
+        self.pad_to_window = bool(pad_to_window)
         self.permuters = dict(permuters)
         self.device = torch.device(device)
         self.max_identity_redraws = max_identity_redraws
@@ -193,17 +202,25 @@ class Augmenter:
                     for t, lid, i, s in zip(tokens, layout_ids, infos, starts)]
         return self._assemble(cuts, generator)
 
+    def token_counts(self, windows: Sequence[Window]) -> tuple[int, int]:
+        """(real tokens, positions computed) of a batch of cut windows: what ``make_views`` will hand the model
+        for one view, so throughput can be reported without the padding (``perf/real_tokens_per_s``)."""
+        lengths = [int(w.view1_wD.shape[0]) for w in windows]
+        width = self.window_size if self.pad_to_window else max(lengths, default=0)
+        return sum(lengths), width * len(lengths)
+
     def _assemble(self, cuts: list, generator: torch.Generator) -> Views:
-        """Pad the cut windows to [B, W, D], then noise and erasing per view (padding stays exactly 0)."""
-        B, W, D = len(cuts), self.window_size, self.tokensize
+        """Pad the cut windows to [B, W, D] (W: the longest window of the batch, or ``window_size`` with
+        ``pad_to_window``), then noise and erasing per view (padding stays exactly 0)."""
+        lengths = [min(info.num_tokens, self.window_size) for info, *_ in cuts]
+        B, D = len(cuts), self.tokensize
+        W = self.window_size if self.pad_to_window else max(lengths)
         view1 = torch.zeros(B, W, D)
         view2 = torch.zeros(B, W, D)
         mask = torch.zeros(B, W, D, dtype=torch.bool)
         positions = torch.zeros(B, W, 3, dtype=torch.long)
-        lengths = []
         for b, (info, s, v1_wD, v2_wD) in enumerate(cuts):
-            w = min(info.num_tokens, W)
-            lengths.append(w)
+            w = lengths[b]
             view1[b, :w], view2[b, :w] = v1_wD, v2_wD
             mask[b, :w] = info.mask_ND[s:s + w]
             positions[b, :w] = info.positions_NP[s:s + w]

@@ -7,17 +7,18 @@ through the statistics). Modes (``LossConfig.norm_mode``):
 
 * ``batch``  the reference: one mean/std over every valid entry of the batch (both views), eps added to
              the std, so the loss is masked MSE / (sigma + eps)^2.
-* ``token``  masked per-token normalization as the MZ-SANE paper means it: mean/std of each token over its
-             own valid entries. A token with fewer than ``min_valid_per_token`` valid entries (every BatchNorm
-             token: weight and bias of one channel) or a (numerically) constant one has no usable statistics
-             of its own; each of its entries is then normalized by the masked std of *the same entry across
-             its layer's tokens* (a BN weight against the other channels' weights of that layer, its bias
-             against their biases) in the same sample, then across the batch; only where those are unusable
-             by the std of its layer (in the sample, then across the batch), and last by the batch's. Why per
-             entry: a BN token's two values sit near 1 and near 0, so any statistic pooled over both entries
-             (the token's, or its layer's) measures that offset (~0.5), not how the weights vary between
-             channels and models (~0.05-0.2), and its reconstruction errors were weighted ~70x below the
-             conv weights'. No token gets a near-zero denominator and a 1e8 weight.
+* ``token``  masked per-token normalization, as the MZ-SANE paper's name for it reads (the reference code's
+             ``MaskedReconLoss`` and the follow-up paper use one statistic per batch: ``batch``): mean/std of
+             each token over its own valid entries. A token with fewer than ``min_valid_per_token`` valid
+             entries (every BatchNorm token: weight and bias of one channel) or a (numerically) constant one
+             has no usable statistics of its own; each of its entries is then normalized by the masked std of
+             *the same entry across its layer's tokens* (a BN weight against the other channels' weights of
+             that layer, its bias against their biases) in the same sample, then across the batch; only where
+             those are unusable by the std of its layer (in the sample, then across the batch), and last by
+             the batch's. Why per entry: a BN token's two values sit near 1 and near 0, so any statistic
+             pooled over both entries (the token's, or its layer's) measures that offset (~0.5), not how the
+             weights vary between channels and models (~0.05-0.2), and its reconstruction errors were weighted
+             ~70x below the conv weights'. No token gets a near-zero denominator and a 1e8 weight.
 * ``token_unmasked`` the naive per-token normalization the masked one fixes (ablation, Figure 2): each
              token's std over all D entries, zero padding included, so a BN token's 2 values among 286 zeros
              get a tiny std; only an all-zero token falls back to the batch std.
@@ -30,6 +31,15 @@ default: a token weighs as many entries as it has) or per token first (``token``
 same). ``token_unmasked`` does the latter implicitly (its padded std scales a token with n valid entries by
 ~288/n); done explicitly with masked statistics it hands the loss to the BN tokens (half of a small
 ResNet's tokens) and the conv layers collapse (``mzsane bench norm``), so it is an ablation, not a default.
+Two weightings sit between those ends (issue 25.3: short rows, the first conv's 9 weights, a 1x1 conv's few,
+are under-weighted by ``entry`` and BN tokens over-weighted by ``token``):
+
+* ``token_power`` each token's mean error weighted by n^alpha (n its valid entries, alpha
+                  ``LossConfig.token_weight_alpha``): alpha 0 is ``token``, alpha 1 is ``entry``, 0.5 gives a
+                  2-entry BN token 1/12 of a 288-entry conv token's weight instead of 1 or 1/144.
+* ``layer``       every (sample, layer) group of the window weighs the same, its entries equally within it:
+                  a layer's share does not depend on how its weights are cut into rows, nor on how many
+                  channels (BN tokens) it has.
 
 Shape legend: B batch, T tokens in window, D token width, F projection width, N = 2B rows in NT-Xent.
 """
@@ -139,17 +149,20 @@ def normalization_scale(target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: 
     return torch.where(own_BT[..., None], std_BT[..., None], scale_BTD) + eps
 
 
-REDUCTIONS = ("entry", "token")
+REDUCTIONS = ("entry", "token", "token_power", "layer")
 
 
 def reconstruction_loss(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_BTD: torch.Tensor, mode: str,
                         eps: float, layer_BT: torch.Tensor | None = None, min_valid_per_token: int = 3,
-                        reduction: str = "entry") -> torch.Tensor:
+                        reduction: str = "entry", token_weight_alpha: float = 0.5) -> torch.Tensor:
     """((pred - target) / s)^2 averaged over valid entries (``entry``), or over each token's valid entries and
-    then over the tokens that have any (``token``: every token weighs the same, however short); entries with
+    then over the tokens that have any, each token weighing the same (``token``) or n^alpha (``token_power``),
+    or over each (sample, layer) group's valid entries and then over the groups (``layer``); entries with
     mask 0 never reach value or gradient."""
     if reduction not in REDUCTIONS:
         raise ConfigError(f"loss.reduction '{reduction}' is unknown; use one of {', '.join(REDUCTIONS)}")
+    if reduction == "layer" and layer_BT is None:
+        raise ConfigError("loss.reduction 'layer' needs the layer index of every token (positions[..., 1])")
     mask_BTD = mask_BTD.bool()
     scale = normalization_scale(target_BTD, mask_BTD, mode, eps, layer_BT, min_valid_per_token)
     if scale.dim() == 2:
@@ -158,8 +171,21 @@ def reconstruction_loss(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, mask_B
     if reduction == "entry":
         return sq_BTD.sum() / mask_BTD.sum().clamp_min(1)
     count_BT = mask_BTD.sum(-1)
+    if reduction == "layer":
+        B = sq_BTD.shape[0]
+        layer_BT = layer_BT.long()
+        num_layers = int(layer_BT.max()) + 1 if layer_BT.numel() else 1
+        group_BT = torch.arange(B, device=sq_BTD.device)[:, None] * num_layers + layer_BT
+        sum_G = torch.zeros(B * num_layers, dtype=sq_BTD.dtype, device=sq_BTD.device)
+        sum_G.index_add_(0, group_BT.reshape(-1), sq_BTD.sum(-1).reshape(-1))
+        count_G = torch.zeros_like(sum_G).index_add_(0, group_BT.reshape(-1), count_BT.reshape(-1).to(sum_G.dtype))
+        return (sum_G / count_G.clamp_min(1)).sum() / (count_G > 0).sum().clamp_min(1)
     per_token_BT = sq_BTD.sum(-1) / count_BT.clamp_min(1)
-    return per_token_BT.sum() / (count_BT > 0).sum().clamp_min(1)
+    if reduction == "token":
+        return per_token_BT.sum() / (count_BT > 0).sum().clamp_min(1)
+    # token_power: weight n^alpha, 0 for empty tokens (0^0 would be 1)
+    weight_BT = torch.where(count_BT > 0, count_BT.to(sq_BTD.dtype).pow(token_weight_alpha), 0.0)
+    return (weight_BT * per_token_BT).sum() / weight_BT.sum().clamp_min(torch.finfo(weight_BT.dtype).tiny)
 
 
 @torch.no_grad()
@@ -234,7 +260,7 @@ def sane_loss(recon_1_BTD: torch.Tensor, recon_2_BTD: torch.Tensor, zp_1_BF: tor
     layer = torch.cat([layer_BT, layer_BT]) if layer_BT is not None else None
     gamma = float(loss_cfg.gamma)
     recon = reconstruction_loss(pred.float(), target.float(), mask, loss_cfg.norm_mode, loss_cfg.std_eps, layer,
-                                loss_cfg.min_valid_per_token, loss_cfg.reduction)
+                                loss_cfg.min_valid_per_token, loss_cfg.reduction, loss_cfg.token_weight_alpha)
     contrast = nt_xent(zp_1_BF, zp_2_BF, loss_cfg.temperature, gather)
     if gamma < 1e-10:
         total = recon

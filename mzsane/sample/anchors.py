@@ -97,6 +97,22 @@ def seen_models(backbone_cfg: Any, zoo: str) -> set[str] | None:
     return {m["model_id"] for m in selection.models if m["zoo"] == zoo}
 
 
+def alignment_reference(backbone_cfg: Any, zoo: str) -> dict[str, Any]:
+    """``{"reference": model_id, "epoch": e}`` when the backbone's shards aligned ``zoo`` to one reference
+    (``shards.align_to_reference``), else ``{}``: anchors of that zoo are then aligned the same way, so the
+    backbone sees them in the basis it trained on."""
+    from mzsane import storage
+    from mzsane.shards.manifest import PARTS_DIR
+
+    data = backbone_cfg.data
+    url = data.shards_url or storage.join(backbone_cfg.storage.root, "shards", "default")
+    part = storage.join(url, PARTS_DIR, f"{zoo}.json")
+    try:
+        return dict(storage.read_json(part).get("alignment") or {}) if storage.exists(part) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def anchor_pool(candidates: list[str], splits: dict[str, str], seen: set[str] | None, pool: str) -> list[str]:
     """The models anchors may be drawn from, sorted (see the module docstring for the three pools)."""
     if pool not in POOLS:
@@ -146,9 +162,11 @@ def choose(model_ids: list[str], num: int, seed: int, pool: str = "any") -> list
 
 
 def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_cfg: Any, shards_cfg: Any,
-                 reader: Any = None, pool: str = "any", seen: set[str] | None = None) -> Anchors:
+                 reader: Any = None, pool: str = "any", seen: set[str] | None = None,
+                 alignment: dict[str, Any] | None = None) -> Anchors:
     """Pick, load and tokenize the anchors from ``pool`` (``seen``: the zoo's models the backbone trained on,
-    None = unknown); ``tokens_cfg`` must be the backbone's token settings."""
+    None = unknown); ``tokens_cfg`` must be the backbone's token settings. With ``alignment`` (see
+    ``alignment_reference``) every anchor is weight-matched to that reference checkpoint first."""
     from mzsane.tokens.layout import layout_from_state_dict
     from mzsane.tokens.tokenize import tokenize
     from mzsane.zoo.store import open_zoo
@@ -162,6 +180,12 @@ def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_c
     pool_ids = anchor_pool(have_epoch, splits, seen, pool)
     ids = choose(pool_ids, num_anchors, seed, pool)
     state_dicts = [reader.load_checkpoint(m, epoch) for m in ids]
+    if alignment:
+        from mzsane.tokens.alignment import ReferenceAligner
+
+        aligner = ReferenceAligner(reader.load_checkpoint(alignment["reference"], int(alignment["epoch"])),
+                                   reader.info.architecture)
+        state_dicts = [aligner.apply(sd, aligner.fit(sd)) for sd in state_dicts]
     layout = layout_from_state_dict(state_dicts[0], tokensize=tokens_cfg.tokensize, include_bn=tokens_cfg.include_bn,
                                     include_running_stats=tokens_cfg.include_running_stats)
     tokens_KND = torch.stack([tokenize(sd, layout) for sd in state_dicts])

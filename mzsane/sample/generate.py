@@ -288,13 +288,14 @@ def sample(backbone_url: str, zoo_url: str, out_url: str, sample_cfg: Any = None
     c = copy.deepcopy(sample_cfg if sample_cfg is not None else cfg.sample)
     if c.num_keep < 1 or c.num_candidates < c.num_keep:
         raise DataError(f"sample.num_candidates={c.num_candidates} must be >= sample.num_keep={c.num_keep} >= 1")
-    from mzsane.sample.anchors import seen_models
+    from mzsane.sample.anchors import alignment_reference, seen_models
     from mzsane.zoo.store import open_zoo
 
     reader = open_zoo(zoo_url)
     seen = seen_models(cfg, reader.info.zoo)
     anchors = load_anchors(zoo_url, c.num_anchors, c.target_epoch, c.seed, cfg.tokens, cfg.shards, reader=reader,
-                           pool=getattr(c, "anchor_pool", "held_out"), seen=seen)
+                           pool=getattr(c, "anchor_pool", "held_out"), seen=seen,
+                           alignment=alignment_reference(cfg, reader.info.zoo))
     dataset = dataset if dataset is not None else load_dataset(anchors.dataset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()

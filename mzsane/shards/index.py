@@ -107,7 +107,24 @@ def load_index(dataset_url: str, entry: dict) -> bytes:
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise DataError(f"shard model index '{url}' does not match its manifest checksum (sha256); it is corrupt, "
                         f"rebuild the dataset")
+    try:  # the footer alone: its row count must be the manifest's before any column is read
+        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"shard model index '{url}' cannot be read ({str(err)[:120]}); rebuild the dataset") from None
+    if rows != int(entry["num_rows"]):
+        raise DataError(f"shard model index '{url}' holds {rows:,} rows, the manifest says {int(entry['num_rows']):,}; "
+                        f"the dataset is damaged or crafted, rebuild it")
     return data
+
+
+def iter_batches(data: bytes, url: str, columns: Sequence[str], batch_rows: int = 65_536):
+    """The index's rows in bounded batches (memory independent of its length), as ``read_table`` would fail."""
+    try:
+        yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=batch_rows, columns=list(columns))
+    except (OSError, pa.ArrowException, KeyError) as err:
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise DataError(f"shard model index '{url}' cannot be read ({text}); the dataset is damaged, rebuild it") \
+            from None
 
 
 def read_table(data: bytes, url: str, columns: Sequence[str] | None = None, zoos: Sequence[str] = (),

@@ -49,6 +49,11 @@ PARTS_DIR = "_zoos"
 SETTINGS = ("tokensize", "include_bn", "include_running_stats", "weight_threshold", "encoding", "compression")
 _FIELDS = ("tokensize", "include_bn", "include_running_stats", "encoding", "compression", "layouts", "zoos",
            "files", "skipped")
+# sane limits, checked before anything is sized from a manifest (a crafted one claimed 2^31 rows or 10^12 tokens
+# per layout, which the position embeddings would have allocated as 137 GB / 8 TB): a ResNet-18 layout is 43,924
+# tokens of 288 values with 21 layers; counts of rows and bytes stay far inside int64
+MAX_LAYOUT_TOKENS, MAX_LAYOUT_LAYERS, MAX_LAYOUT_ROWS, MAX_TOKENSIZE = 2**20, 2**12, 2**20, 2**16
+MAX_COUNT = 2**48
 
 
 class Manifest:
@@ -172,8 +177,66 @@ class Manifest:
         except (KeyError, TypeError):
             raise DataError(f"shard manifest '{storage.join(url, MANIFEST)}' is incomplete; rebuild the shards "
                             f"with `mzsane shards build`") from None
+        check_counts(d, storage.join(url, MANIFEST))
         return cls(url=url, weight_threshold=float(d.get("weight_threshold", math.inf)),
                    schema_version=version, models=models, index=index, **kwargs)
+
+
+def _count(value: Any, what: str, where: str, low: int = 0, high: int = MAX_COUNT) -> int:
+    """An integer count within [low, high], else a one-line DataError naming it (no bools, floats or strings)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise DataError(f"shard manifest '{where}': {what} is {str(value)[:40]!r}, not an integer in "
+                        f"[{low:,}, {high:,}]; the manifest is damaged or crafted, rebuild the shards")
+    return value
+
+
+def check_counts(d: dict, where: str) -> None:
+    """Every count a reader sizes anything by, checked against sane limits and against the other counts that
+    describe the same files, before any of it is used (a DataError naming the field)."""
+    if not all(isinstance(d.get(k), t) for k, t in (("layouts", dict), ("zoos", dict), ("files", list))):
+        raise DataError(f"shard manifest '{where}' has malformed layouts, zoos or files; rebuild the shards")
+    _count(d.get("tokensize"), "tokensize", where, 1, MAX_TOKENSIZE)
+    for lid, layout in d["layouts"].items():
+        if not isinstance(layout, dict):
+            raise DataError(f"shard manifest '{where}': layout {str(lid)[:20]!r} is malformed; rebuild the shards")
+        _count(layout.get("num_tokens"), f"layout {lid} num_tokens", where, 1, MAX_LAYOUT_TOKENS)
+        _count(layout.get("num_layers"), f"layout {lid} num_layers", where, 1, MAX_LAYOUT_LAYERS)
+        _count(layout.get("max_rows"), f"layout {lid} max_rows", where, 1, MAX_LAYOUT_ROWS)
+        _count(layout.get("tokensize"), f"layout {lid} tokensize", where, 1, MAX_TOKENSIZE)
+    rows_of: dict[str, int] = {}
+    for i, f in enumerate(d["files"]):
+        if not isinstance(f, dict):
+            raise DataError(f"shard manifest '{where}': files[{i}] is malformed; rebuild the shards")
+        name = f"file {str(f.get('path', i))[:80]}"
+        rows = _count(f.get("num_rows"), f"{name} num_rows", where)
+        _count(f.get("num_bytes"), f"{name} num_bytes", where)
+        _count(f.get("rows_per_row_group"), f"{name} rows_per_row_group", where, 1)
+        rows_of[str(f.get("zoo"))] = rows_of.get(str(f.get("zoo")), 0) + rows
+    for zoo, info in d["zoos"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
+            raise DataError(f"shard manifest '{where}': zoo {str(zoo)[:40]!r} is malformed; rebuild the shards")
+        layout = d["layouts"].get(info.get("layout_id"))
+        tokens = _count(info.get("num_tokens"), f"zoo {zoo} num_tokens", where, 1, MAX_LAYOUT_TOKENS)
+        if layout is None or tokens != layout["num_tokens"]:
+            found = "is missing" if layout is None else f"has {layout['num_tokens']:,}"
+            raise DataError(f"shard manifest '{where}': zoo {zoo} has {tokens:,} tokens but its layout "
+                            f"{str(info.get('layout_id'))[:20]!r} {found}; the manifest is damaged or crafted, "
+                            f"rebuild the shards")
+        models = _count(info.get("num_models"), f"zoo {zoo} num_models", where)
+        rows = _count(info.get("num_rows"), f"zoo {zoo} num_rows", where)
+        split_models = sum(_count(n, f"zoo {zoo} splits.{s}", where) for s, n in info.get("splits", {}).items())
+        if rows != rows_of.get(zoo, 0) or split_models > models:
+            raise DataError(f"shard manifest '{where}': zoo {zoo} claims {rows:,} checkpoints and {models:,} models "
+                            f"({split_models:,} in splits) but its files hold {rows_of.get(zoo, 0):,} rows; the "
+                            f"manifest is damaged or crafted, rebuild the shards")
+    index = d.get("index")
+    if index is not None:
+        rows = _count(index.get("num_rows"), "index num_rows", where)
+        _count(index.get("num_bytes"), "index num_bytes", where, 1)
+        if rows != sum(rows_of.values()):
+            raise DataError(f"shard manifest '{where}': the model index claims {rows:,} rows but the part files hold "
+                            f"{sum(rows_of.values()):,} checkpoints; the manifest is damaged or crafted, rebuild "
+                            f"the shards")
 
 
 def _json_float(x: float) -> float | str:
@@ -283,9 +346,12 @@ def _rows_per_epoch(manifest: Manifest) -> dict[str, dict[str, dict[str, int]]]:
         counts[split] = counts.get(split, 0) + n
 
     if manifest.index is not None and manifest._models is None:
-        table = idx.read_table(manifest.load_index(), manifest.index_url, ["zoo", "epoch", "split"])
-        for g in table.group_by(["zoo", "epoch", "split"]).aggregate([([], "count_all")]).to_pylist():
-            add(g["zoo"], g["epoch"], g["split"], g["count_all"])
+        import pyarrow as pa  # counted batch by batch: memory stays bounded whatever the index's length
+
+        for batch in idx.iter_batches(manifest.load_index(), manifest.index_url, ["zoo", "epoch", "split"]):
+            table = pa.Table.from_batches([batch])
+            for g in table.group_by(["zoo", "epoch", "split"]).aggregate([([], "count_all")]).to_pylist():
+                add(g["zoo"], g["epoch"], g["split"], g["count_all"])
     else:
         for m in manifest.models:
             for e in m["epochs"]:

@@ -193,6 +193,12 @@ def check_file(manifest: Manifest, entry: dict, full: bool = True) -> str:
                 checked += "+sha256"
             fh.seek(0)
             parquet = pq.ParquetFile(fh, page_checksum_verification=True)
+            rows, per_group = parquet.metadata.num_rows, int(entry["rows_per_row_group"])
+            groups = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            if rows != int(entry["num_rows"]) or any(n != per_group for n in groups[:-1]):
+                raise DataError(f"shard file '{url}' holds {rows:,} rows in row groups of {groups[:1] or [0]} but the "
+                                f"manifest says {int(entry['num_rows']):,} in groups of {per_group}; the manifest "
+                                f"is damaged or crafted, rebuild the dataset")
             for group in range(parquet.num_row_groups):
                 parquet.read_row_group(group)
             return checked + "+pages"

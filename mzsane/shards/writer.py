@@ -49,6 +49,18 @@ FILE_BYTES = 2**30
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
+def split_counts(num_models: int, fractions: list[float]) -> tuple[int, int, int]:
+    """(train, val, test) model counts of a zoo of ``num_models`` under ``split_models``: they depend on the count
+    alone, so a sweep can size a zoo without drawing any split (O(1), not a permutation per candidate size)."""
+    n = int(num_models)
+
+    def count(frac: float) -> int:
+        return 0 if frac <= 0 else (max(1, round(frac * n)) if n >= 3 else int(frac * n))
+
+    n_val, n_test = count(fractions[1]), count(fractions[2])
+    return n - n_val - n_test, n_val, n_test
+
+
 def split_models(model_ids: list[str], fractions: list[float], seed: int, zoo: str) -> dict[str, str]:
     """Assign each model to train/val/test: a seeded permutation (per zoo), cut 70/15/15 by default.
 
@@ -58,12 +70,7 @@ def split_models(model_ids: list[str], fractions: list[float], seed: int, zoo: s
     ids = sorted(model_ids)
     n = len(ids)
     order = [ids[i] for i in np.random.default_rng([int(seed), zlib.crc32(zoo.encode())]).permutation(n)]
-
-    def count(frac: float) -> int:
-        return 0 if frac <= 0 else (max(1, round(frac * n)) if n >= 3 else int(frac * n))
-
-    n_val, n_test = count(fractions[1]), count(fractions[2])
-    n_train = n - n_val - n_test
+    n_train, n_val, _ = split_counts(n, fractions)
     return {m: "train" if i < n_train else "val" if i < n_train + n_val else "test" for i, m in enumerate(order)}
 
 
@@ -194,6 +201,7 @@ def _write_zoo(reader: ZooReader, layout: TokenLayout, out_url: str, settings: d
                file=sys.stderr)
     current: _PartFile | None = None
     layouts_by_keys: dict = {}
+    aligner, alignment = _reference_aligner(reader, records, assign, epochs_of, split_cfg, settings)
     try:
         for split in SPLITS:
             for rec in sorted((r for r in records if assign[r.model_id] == split), key=lambda r: r.model_id):
@@ -203,6 +211,7 @@ def _write_zoo(reader: ZooReader, layout: TokenLayout, out_url: str, settings: d
                     current = None
                 entry = {"zoo": zoo, "model_id": rec.model_id, "split": split, "status": rec.status, "file": "",
                          "row": 0, "epochs": [], "test_acc": [], "val_acc": []}
+                perms = aligner.fit(reader.load_checkpoint(rec.model_id, epochs[-1])) if aligner and epochs else None
                 for epoch in epochs:
                     bar.update(1)
                     try:
@@ -212,6 +221,8 @@ def _write_zoo(reader: ZooReader, layout: TokenLayout, out_url: str, settings: d
                         skipped.append({"zoo": zoo, "model_id": rec.model_id, "epoch": epoch, "reason": str(err)})
                         tqdm.write(f"skipped: {err}", file=sys.stderr)
                         continue
+                    if perms is not None:
+                        state_dict = aligner.apply(state_dict, perms)
                     metrics = rec.metrics(epoch)
                     if current is None:
                         current = _PartFile(storage.join(out_url, f"part-{index:05d}.parquet"), layout, per_group,
@@ -248,7 +259,25 @@ def _write_zoo(reader: ZooReader, layout: TokenLayout, out_url: str, settings: d
                 "num_models": len(models), "num_rows": sum(len(m["epochs"]) for m in models), "splits": splits}
     return {"schema_version": SCHEMA_VERSION, "zoo": zoo, "settings": settings, "split": split_cfg,
             "layouts": {layout.layout_id: layout.to_dict()}, "info": zoo_info, "models": models, "files": files,
-            "skipped": skipped}
+            "skipped": skipped, **({"alignment": alignment} if alignment else {})}
+
+
+def _reference_aligner(reader: ZooReader, records: list, assign: dict[str, str], epochs_of: dict[str, list[int]],
+                       split_cfg: dict, settings: dict) -> tuple[Any, dict]:
+    """(aligner, {"reference", "epoch"}) when the split record asks for alignment, else (None, {}): the
+    reference is the zoo's first train-split model (by id) at its last sharded epoch, so it is a model the
+    backbone trains on and the same one on every re-run."""
+    if not split_cfg.get("align_to_reference"):
+        return None, {}
+    from mzsane.tokens.alignment import ReferenceAligner
+
+    train = sorted(r.model_id for r in records if assign[r.model_id] == "train" and epochs_of[r.model_id])
+    if not train:
+        raise DataError(f"zoo {reader.info.zoo} has no train-split model to align to; set "
+                        "shards.align_to_reference=false or grow the zoo")
+    ref_id, ref_epoch = train[0], epochs_of[train[0]][-1]
+    reference = reader.load_checkpoint(ref_id, ref_epoch, float(settings["weight_threshold"]))
+    return ReferenceAligner(reference, reader.info.architecture), {"reference": ref_id, "epoch": int(ref_epoch)}
 
 
 def _num(x: float) -> float | None:
@@ -288,6 +317,8 @@ def build_shards(zoo_urls: list[str], out_url: str, tokens_cfg: Any, shards_cfg:
     settings = mf.settings_of(tokens_cfg, encoding, compression)
     split_cfg = {"fractions": [float(f) for f in shards_cfg.split_fractions], "seed": int(shards_cfg.split_seed),
                  "epochs": sorted(int(e) for e in shards_cfg.epochs)}
+    if getattr(shards_cfg, "align_to_reference", False):  # only then: earlier datasets keep their split record
+        split_cfg["align_to_reference"] = True
     folders = (out_url, storage.join(out_url, mf.PARTS_DIR), storage.join(out_url, INDEX_DIR))
     for folder in folders:  # temp files of a killed earlier build
         for name in storage.remove_stale_temps(folder):

@@ -2,7 +2,8 @@
 
 One module per noun: ``chart`` (render through Helm), ``cluster`` (the Kubernetes API; the only module
 importing the ``kubernetes`` client), ``local`` (``sweep run``: the rendered points on local Ray),
-``results`` (``sweep report``: tables and the Figure-3 plot), ``point`` (the point record each RayJob
+``results`` (``sweep report``: tables and the Figure-3 plot), ``paired`` (settings compared paired by seed,
+with a test and its p-value), ``point`` (the point record each RayJob
 writes). The names below keep ``from mzsane import sweep; sweep.render(...)`` working; the cluster and
 local runners are imported lazily so importing this package loads neither Kubernetes nor Ray.
 """

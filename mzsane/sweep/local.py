@@ -37,6 +37,7 @@ from mzsane.config import Config
 from mzsane.errors import ClusterError, ConfigError, MzsaneError
 from mzsane.sweep import prerequisites
 from mzsane.sweep.chart import render
+from mzsane.sweep.lock import SweepLock
 from mzsane.sweep.point import POINT_FILE, RenderedPoint, Stage, plan, rendered_points
 from mzsane.sweep.results import ZERO_SHOT_METHOD, format_table, report
 
@@ -339,7 +340,15 @@ class Runner:
 def run(values: list[str], sets: list[str] | None = None, address: str = "", storage_root: str = "",
         max_parallel: int = 0, release: str = "mzsane", progress_every: float = 30.0, state_root: str = "",
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every point of the sweep the values render; returns the points and the report."""
+    """Run (or resume) every point of the sweep the values render; returns the points and the report. One runner
+    per sweep and storage root at a time: a second is refused with one line naming the first (sweep/lock.py)."""
+    with contextlib.ExitStack() as held:
+        return _run(values, sets, address, storage_root, max_parallel, release, progress_every, state_root, log, held)
+
+
+def _run(values: list[str], sets: list[str] | None, address: str, storage_root: str, max_parallel: int, release: str,
+         progress_every: float, state_root: str, log: Callable[[str], None], held: contextlib.ExitStack
+         ) -> dict[str, Any]:
     t0 = time.time()
     storage_root = storage_root if storage_root or address else config_mod.Config().storage.root
     points = [place(p, storage_root, state_root or _state_root(storage_root), write=False)
@@ -350,6 +359,7 @@ def run(values: list[str], sets: list[str] | None = None, address: str = "", sto
         _load_state(point)
     sweep = points[0].rendered.sweep
     sweep_url = points[0].results_url.rstrip("/").rsplit("/", 1)[0]
+    held.enter_context(SweepLock(sweep_url, sweep))  # before anything of the sweep is built, run or written
     todo = [p for p in points if p.status != "done"]
     for point in todo:
         materialize(point)

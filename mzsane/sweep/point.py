@@ -31,6 +31,7 @@ SWEEP_LABEL, POINT_LABEL, RESULTS_ANNOTATION = "mzsane.io/sweep", "mzsane.io/poi
 OVERRIDES_FILE, POINT_FILE = "overrides.yaml", "point.json"
 MOUNT_PATH = "/etc/mzsane"  # where the chart mounts the point's ConfigMap in the head pod
 RUN_POINT = ("python", "-m", "mzsane.sweep", "run-point")
+SEEN_ANCHORS_FOLDER = "anchors-seen"  # sweep/results.py reads it as the seen-anchor evaluation of a target
 PROGRESS_FILE = "run-point.json"  # {results}/: the stages an earlier attempt of this point finished
 
 
@@ -71,19 +72,46 @@ def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stag
     target = _text(record, "target_zoo")
     cfg = ["--preset", _text(record, "preset"), "--config", os.path.join(os.path.dirname(point_file), OVERRIDES_FILE)]
     mz = [python, "-m", "mzsane"]
+    trained_on = {str(z) for z in (record.get("zoos") or [])}
+    seen_anchors = min(_num_anchors(record), int(record.get("zoo_size") or 0))
+
+    def target_stages(zoo_name: str, zoo_out: str) -> list[Stage]:
+        """Held-out anchors (ours), then, for a zoo the backbone trained on, seen anchors (the paper's protocol:
+        prompts the backbone saw) into ``anchors-seen/``, without the fine-tuning and HyperNetwork arms."""
+        zoo = storage.join(root, "zoos", zoo_name)
+        held_out = [Stage("sample", [*mz, "sample", *cfg, "--backbone", run, "--zoo", zoo, "--out", zoo_out]),
+                    Stage("evaluate", [*mz, "evaluate", *cfg, "--samples", zoo_out, "--zoo", zoo])]
+        if zoo_name not in trained_on or seen_anchors < 1:
+            return held_out
+        seen_out = storage.join(zoo_out, SEEN_ANCHORS_FOLDER)
+        return [*held_out,
+                Stage("sample-seen", [*mz, "sample", *cfg, "--set", "sample.anchor_pool=seen", "--set",
+                                      f"sample.num_anchors={seen_anchors}", "--backbone", run, "--zoo", zoo,
+                                      "--out", seen_out]),
+                Stage("evaluate-seen", [*mz, "evaluate", *cfg, "--set", "evaluate.finetune_epochs=0", "--set",
+                                        "evaluate.hypernet_steps=0", "--samples", seen_out, "--zoo", zoo])]
+
     stages = [
         Stage("record-point", [python, "-m", "mzsane.sweep", "record-point", point_file, out]),
         Stage("train", [*mz, "train", *cfg]),
-        Stage("sample", [*mz, "sample", *cfg, "--backbone", run, "--zoo", storage.join(root, "zoos", target),
-                         "--out", out]),
-        Stage("evaluate", [*mz, "evaluate", *cfg, "--samples", out, "--zoo", storage.join(root, "zoos", target)]),
+        *target_stages(target, out),
         Stage("probe", [*mz, "probe", "--backbone", run, "--zoo", target, "--out", storage.join(out, "probe")]),
     ]
     for extra in record.get("extra_target_zoos") or []:
-        zoo, xout = storage.join(root, "zoos", str(extra)), storage.join(out, "targets", str(extra))
-        stages += [Stage("sample", [*mz, "sample", *cfg, "--backbone", run, "--zoo", zoo, "--out", xout]),
-                   Stage("evaluate", [*mz, "evaluate", *cfg, "--samples", xout, "--zoo", zoo])]
+        stages += target_stages(str(extra), storage.join(out, "targets", str(extra)))
     return stages
+
+
+def _num_anchors(record: dict[str, Any]) -> int:
+    """The point's ``sample.num_anchors`` (its overrides over its preset): the seen pool is only the zoo's
+    train models the backbone read, so seen-anchor sampling takes at most the zoo size."""
+    from mzsane import config, presets
+
+    try:
+        cfg = config.from_dict(record.get("overrides") or {}, base=presets.PRESETS[str(record.get("preset"))]())
+    except (ConfigError, KeyError) as err:
+        raise ConfigError(f"point file: its overrides do not load ({err}); render it with the mzsane chart") from None
+    return int(cfg.sample.num_anchors)
 
 
 def read_point_file(point_file: str) -> dict[str, Any]:

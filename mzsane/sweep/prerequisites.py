@@ -62,7 +62,11 @@ def needs(configs: dict[str, Config], extra_targets: dict[str, list[str]] | None
 
 
 def models_for_train(need: int, cfg: Config, zoo: str) -> int:
-    """The fewest models a zoo needs so that the shards' seeded split gives it ``need`` train models."""
+    """The fewest models a zoo needs so that the shards' seeded split gives it ``need`` train models.
+
+    Linear: each candidate size costs O(1) (``split_counts``), and the train share grows by about
+    ``split_fractions[0]`` per model, so the scan from ``need`` takes about need x (1/fraction - 1) steps (it once
+    drew a split per candidate: quadratic, ~2 h for a zoo size of 100,000)."""
     n = max(need, 1)
     while models_in_train(n, cfg, zoo) < need:
         n += 1
@@ -97,11 +101,9 @@ def check_anchor_pools(configs: dict[str, Config], extra_targets: dict[str, list
 
 def models_in_train(num_models: int, cfg: Config, zoo: str) -> int:
     """How many of a zoo's first ``num_models`` models the shards' seeded split puts in train."""
-    from mzsane.shards.writer import split_models
+    from mzsane.shards.writer import split_counts
 
-    split = split_models([f"m{i:05d}" for i in range(num_models)], list(cfg.shards.split_fractions),
-                         cfg.shards.split_seed, zoo)
-    return sum(1 for s in split.values() if s == "train")
+    return split_counts(num_models, list(cfg.shards.split_fractions))[0]  # the counts do not depend on the seed
 
 
 def _zoo_models(zoos_url: str, zoo: str) -> int:
@@ -124,9 +126,16 @@ def _zoo_config(need: ZooNeed) -> Any:
     zoo_cfg = copy.deepcopy(need.cfg.zoo)
     zoo_cfg.datasets, zoo_cfg.architecture, zoo_cfg.extra_zoos = [dataset], architecture, []
     if need.sharded:  # the recipe's own size (0 = its default) unless the points select more train models
-        from mzsane.zoo.recipes import resolve_sizes
+        from mzsane.zoo.recipes import get_recipe, resolve_sizes
 
         default = resolve_sizes(zoo_cfg.recipe, architecture, {"num_models": zoo_cfg.num_models})["num_models"]
+        limit = get_recipe(zoo_cfg.recipe).max_models
+        if limit and need.train_models > models_in_train(limit, need.cfg, need.zoo):
+            points = ", ".join(need.points[:3]) + (" ..." if len(need.points) > 3 else "")
+            raise ConfigError(f"zoo size {need.train_models:,} of zoo {need.zoo} (points {points}) is beyond what "
+                              f"recipe '{zoo_cfg.recipe}' can build ({limit:,} models, "
+                              f"{models_in_train(limit, need.cfg, need.zoo):,} of them in train); lower the sweep's "
+                              f"zooSize(s) or choose another sweep.config.zoo.recipe")
         zoo_cfg.num_models = max(default, models_for_train(need.train_models, need.cfg, need.zoo))
     return zoo_cfg
 

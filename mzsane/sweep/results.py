@@ -22,14 +22,23 @@ import numpy as np
 
 from mzsane import storage
 from mzsane.errors import DataError
+from mzsane.sweep import paired
+from mzsane.sweep.point import SEEN_ANCHORS_FOLDER
 from mzsane.sweep.schema import SEED_PATHS
 
 ZERO_SHOT_METHOD = "generated"
 PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embedding")
 # the columns of the printed summary: the headline, what it is selected from, its ceiling and the baselines
 FINETUNED_PREFIX = "finetuned_"
-SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "anchors_selected", "soup_aligned",
-                   "random", "finetuned_generated", "finetuned_hypernet", "finetuned_random")
+SUMMARY_METHODS = ("generated", "generated_unselected", "reconstruction", "reconstruction_best", "anchors_selected",
+                   "soup_aligned", "soup_best", "random", "finetuned_generated", "finetuned_anchors",
+                   "finetuned_hypernet", "finetuned_random")
+# A point's second evaluation with another anchor pool sits in this sibling folder of its samples: the
+# seen-anchor run (sample.anchor_pool=seen, the paper's protocol) beside the held-out headline
+POOL_FOLDERS = {"seen": SEEN_ANCHORS_FOLDER}
+# the protocol table: per anchor pool, the generated top-k and its ceiling (the mean and the best anchor's
+# noise-free reconstruction)
+POOL_COLUMNS = ("generated", "reconstruction", "reconstruction_best")
 
 
 def _probe_columns(point_url: str, target_zoo: str, exact: bool = False) -> dict[str, float]:
@@ -69,13 +78,18 @@ def _point_meta(point_url: str, name: str, results: dict[str, Any]) -> dict[str,
 
 def target_results(point_url: str) -> list[tuple[str, bool]]:
     """(results.json URL, is the first target) of every target a point evaluated: ``evaluate/`` for the first,
-    ``targets/{zoo}/evaluate/`` for each of the chart's ``sweep.extraTargetZoos``."""
-    out = [(storage.join(point_url, "evaluate", "results.json"), True)]
+    ``targets/{zoo}/evaluate/`` for each of the chart's ``sweep.extraTargetZoos``, and for each of them the
+    evaluation with another anchor pool where the point ran one (``anchors-seen/evaluate/`` beside it)."""
+    bases = [(point_url, True)]
     extra_root = storage.join(point_url, "targets")
-    for zoo in storage.listdir(extra_root) if storage.isdir(extra_root) else []:
-        url = storage.join(extra_root, zoo, "evaluate", "results.json")
-        if storage.exists(url):
-            out.append((url, False))
+    bases += [(storage.join(extra_root, zoo), False)
+              for zoo in (storage.listdir(extra_root) if storage.isdir(extra_root) else [])]
+    out = []
+    for base, first in bases:
+        for folder in ("", *POOL_FOLDERS.values()):
+            url = storage.join(base, *([folder] if folder else []), "evaluate", "results.json")
+            if storage.exists(url):
+                out.append((url, first))
     return out
 
 
@@ -104,26 +118,54 @@ def _rows(point_url: str, name: str, results: dict[str, Any], first_target: bool
     probe = _probe_columns(point_url, str(results.get("target_zoo", "")), exact=not first_target)
     setting = {k: v for k, v in meta["axes"].items() if k not in SEED_PATHS}
     seeds = [meta["axes"][k] for k in SEED_PATHS if k in meta["axes"]]
-    for method in [*results.get("rows", []), *_finetuned(results)]:
+    pool = anchor_pool(results)
+    for method in [*results.get("rows", []), *_best_reconstruction(results), *_finetuned(results)]:
         rows.append({
             "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
             "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
             "axes": ",".join(f"{k}={v}" for k, v in sorted(setting.items())),
             "seed": ",".join(str(x) for x in dict.fromkeys(seeds)), **probe,
             "target_zoo": results.get("target_zoo", ""), "dataset": results.get("dataset", ""),
-            "in_distribution": bool(results.get("in_distribution", False)),
-            "method": method.get("method", ""), "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
+            "in_distribution": bool(results.get("in_distribution", False)), "anchor_pool": pool,
+            "method": method.get("method", ""), "budget": method.get("budget", ""),
+            "test_acc_mean": float(method.get("test_acc_mean", float("nan"))),
             "test_acc_std": float(method.get("test_acc_std", 0.0) or 0.0), "n": int(method.get("n", 0) or 0),
         })
     return rows
+
+
+def anchor_pool(results: dict[str, Any]) -> str:
+    """The pool the evaluated anchors came from (``held_out`` where results predate the record)."""
+    headline, provenance = results.get("headline") or {}, results.get("anchor_provenance") or {}
+    return str(headline.get("anchor_pool") or provenance.get("pool") or "held_out")
+
+
+def _best_reconstruction(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """``reconstruction_best``: the best anchor's noise-free decode(encode(anchor)), beside ``reconstruction``
+    (their mean); the top-k of many noisy decodes is compared with the best, not the mean, of the ceiling."""
+    accs = [float(a) for a in (results.get("per_model") or {}).get("reconstruction") or []]
+    if not accs:
+        return []
+    return [{"method": "reconstruction_best", "test_acc_mean": max(accs), "test_acc_std": 0.0, "n": len(accs)}]
 
 
 def _finetuned(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each fine-tuning start's accuracy after the last fine-tuning epoch, as ``finetuned_<start>`` rows."""
     curves = (results.get("finetune") or {}).get("curves") or {}
     return [{"method": f"{FINETUNED_PREFIX}{start}", "test_acc_mean": c["test_acc_mean"][-1],
-             "test_acc_std": c["test_acc_std"][-1], "n": c.get("n", 0)}
+             "test_acc_std": c["test_acc_std"][-1], "n": c.get("n", 0),
+             "budget": hypernet_budget(results) if start == "hypernet" else ""}
             for start, c in curves.items() if c.get("test_acc_mean")]
+
+
+def hypernet_budget(results: dict[str, Any]) -> str:
+    """The HyperNetwork start's training budget, stated beside its row: steps x images per step (its data)."""
+    settings = ((results.get("finetune") or {}).get("hypernet") or {}).get("settings") or {}
+    if not settings.get("steps"):
+        return ""
+    images = int(settings.get("max_train_images", -1))
+    return (f"{int(settings['steps'])} steps x {int(settings.get('batch_size', 64))} images"
+            + (f" of {images:,}" if images > 0 else " of the train split"))
 
 
 def _ci95(values: np.ndarray) -> float:
@@ -140,16 +182,17 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         key = (row["num_zoos"], row["composition"], row["zoos"], row["zoo_size"], row["axes"], row["target_zoo"],
-               row["dataset"], row["in_distribution"], row["method"])
+               row["dataset"], row["in_distribution"], row["method"], row.get("anchor_pool", "held_out"))
         groups.setdefault(key, []).append(row)
     out = []
-    for key, members in sorted(groups.items(), key=lambda kv: (*kv[0][:5], kv[0][8])):
+    for key, members in sorted(groups.items(), key=lambda kv: (*kv[0][:5], kv[0][9] != "held_out", kv[0][8])):
         acc = np.array([m["test_acc_mean"] for m in members], dtype=float)
         entry = dict(zip(("num_zoos", "composition", "zoos", "zoo_size", "axes", "target_zoo", "dataset",
-                          "in_distribution", "method"), key))
+                          "in_distribution", "method", "anchor_pool"), key))
         entry.update({"test_acc_mean": float(np.nanmean(acc)), "test_acc_ci95": _ci95(acc[np.isfinite(acc)]),
                       "test_acc_seed_std": float(np.nanstd(acc, ddof=1)) if acc.size > 1 else float("nan"),
-                      "n_seeds": len(members), "seeds": ",".join(str(m["seed"]) for m in members)})
+                      "n_seeds": len(members), "seeds": ",".join(str(m["seed"]) for m in members),
+                      "budget": " / ".join(dict.fromkeys(m.get("budget", "") for m in members if m.get("budget")))})
         for col in PROBE_COLUMNS:
             vals = np.array([m[col] for m in members], dtype=float)
             entry[col] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
@@ -163,6 +206,8 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
     by: dict[tuple, dict[str, dict[str, Any]]] = {}
     for row in sorted(summary, key=lambda r: (not r["in_distribution"], r["target_zoo"])):  # ID targets first
         target = f"{row['target_zoo']} ({'ID' if row['in_distribution'] else 'OOD'})"
+        if row.get("anchor_pool", "held_out") != "held_out":  # the held-out headline; pools: pool_table
+            continue
         by.setdefault((target, row["composition"], row["zoo_size"], row["axes"]), {})[row["method"]] = row
     head = ["target", "composition", "zoo_size", "axes", "seeds", *SUMMARY_METHODS, "probe R2 emb",
             "probe R2 wstats"]
@@ -174,12 +219,41 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
             r = methods.get(m)
             if r is None:
                 line.append("-")
-            elif np.isfinite(r["test_acc_ci95"]):
-                line.append(f"{r['test_acc_mean']:.3f} ± {r['test_acc_ci95']:.3f}")
             else:
-                line.append(f"{r['test_acc_mean']:.3f}")
+                line.append(_mean_ci(r) + (f" ({r['budget']})" if r.get("budget") else ""))
         line += [_cell(gen["probe_r2_embedding"]), _cell(gen["probe_r2_weight_stats"])]
         cells.append(line)
+    return format_table_cells(head, cells)
+
+
+def _mean_ci(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "-"
+    if np.isfinite(row["test_acc_ci95"]):
+        return f"{row['test_acc_mean']:.3f} ± {row['test_acc_ci95']:.3f}"
+    return f"{row['test_acc_mean']:.3f}"
+
+
+def pool_table(summary: list[dict[str, Any]]) -> str:
+    """One line per setting and target: for each anchor pool (held-out, then seen: the paper's protocol) the
+    generated top-k beside its ceiling, the mean and the best anchor's noise-free reconstruction; empty when
+    every point ran held-out anchors only."""
+    pools = sorted({r.get("anchor_pool", "held_out") for r in summary}, key=lambda p: (p != "held_out", p))
+    if pools == ["held_out"]:
+        return ""
+    by: dict[tuple, dict[tuple[str, str], dict[str, Any]]] = {}
+    for row in sorted(summary, key=lambda r: (not r["in_distribution"], r["target_zoo"])):
+        target = f"{row['target_zoo']} ({'ID' if row['in_distribution'] else 'OOD'})"
+        key = (target, row["composition"], row["zoo_size"], row["axes"])
+        by.setdefault(key, {})[(row.get("anchor_pool", "held_out"), row["method"])] = row
+    head = ["target", "composition", "zoo_size", "axes"] + [f"{pool}: {m}" for pool in pools for m in POOL_COLUMNS]
+    cells = [[*(str(k) if k != "" else "-" for k in key)] + [_mean_ci(methods.get((pool, m))) for pool in pools
+                                                             for m in POOL_COLUMNS]
+             for key, methods in by.items()]
+    return format_table_cells(head, cells)
+
+
+def format_table_cells(head: list[str], cells: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
@@ -187,11 +261,7 @@ def summary_table(summary: list[dict[str, Any]]) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    return format_table_cells(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
 
 
 def _cell(value: Any) -> str:
@@ -211,7 +281,8 @@ def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mea
 
     panels: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for row in summary:
-        if row["method"] == ZERO_SHOT_METHOD and row["zoo_size"] > 0 and np.isfinite(row[column]):
+        if row["method"] == ZERO_SHOT_METHOD and row["zoo_size"] > 0 and np.isfinite(row[column]) \
+                and row.get("anchor_pool", "held_out") == "held_out":  # the plot is the held-out headline
             label = row["composition"] + (f" ({row['axes']})" if row["axes"] else "")
             target = (not row["in_distribution"], row["target_zoo"])
             panels.setdefault(target, {}).setdefault(label, []).append(row)
@@ -269,10 +340,11 @@ def _plot_settings(ax: Any, lines: dict[str, list[dict[str, Any]]], column: str,
 
 
 REPORT_COLUMNS = ["point", "composition", "num_zoos", "zoos", "zoo_size", "axes", "seed", "target_zoo", "dataset",
-                  "in_distribution", "method", "test_acc_mean", "test_acc_std", "n", *PROBE_COLUMNS]
+                  "in_distribution", "anchor_pool", "method", "budget", "test_acc_mean", "test_acc_std", "n",
+                  *PROBE_COLUMNS]
 SUMMARY_COLUMNS = ["composition", "num_zoos", "zoos", "zoo_size", "axes", "target_zoo", "dataset", "in_distribution",
-                   "method", "test_acc_mean", "test_acc_ci95", "test_acc_seed_std", "n_seeds", "seeds",
-                   *PROBE_COLUMNS]
+                   "anchor_pool", "method", "budget", "test_acc_mean", "test_acc_ci95", "test_acc_seed_std", "n_seeds",
+                   "seeds", *PROBE_COLUMNS]
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -283,8 +355,10 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return text.getvalue()
 
 
-def report(url: str, out: str = "") -> dict[str, Any]:
-    """Collect every point's results into rows, ``sweep_results.csv`` and ``sweep_zero_shot.png`` under ``out``."""
+def report(url: str, out: str = "", baseline: str = "") -> dict[str, Any]:
+    """Collect every point's results into rows, ``sweep_results.csv`` and ``sweep_zero_shot.png`` under ``out``,
+    and every setting against ``baseline`` (a substring of a setting's label, empty = the first) paired by seed
+    in ``sweep_paired.csv`` (``mzsane.sweep.paired``)."""
     url = url.rstrip("/")
     rows, pending = collect(url)
     if not rows:
@@ -298,8 +372,11 @@ def report(url: str, out: str = "") -> dict[str, Any]:
     storage.write_text(csv_url, _csv(rows, REPORT_COLUMNS))
     storage.write_text(summary_url, _csv(summary, SUMMARY_COLUMNS))
     storage.write_bytes(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy"))
+    paired_rows = [c.as_dict() for c in paired.compare_settings(rows, ZERO_SHOT_METHOD, baseline)]
+    paired_url = storage.join(out, "sweep_paired.csv")
+    storage.write_text(paired_url, _csv(paired_rows, paired.COLUMNS))
     result = {"rows": rows, "summary": summary, "pending": pending, "csv": csv_url, "summary_csv": summary_url,
-              "png": png_url}
+              "png": png_url, "paired": paired_rows, "paired_csv": paired_url}
     if any(np.isfinite(r["probe_r2_embedding"]) for r in summary):
         result["probe_png"] = storage.join(out, "sweep_probe.png")
         storage.write_bytes(result["probe_png"], _plot(summary, f"sweep {name}: probe of test accuracy",
@@ -308,14 +385,25 @@ def report(url: str, out: str = "") -> dict[str, Any]:
 
 
 def report_cli(args: argparse.Namespace) -> None:
-    result = report(args.url, args.out)
+    result = report(args.url, args.out, getattr(args, "baseline", ""))
     zero_shot = [r for r in result["rows"] if r["method"] == ZERO_SHOT_METHOD] or result["rows"]
     print(format_table(zero_shot, ["target_zoo", "composition", "zoo_size", "axes", "seed", "point", "method",
                                     "test_acc_mean", "test_acc_std", "n", "probe_r2_embedding"]))
     print("\nper setting (test accuracy, mean ± 95% half-width over seeds; generated = top-k by validation; "
           "finetuned_* = after evaluate.finetune_epochs of fine-tuning from that start):")
     print(summary_table(result["summary"]))
+    pools = pool_table(result["summary"])
+    if pools:
+        print("\nby anchor pool (held_out: anchors the backbone never trained on, the headline; seen: anchors it "
+              "trained on, the paper's protocol; reconstruction = the anchors' mean noise-free decode(encode(anchor)), "
+              "reconstruction_best = the best anchor's):")
+        print(pools)
+    if result["paired"]:
+        print(f"\npaired by seed ({ZERO_SHOT_METHOD}, a - b; p_t: paired t-test, two-sided; p_sign_flip: exact "
+              f"sign-flip test, whose smallest p at n pairs is 2/2^n; '{paired.NOT_DISTINGUISHABLE}' when p_t >= "
+              f"{paired.ALPHA}):")
+        print(paired.format_comparisons([paired.Comparison(**c) for c in result["paired"]]))
     if result["pending"]:
         print(f"pending (no results yet): {', '.join(result['pending'])}")
-    wrote = [result["csv"], result["summary_csv"], result["png"], result.get("probe_png", "")]
+    wrote = [result["csv"], result["summary_csv"], result["paired_csv"], result["png"], result.get("probe_png", "")]
     print(f"wrote {', '.join(w for w in wrote if w)}")

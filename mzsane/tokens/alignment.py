@@ -67,4 +67,25 @@ def align(state_dict: Mapping[str, torch.Tensor], reference: Mapping[str, torch.
     return permute_state_dict(state_dict, perms, spec)
 
 
-__all__ = ["align", "match_weights"]
+class ReferenceAligner:
+    """Aligns many models of one architecture to one reference (SANE's preprocessing of a zoo: every model in
+    the reference's neuron order before tokenizing, so the backbone need not learn the permutations).
+
+    A model's permutation is found once (``fit``, e.g. on its last epoch) and applied to each of its
+    checkpoints (``apply``), so a model's trajectory stays in one basis; the function never changes.
+    """
+
+    def __init__(self, reference: Mapping[str, torch.Tensor], arch: str, max_iter: int = 100, seed: int = 0):
+        self.reference = {k: v.detach() for k, v in reference.items()}
+        self.spec = spec_builder(arch)({k: tuple(v.shape) for k, v in reference.items()})
+        self.max_iter, self.seed = max_iter, seed
+
+    def fit(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return match_weights(state_dict, self.reference, self.spec, max_iter=self.max_iter, seed=self.seed)
+
+    def apply(self, state_dict: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+        return permute_state_dict(state_dict, perms, self.spec)
+
+
+__all__ = ["ReferenceAligner", "align", "match_weights"]

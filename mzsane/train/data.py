@@ -17,7 +17,10 @@ the position and a resume reproduces them.
 
 A background thread fills a bounded queue (``data.num_prefetch`` batches) while the loop computes; the time
 the loop blocks on that queue is measured (``wait_s``) and exported as data-wait seconds, the bytes of the
-row groups read as ``bytes_read``.
+row groups read as ``bytes_read``. The wait is bounded: every storage call the reader makes has its own deadline
+(``MZSANE_S3_TIMEOUT_S``) and its error reaches the loop through the queue, but whatever else stalls the reader
+must not leave the loop silent either: every ``REPORT_EVERY_S`` without a batch the wait is reported on stderr
+(naming the shards and the endpoint), and after ``MZSANE_DATA_TIMEOUT_S`` (default 600 s) it fails with one line.
 
 The stream is endless: epoch after epoch, batches spanning epoch boundaries, so every rank takes the
 same number of steps whatever its share of models. The position of the next unread window,
@@ -37,7 +40,9 @@ time (small preset, S3 shards, ``--no-ray``).
 from __future__ import annotations
 
 import math
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -47,11 +52,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from mzsane.errors import DataError
+from mzsane.errors import DataError, StoreUnavailableError
 from mzsane.shards.reader import shuffle_buffered
 
 _DONE = object()
 VAL_EPOCH = 2**31 - 1  # the generator key of the val windows: never a training epoch
+DATA_TIMEOUT_ENV = "MZSANE_DATA_TIMEOUT_S"
+DEFAULT_DATA_TIMEOUT_S = 600.0
+REPORT_EVERY_S = 30.0
+
+
+def data_timeout_s() -> float:
+    """How long the loop waits for one batch before failing (``MZSANE_DATA_TIMEOUT_S``, default 600 s)."""
+    text = os.environ.get(DATA_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_DATA_TIMEOUT_S
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise DataError(f"{DATA_TIMEOUT_ENV}={text!r} is not a positive number of seconds; set e.g. "
+                        f"{DATA_TIMEOUT_ENV}={DEFAULT_DATA_TIMEOUT_S:g} or unset it")
+    return value
 
 
 @dataclass
@@ -71,8 +92,11 @@ class RankStream:
     """
 
     def __init__(self, open_epoch: Callable[[int], Iterable[Any]], batch_size: int, num_prefetch: int = 4,
-                 position: dict[str, int] | None = None, name: str = "rank", stats: ReadStats | None = None):
+                 position: dict[str, int] | None = None, name: str = "rank", stats: ReadStats | None = None,
+                 source: str = "", remote: bool = False):
         self._open_epoch = open_epoch
+        self.source = source or "the shards"  # named in the wait reports and the timeout error
+        self._remote = remote  # a remote store: a timeout may be an outage a later retry outlasts
         self.stats = stats if stats is not None else ReadStats()  # filled by the producer thread
         self.augmenter: Any = None  # what cut the windows (shard streams), for the loop's make_views
         self.batch_size = int(batch_size)
@@ -136,7 +160,7 @@ class RankStream:
                                             name=f"mzsane-data-{self.name}")
             self._thread.start()
         t0 = time.perf_counter()
-        item = self._queue.get()
+        item = self._get(t0)
         self.wait_s += time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise item
@@ -144,6 +168,22 @@ class RankStream:
         self._position = after
         self.samples += len(batch)
         return batch
+
+    def _get(self, t0: float) -> Any:
+        """The next queued item, reporting a long wait and failing with one line past the data timeout."""
+        limit_s = data_timeout_s()
+        while True:
+            waited = time.perf_counter() - t0
+            try:
+                return self._queue.get(timeout=max(min(REPORT_EVERY_S, limit_s - waited), 0.01))
+            except queue.Empty:
+                waited = time.perf_counter() - t0
+            if waited >= limit_s:
+                kind = StoreUnavailableError if self._remote else DataError
+                raise kind(f"{self.name}: no training batch from {self.source} for {waited:.0f} s "
+                           f"({DATA_TIMEOUT_ENV}); the store or the reader hangs: check it, then resume with --resume")
+            print(f"{self.name}: waiting {waited:.0f} s for training data from {self.source}", file=sys.stderr,
+                  flush=True)
 
     @property
     def position(self) -> dict[str, int]:
@@ -264,7 +304,7 @@ def make_augmenter(cfg: Any, manifest: Any) -> Any:
     layouts = {lid: manifest.layout(lid) for lid in manifest.layouts}
     permuters = {info["layout_id"]: Permuter(info["architecture"], layouts[info["layout_id"]])
                  for info in manifest.zoos.values()}
-    return Augmenter(cfg.augment, cfg.data.window_size, permuters, layouts)
+    return Augmenter(cfg.augment, cfg.data.window_size, permuters, layouts, pad_to_window=cfg.data.pad_windows)
 
 
 def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = None
@@ -299,7 +339,12 @@ def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = N
         samples = iter_windows(rows, cut, lambda _: 1, d.seed, VAL_EPOCH, world_rank, 1)
         return fixed_batches(samples, cfg.train.batch_size, cfg.train.num_eval_batches)
 
-    stream = RankStream(open_epoch, cfg.train.batch_size, d.num_prefetch, name=f"rank {world_rank}", stats=stats)
+    from mzsane import storage
+
+    where = storage.endpoint() or "the default AWS endpoint"
+    source = f"'{url}'" + (f" at S3 endpoint {where}" if storage.scheme(url) in ("s3", "s3a") else "")
+    stream = RankStream(open_epoch, cfg.train.batch_size, d.num_prefetch, name=f"rank {world_rank}", stats=stats,
+                        source=source, remote=storage.is_remote(url))
     stream.augmenter = augmenter
     return manifest, stream, val_batches
 

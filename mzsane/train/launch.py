@@ -29,10 +29,12 @@ from mzsane.errors import CheckpointError, ClusterError, ConfigError, DataError,
 from mzsane.train import checkpoint as ckpt
 
 HEALTH_CHECK_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-# non-secret settings workers need to reach storage; credentials come from the nodes' own environment
-# (a Kubernetes Secret on KubeRay, the shell that ran `ray start` locally), or the driver's for local Ray
+# non-secret settings workers need to reach storage, sent to a joined cluster in the job's runtime env.
+# Credentials never travel in a runtime env: Ray writes its variables to runtime_env_agent.log (0644, kept after
+# the run). Workers get them from their node's own environment: the storage Secret on KubeRay, the shell that
+# ran `ray start`, or, for the local instance started here, this process's environment (raylet and its
+# workers are children of this process and inherit it).
 _FORWARD_ENV = ("MZSANE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # written when training hit an error that a retry would only repeat (diverged, corrupt shard, bad checkpoint):
 # the workers stop without Ray's max_failures retries and the driver raises it as one line
 FAILED_FILE = "failed.json"
@@ -117,6 +119,19 @@ def _check_local_cpus(cfg: Config) -> None:
                            f"CPUs but this machine has {cpus}; lower cluster.num_workers or pass --address")
 
 
+def worker_threads(cfg: Config) -> int:
+    """Set and return this worker's intra-op threads: its ``cluster.cpus_per_worker`` (at least 1).
+
+    Why: Ray sets ``OMP_NUM_THREADS=1`` in every worker, so a worker given ``{"CPU": 2}`` ran one thread and left
+    a core idle. Ranks x threads now fill exactly the CPUs Ray reserved (the demo's choice between 1 rank x 2
+    threads and 2 ranks x 1 is measured by ``mzsane bench train``)."""
+    import torch
+
+    threads = max(1, int(cfg.cluster.cpus_per_worker))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def _worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
     from mzsane.train.context import RayContext
@@ -127,6 +142,7 @@ def _worker(config: dict[str, Any]) -> None:
     if storage.exists(failed_url):  # Ray's retry after a deterministic error of this fit: it would only repeat
         return
     cfg = config_mod.loads(config["cfg"])
+    worker_threads(cfg)
     ctx = RayContext(config["run_url"])
     try:
         train_loop(cfg, ctx, config["run_url"])
@@ -181,9 +197,10 @@ def _init_ray(cfg: Config, address: str) -> None:
                                f"check cluster.address / --address and RAY_AUTH_MODE") from None
     else:
         cpus = os.cpu_count() or 1
-        env.update({k: os.environ[k] for k in _SECRET_ENV if os.environ.get(k)})
+        # no runtime env: the local instance inherits this process's environment (endpoint, keys, the health
+        # check interval set above) without Ray logging any of it
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address=cfg.cluster.node_ip,
-                 runtime_env={"env_vars": env}, configure_logging=False, log_to_driver=False)
+                 configure_logging=False, log_to_driver=False)
     available = float(ray.cluster_resources().get("CPU", 0))
     if needed > available:
         ray.shutdown()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -51,6 +52,8 @@ class Parts:
     cfg: Config  # resolved (model.max_positions, train.num_steps from train.num_epochs); saved in every checkpoint
     exposure: Any = None  # mzsane.train.budget.Exposure: per-zoo counts of what training consumed (real parts)
     budget: Any = None  # mzsane.train.budget.Budget the step count was derived from (real parts)
+    # (real tokens, positions computed) of one view of a batch; None: tokens_per_sample per sample, no padding
+    token_counts: Callable[[list], tuple[int, int]] | None = None
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
@@ -134,11 +137,15 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
     sums: dict[str, torch.Tensor] = {}
     step_times: list[float] = []
     wait_mark, samples_mark, steps_mark = parts.train.wait_s, parts.train.samples, 0
+    real_tokens, positions = 0, 0  # since the last log: tokens of the models, and the positions computed
     last: dict[str, float] = {}
     try:
         for done in range(start + 1, tc.num_steps + 1):
             t0 = time.perf_counter()
             batch = next(parts.train)
+            real, padded = (parts.token_counts(batch) if parts.token_counts is not None
+                            else (len(batch) * parts.tokens_per_sample,) * 2)
+            real_tokens, positions = real_tokens + real, positions + padded
             model.train()
             with _autocast(ctx.device, amp_dtype):
                 terms = parts.loss_fn(model, batch, generator, ctx)
@@ -170,16 +177,20 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
                     "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                     "train/samples": parts.train.samples - samples_mark, "train/steps": steps_mark,
                     "perf/step_time_s": step_times, "perf/data_wait_s": wait,
+                    # the list above goes to Prometheus' histogram only; log.jsonl keeps these two (bench train)
+                    "perf/step_time_median_s": statistics.median(step_times), "perf/step_time_sum_s": sum(step_times),
                     "perf/data_wait_fraction": wait / max(sum(step_times), 1e-9),
-                    "perf/tokens_per_s": (parts.train.samples - samples_mark) * parts.tokens_per_sample
-                    / max(sum(step_times), 1e-9),
+                    # positions computed (padding included) and the models' own tokens, one view, per second
+                    "perf/tokens_per_s": positions / max(sum(step_times), 1e-9),
+                    "perf/real_tokens_per_s": real_tokens / max(sum(step_times), 1e-9),
+                    "perf/real_tokens": real_tokens, "perf/positions": positions,
                     "mem/host_rss_bytes": metrics_mod.host_rss_bytes(), "train/target_steps": tc.num_steps})
                 stats = getattr(parts.train, "stats", None)  # the shard stream's reads (dashboard: bytes/epoch)
                 if stats is not None:
                     metrics.update({"data/read_bytes": stats.bytes_read, "data/rows": stats.rows})
                 if ctx.device.type == "cuda":
                     metrics["mem/gpu_bytes"] = torch.cuda.memory_allocated(ctx.device)
-                sums, step_times, steps_mark = {}, [], 0
+                sums, step_times, steps_mark, real_tokens, positions = {}, [], 0, 0, 0
                 wait_mark, samples_mark = parts.train.wait_s, parts.train.samples
             # -------------------------------------------------------------------------- eval
             if tc.eval_every_n_steps > 0 and _every(tc.eval_every_n_steps, done, tc.num_steps):
@@ -307,7 +318,8 @@ def _announce(ctx: TrainContext, run_url: str, target: str, start: int) -> None:
     """Who runs where: ``{run}/workers/rank_{r}.json`` (pid, node, scrape target) and rank 0's
     ``metrics_targets.json`` for Prometheus file_sd."""
     info = {"world_rank": ctx.world_rank, "world_size": ctx.world_size, "pid": os.getpid(),
-            "node": ctx.node, "metrics_target": target, "start_step": start, "time": time.time()}
+            "node": ctx.node, "metrics_target": target, "start_step": start, "time": time.time(),
+            "torch_threads": torch.get_num_threads()}
     storage.write_json(storage.join(run_url, "workers", f"rank_{ctx.world_rank}.json"), info)
     targets = ctx.all_gather_object(target)
     if ctx.world_rank == 0:
@@ -358,4 +370,5 @@ def build_parts(cfg: Config, ctx: TrainContext) -> Parts:
                          cfg.loss, layer_BT=pos[..., 1], gather=gather)
 
     return Parts(model=model, loss_fn=loss_fn, train=stream, val_batches=val_batches,
-                 tokens_per_sample=cfg.data.window_size, cfg=resolved, exposure=exposure, budget=budget)
+                 tokens_per_sample=cfg.data.window_size, cfg=resolved, exposure=exposure, budget=budget,
+                 token_counts=augmenter.token_counts)

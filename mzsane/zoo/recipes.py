@@ -99,6 +99,9 @@ class Recipe:
     defaults: dict  # SIZE_KEYS -> value
     arch_defaults: dict  # architecture -> overrides of ``defaults``
     members_fn: Callable[[int, int, str, int], list[dict]]
+    # the most distinct models its members can be (0: no limit): the grid's size, or the block of model seeds one
+    # zoo seed owns (demo: seed * 100,000 + i + 1; tiny: seed * 1,000 + i + 1): beyond it models would repeat
+    max_models: int = 0
 
     def sizes(self, architecture: str) -> dict:
         return {**self.defaults, **self.arch_defaults.get(architecture, {})}
@@ -111,13 +114,16 @@ RECIPES: dict[str, Recipe] = {
     "seed": Recipe("seed", dict(num_models=1000, num_epochs=50, batch_size=10, max_train_images=-1,
                                 max_eval_images=-1), {}, _seed_members),
     "hyp10": Recipe("hyp10", dict(num_models=2560, num_epochs=50, batch_size=10, max_train_images=-1,
-                                  max_eval_images=-1), {}, _hyp10_members),
+                                  max_eval_images=-1), {}, _hyp10_members, max_models=2560),
     "demo": Recipe("demo", dict(num_models=30, num_epochs=3, batch_size=64, max_train_images=8_000,
                                 max_eval_images=2_000),
                    {"resnet_mini": dict(num_models=8, num_epochs=3, batch_size=64, max_train_images=4_000,
-                                        max_eval_images=1_000)}, _demo_members),
+                                        max_eval_images=1_000),
+                    # ~0.45 GFLOP per forward image: 4,000 images x 3 epochs is minutes per model on a CPU core
+                    "resnet18_gray": dict(num_models=8, num_epochs=3, batch_size=64, max_train_images=4_000,
+                                          max_eval_images=1_000)}, _demo_members, max_models=99_999),
     "tiny": Recipe("tiny", dict(num_models=4, num_epochs=2, batch_size=32, max_train_images=512,
-                                max_eval_images=256), {}, _tiny_members),
+                                max_eval_images=256), {}, _tiny_members, max_models=999),
 }
 
 
@@ -137,4 +143,13 @@ def resolve_sizes(recipe: str, architecture: str, overrides: dict) -> dict:
     if sizes["num_models"] < 1 or sizes["num_epochs"] < 0 or sizes["batch_size"] < 1:
         raise ConfigError(f"zoo sizes {sizes} are invalid; set zoo.num_models >= 1, zoo.num_epochs >= 0 "
                           "and zoo.batch_size >= 1")
+    check_buildable(recipe, sizes["num_models"])
     return sizes
+
+
+def check_buildable(recipe: str, num_models: int) -> None:
+    """Refuse, at once, a zoo larger than the recipe has distinct members for."""
+    limit = get_recipe(recipe).max_models
+    if limit and num_models > limit:
+        raise ConfigError(f"zoo.num_models={num_models:,} exceeds what recipe '{recipe}' can build ({limit:,} "
+                          f"distinct models); set zoo.num_models <= {limit:,}")

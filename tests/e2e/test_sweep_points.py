@@ -82,7 +82,12 @@ def test_two_point_sweep_runs_on_a_ray_cluster_and_reports(s3_server, ray_cluste
     ood = {(r["zoo_size"], r["method"]): r for r in report["rows"] if r["target_zoo"] == OOD}
     assert {size for size, method in ood if method == "generated"} == set(SIZES)
     assert not any(r["in_distribution"] for r in ood.values()) and ood[SIZES[0], "anchors"]["n"] > 0
-    rows = {(r["zoo_size"], r["method"]): r for r in report["rows"] if r["target_zoo"] == ZOO}
+    # the paper's protocol beside ours: the in-distribution target was also prompted with seen anchors
+    seen = {r["zoo_size"] for r in report["rows"] if r["target_zoo"] == ZOO and r["anchor_pool"] == "seen"
+            and r["method"] == "generated"}
+    assert seen == set(SIZES) and not any(r["anchor_pool"] == "seen" for r in ood.values())
+    rows = {(r["zoo_size"], r["method"]): r for r in report["rows"] if r["target_zoo"] == ZOO
+            and r["anchor_pool"] == "held_out"}
     assert sorted(size for size, method in rows if method == "generated") == list(SIZES)
     for size in SIZES:
         generated, anchors, random_init = rows[size, "generated"], rows[size, "anchors"], rows[size, "random"]

@@ -106,7 +106,7 @@ def test_sweep_run_resumes_after_a_killed_point_and_reports(tmp_path):
     out2 = second.stdout + second.stderr
     assert second.returncode == 0, out2
     assert "2 points, 1 finished before, 1 to run" in out2, out2
-    assert "long: train (2/5) starting on 1 CPU, resuming after record-point" in out2, out2
+    assert "long: train (2/7) starting on 1 CPU, resuming after record-point" in out2, out2
     # nothing finished is computed again: the other point's results and the finished stage are untouched
     assert smoke_results.stat().st_mtime_ns == smoke_mtime
     assert record_log.stat().st_size == record_log_size

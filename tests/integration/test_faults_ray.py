@@ -1,7 +1,7 @@
 """Training faults under a real local Ray instance (Ray Train, 127.0.0.2): a diverging run fails once with one
 line instead of being retried ``max_failures`` times; ``--resume`` with a checkpoint URL continues the run
 without writing into the checkpoint; resuming with another worker count is one line; run files never hold
-the S3 secret that the local Ray runtime env carries."""
+the S3 secret that the local Ray instance inherits."""
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +49,7 @@ def test_non_finite_loss_under_ray_fails_once_with_one_line(root):
 
 def test_resume_under_ray_from_a_checkpoint_url_and_with_another_worker_count(root, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "h3-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # local Ray forwards it in the runtime env
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # the local Ray instance inherits it
     cfg = _cfg(root, "resumable", "train.num_steps=20", "train.checkpoint_every_n_steps=10")
     run = launch.train(cfg)
     newest = ckpt.latest_checkpoint_url(run)

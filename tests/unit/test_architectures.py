@@ -71,3 +71,17 @@ def test_unknown_architecture_lists_valid_names():
         get_architecture("vgg16")
     assert all(name in str(err.value) for name in ARCHITECTURES)
     assert "\n" not in str(err.value)
+
+
+def test_resnet18_gray_has_the_resnet18_token_layout_on_28x28_images():
+    """The normalization ablation's ResNet-18-like layout: the ResNet-18 state_dict (11.2M params) for 1x28x28
+    inputs, with BatchNorm tokens ~11% of the tokens (resnet_mini: ~49%)."""
+    from mzsane.tokens.layout import layout_from_state_dict
+
+    model = build_model("resnet18_gray")
+    ref = build_model("resnet18", channels_in=1, image_size=28)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    layout = layout_from_state_dict(model.state_dict())
+    bn = sum(e.num_tokens for e in layout.entries if "bn" in e.key or "downsample.1" in e.key)
+    assert layout.num_tokens == 43_924 and 0.10 < bn / layout.num_tokens < 0.12

@@ -217,3 +217,59 @@ def test_real_permuter_mixed_architectures():
     whole = permuters[lid].sample_index(torch.Generator().manual_seed(3), 1)[0].view(-1, 64)
     part = permuters[lid].sample_index(torch.Generator().manual_seed(3), 1, token_ids=torch.arange(5, 9))[0]
     assert torch.equal(whole[5:9].reshape(-1), part)
+
+
+def test_a_batch_of_short_models_has_no_padding_positions_by_default():
+    """A window is never longer than its model: a batch of 3-token models under a 6-token window is 3 long."""
+    aug = _augmenter([SMALL], window=6)
+    ts = _tokens(SMALL, 1)
+    g = torch.Generator().manual_seed(0)
+    windows = [aug.cut(ts, SMALL.layout_id, g) for _ in range(4)]
+    v = aug.make_views(windows, torch.Generator().manual_seed(0))
+    assert v.view1_BTD.shape == v.mask_BTD.shape == (4, 3, D) and v.positions_BTP.shape == (4, 3, 3)
+    assert v.valid_BT.all()  # every position holds a token of the model
+    assert torch.equal(v.view1_BTD[0], ts)
+    assert aug.token_counts(windows) == (12, 12)  # real tokens == positions computed
+    # a batch mixing lengths pads only up to its longest window, not to window_size
+    tb = _tokens(BIG, 0)
+    mixed = _augmenter([BIG, SMALL], window=12)
+    v = mixed.make_views([(tb, BIG.layout_id), (ts, SMALL.layout_id)], torch.Generator().manual_seed(0))
+    assert v.view1_BTD.shape == (2, 9, D) and v.valid_BT.sum().item() == 9 + 3
+
+
+def test_pad_to_window_restores_fixed_window_length():
+    """The knob (data.pad_windows) gives the old fixed window_size length, padding with mask 0, positions 0."""
+    aug = Augmenter(AugmentConfig(noise_mode="none"), 6, {SMALL.layout_id: HandPermuter(SMALL)},
+                    {SMALL.layout_id: SMALL}, pad_to_window=True)
+    ts = _tokens(SMALL, 1)
+    windows = [aug.cut(ts, SMALL.layout_id, torch.Generator().manual_seed(i)) for i in range(2)]
+    v = aug.make_views(windows, torch.Generator().manual_seed(0))
+    assert v.view1_BTD.shape == (2, 6, D)
+    assert v.valid_BT[:, 3:].sum().item() == 0 and not v.mask_BTD[:, 3:].any()
+    assert aug.token_counts(windows) == (6, 12)  # 6 real tokens, 12 positions computed
+
+
+def test_trimmed_and_padded_batches_give_the_same_loss():
+    """Dropping the padding changes no number the model or the loss sees (the key padding mask and the masked
+    loss already ignored it): same loss within float tolerance, so trimming trains exactly as before."""
+    from mzsane.config import LossConfig, ModelConfig
+    from mzsane.model.losses import sane_loss
+    from mzsane.model.sane import SANE
+
+    ts = _tokens(SMALL, 1)
+    windows = [Augmenter(AugmentConfig(noise_mode="none"), 6, {SMALL.layout_id: HandPermuter(SMALL)},
+                         {SMALL.layout_id: SMALL}).cut(ts, SMALL.layout_id, torch.Generator().manual_seed(i))
+               for i in range(3)]
+    model = SANE(ModelConfig(d_model=16, num_heads=2, num_layers=1, latent_dim=4, projection_dim=4), D, [8, 4, 8])
+    losses = []
+    for pad in (False, True):
+        aug = Augmenter(AugmentConfig(noise_mode="none"), 6, {SMALL.layout_id: HandPermuter(SMALL)},
+                        {SMALL.layout_id: SMALL}, pad_to_window=pad)
+        v = aug.make_views(windows, torch.Generator().manual_seed(0))
+        b = v.view1_BTD.shape[0]
+        _, zp, recon = model(torch.cat([v.view1_BTD, v.view2_BTD]), torch.cat([v.positions_BTP] * 2),
+                             torch.cat([v.valid_BT] * 2))
+        terms = sane_loss(recon[:b], recon[b:], zp[:b], zp[b:], v.view1_BTD, v.view2_BTD, v.mask_BTD, LossConfig(),
+                          layer_BT=v.positions_BTP[..., 1])
+        losses.append(float(terms["loss"].detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

@@ -25,9 +25,9 @@ def test_every_start_is_finetuned_with_one_budget(monkeypatch):
     models = baselines.random_models(CNN, "default", 3, 0)
     per_method = {"generated": models, "random": models, "anchors": models, "soup": models[:1],
                   "soup_aligned": models[:1]}
-    ecfg = EvaluateConfig(finetune_epochs=1, num_finetune_models=2, hypernet_steps=3, finetune_max_train_images=256)
-    hparams = {"optimizer": "sgd", "batch_size": 16, "weight_decay": 1e-4}
-    out = ft.compare(CNN, per_method, load_dataset("mnist"), ecfg, SampleConfig(bn_iterations=1), hparams)
+    ecfg = EvaluateConfig(finetune_epochs=1, num_finetune_models=2, hypernet_steps=3, finetune_max_train_images=256,
+                          finetune_optimizer="sgd", finetune_batch_size=16, finetune_weight_decay=1e-4)
+    out = ft.compare(CNN, per_method, load_dataset("mnist"), ecfg, SampleConfig(bn_iterations=1))
     assert list(out["curves"]) == list(ft.METHODS)
     assert [n for n, _ in calls] == [2, 2, 2, 2, 1, 1]  # generated, hypernet, random, anchors, soups
     budgets = [s for _, s in calls]
@@ -42,7 +42,7 @@ def test_no_hypernet_start_when_its_budget_is_zero(monkeypatch):
     monkeypatch.setattr("mzsane.zoo.evaluation.finetune", lambda k, sds, d, **s: [[{"test_acc": 0.3}] for _ in sds])
     models = baselines.random_models(CNN, "default", 1, 0)
     ecfg = EvaluateConfig(finetune_epochs=1, num_finetune_models=1, hypernet_steps=0)
-    out = ft.compare(CNN, {"generated": models}, load_dataset("mnist"), ecfg, SampleConfig(), {})
+    out = ft.compare(CNN, {"generated": models}, load_dataset("mnist"), ecfg, SampleConfig())
     assert list(out["curves"]) == ["generated"] and out["hypernet"]["runs"] == []
 
 

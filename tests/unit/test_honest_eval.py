@@ -226,3 +226,54 @@ def test_reconstruction_view_per_layer_and_figure(tmp_path):
     url = rec.figure(models, {"identity": same, "collapsed": collapsed}, str(tmp_path / "figure2.png"))
     with open(url, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fine_tuning_budget_and_random_init_are_fixed_per_target_not_read_from_an_anchor(setup, tmp_path,
+                                                                                          monkeypatch):
+    """An anchor trained with SGD, batch 16, weight decay 0.1 and U(0,1) init changes neither the fine-tuning
+    optimizer of any start nor the random baseline's init: both come from ``evaluate`` (issue 25.4; they used to
+    follow the first anchor drawn, so they changed with the seed)."""
+    from mzsane.sample.generate import RESULTS_FILE
+
+    _, zoo, cfg = setup
+    out = str(tmp_path / "s")
+    images = Images()
+    sample("run", zoo, out, _scfg(), dataset=images, backbone=(IdentityBackbone(), cfg), progress=False)
+    res = storage.read_json(storage.join(out, RESULTS_FILE))
+    res["hparams"] = {**res.get("hparams", {}), "optimizer": "sgd", "batch_size": 16, "weight_decay": 0.1,
+                      "init": "uniform"}
+    storage.write_json(storage.join(out, RESULTS_FILE), res)
+    budgets, inits = [], []
+    monkeypatch.setattr("mzsane.zoo.evaluation.finetune", lambda kwargs, sds, dataset, **settings: (
+        budgets.append(settings) or [[{"epoch": 0, "test_acc": 0.1}] for _ in sds]))
+    real_random = report.baselines.random_models
+    monkeypatch.setattr(report.baselines, "random_models",
+                        lambda kwargs, init, num, seed: inits.append(init) or real_random(kwargs, init, num, seed))
+    ecfg = EvaluateConfig(finetune_epochs=1, soup_sizes=[1], num_random=1, num_novelty_images=80, max_train_models=2,
+                          num_finetune_models=1, hypernet_steps=0)
+    rep = report.evaluate(out, zoo, ecfg, dataset=images, plots=False)
+    assert budgets and all(b["optimizer"] == "adam" and b["batch_size"] == 64 and b["weight_decay"] == 0.0
+                           for b in budgets)
+    assert inits == ["default"] and rep["finetune"]["optimizer"] == "adam"
+    chosen = report.finetune_mod.finetune_settings(EvaluateConfig(finetune_optimizer="sgd", finetune_batch_size=8))
+    assert chosen["optimizer"] == "sgd" and chosen["batch_size"] == 8
+
+
+def test_best_soup_is_selected_by_validation_accuracy_and_the_ceiling_names_its_best_anchor(setup, tmp_path):
+    _, zoo, cfg = setup
+    out = str(tmp_path / "s")
+    images = Images()
+    sample("run", zoo, out, _scfg(), dataset=images, backbone=(IdentityBackbone(), cfg), progress=False)
+    ecfg = EvaluateConfig(finetune_epochs=0, soup_sizes=[1, 2], num_random=1, num_novelty_images=80,
+                          max_train_models=2)
+    rep = report.evaluate(out, zoo, ecfg, dataset=images, plots=False)
+    curve = rep["soup_curve"]
+    assert len(curve) == 6 and all("val_acc" in p for p in curve)  # sizes 1, 2, 3 (= K), plain and aligned
+    best = max(curve, key=lambda p: p["val_acc"])
+    assert rep["candidates"]["soup_best"]["val_acc"] == best["val_acc"]
+    chosen = [p for p in curve if (p["n"], p["aligned"]) == (rep["candidates"]["soup_best"]["n"],
+                                                            rep["candidates"]["soup_best"]["aligned"])]
+    rows = {r["method"]: r for r in rep["rows"]}
+    assert rows["soup_best"]["n"] == 1 and rows["soup_best"]["test_acc_mean"] == pytest.approx(chosen[0]["test_acc"])
+    assert rep["headline"]["reconstruction_best_test_acc"] == pytest.approx(max(rep["per_model"]["reconstruction"]))
+    assert "best anchor's" in report.format_table(rep)

@@ -50,3 +50,19 @@ def test_the_drivers_progress_bar_shows_the_planned_steps_not_train_num_steps(tm
     thread.join(timeout=10)
     err = capsys.readouterr().err
     assert "150/413" in err and "/200" not in err.split("\r")[-1]  # the bar opens at 0/200, then follows
+
+
+def test_a_worker_runs_as_many_threads_as_the_cpus_ray_reserved_for_it():
+    """Ray sets OMP_NUM_THREADS=1 in a worker; one with cluster.cpus_per_worker=k must run k intra-op threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    cfg = config_mod.load("tiny")
+    try:
+        torch.set_num_threads(1)  # what a Ray worker starts with
+        cfg.cluster.cpus_per_worker = 2
+        assert launch.worker_threads(cfg) == 2 and torch.get_num_threads() == 2
+        cfg.cluster.cpus_per_worker = 0  # a worker reserving no CPU still computes on one thread
+        assert launch.worker_threads(cfg) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

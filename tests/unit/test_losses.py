@@ -293,3 +293,87 @@ def test_token_reduction_weighs_every_token_the_same_however_short():
     assert (p.grad[~mask] == 0).all() and torch.isfinite(p.grad).all()
     with pytest.raises(ConfigError, match="reduction"):
         reconstruction_loss(pred, target, mask, "token", EPS, layer_BT=layer, reduction="rows")
+
+
+def _per_entry_sq(pred, target, mask, mode, layer):
+    scale = normalization_scale(target, mask, mode, EPS, layer_BT=layer)
+    scale = scale[..., None] if scale.dim() == 2 else scale
+    return torch.where(mask, (pred - target) / scale, 0.0) ** 2
+
+
+@pytest.mark.parametrize("mode", ["none", "batch", "token", "layer"])
+def test_token_power_at_alpha_0_and_1_is_the_token_and_entry_reductions(mode):
+    """Token weight n^alpha: alpha 0 weighs every token the same (``token``), alpha 1 weighs a token by its valid
+    entries, which is the plain mean over entries (``entry``)."""
+    pred, target, mask, layer = _batch(5)
+    for alpha, same_as in ((0.0, "token"), (1.0, "entry")):
+        got = reconstruction_loss(pred, target, mask, mode, EPS, layer_BT=layer, reduction="token_power",
+                                  token_weight_alpha=alpha)
+        want = reconstruction_loss(pred, target, mask, mode, EPS, layer_BT=layer, reduction=same_as)
+        assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75])
+def test_token_power_matches_a_hand_computation(alpha):
+    pred, target, mask, layer = _batch(6)
+    sq = _per_entry_sq(pred, target, mask, "token", layer).numpy()
+    m = mask.numpy()
+    num, den = 0.0, 0.0
+    for b in range(sq.shape[0]):
+        for t in range(sq.shape[1]):
+            n = int(m[b, t].sum())
+            if n:
+                num += n ** alpha * sq[b, t][m[b, t]].mean()
+                den += n ** alpha
+    got = reconstruction_loss(pred, target, mask, "token", EPS, layer_BT=layer, reduction="token_power",
+                              token_weight_alpha=alpha)
+    assert got.item() == pytest.approx(num / den, rel=1e-12)
+    # strictly between the two ends here (tokens of different lengths and errors)
+    ends = sorted(reconstruction_loss(pred, target, mask, "token", EPS, layer_BT=layer, reduction=r).item()
+                  for r in ("token", "entry"))
+    assert ends[0] < got.item() < ends[1]
+
+
+def test_layer_reduction_weighs_every_layer_of_a_sample_the_same():
+    """Mean over (sample, layer) groups present of each group's mean over its valid entries."""
+    pred, target, mask, layer = _batch(7)
+    sq = _per_entry_sq(pred, target, mask, "token", layer).numpy()
+    m, lay = mask.numpy(), layer.numpy()
+    groups: dict = {}
+    for b in range(sq.shape[0]):
+        for t in range(sq.shape[1]):
+            groups.setdefault((b, int(lay[b, t])), []).extend(sq[b, t][m[b, t]].tolist())
+    want = float(np.mean([np.mean(v) for v in groups.values() if v]))
+    got = reconstruction_loss(pred, target, mask, "token", EPS, layer_BT=layer, reduction="layer")
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    # a layer cut into twice as many tokens keeps its weight: duplicate every token of the window (same layers)
+    twice = reconstruction_loss(torch.cat([pred, pred], 1), torch.cat([target, target], 1),
+                                torch.cat([mask, mask], 1), "batch", EPS, layer_BT=torch.cat([layer, layer], 1),
+                                reduction="layer")
+    once = reconstruction_loss(pred, target, mask, "batch", EPS, layer_BT=layer, reduction="layer")
+    assert twice.item() == pytest.approx(once.item(), rel=1e-12)
+    with pytest.raises(ConfigError, match="layer index"):
+        reconstruction_loss(pred, target, mask, "batch", EPS, reduction="layer")
+
+
+@pytest.mark.parametrize("reduction", ["token_power", "layer"])
+def test_new_reductions_never_see_padding(reduction):
+    pred, target, mask, layer = _batch(8)
+    p = torch.where(mask, pred, 1e6).requires_grad_()
+    loss = reconstruction_loss(p, torch.where(mask, target, -1e6), mask, "token", EPS, layer_BT=layer,
+                               reduction=reduction, token_weight_alpha=0.5)
+    loss.backward()
+    clean = reconstruction_loss(pred, target, mask, "token", EPS, layer_BT=layer, reduction=reduction,
+                                token_weight_alpha=0.5)
+    assert loss.item() == pytest.approx(clean.item(), rel=1e-10)
+    assert (p.grad[~mask] == 0).all() and torch.isfinite(p.grad).all()
+
+
+def test_sane_loss_passes_the_weighting_exponent():
+    g = torch.Generator().manual_seed(3)
+    pred, target, mask, layer = _batch(9)
+    zp = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    out = {a: sane_loss(pred, pred, zp, zp, target, target, mask,
+                        LossConfig(norm_mode="batch", reduction="token_power", token_weight_alpha=a, gamma=0.0),
+                        layer_BT=layer)["loss_recon"].item() for a in (0.0, 1.0)}
+    assert out[0.0] != pytest.approx(out[1.0])

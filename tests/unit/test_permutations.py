@@ -15,6 +15,7 @@ CASES = {  # arch -> build kwargs (small inputs keep the forward passes fast)
     "cnn_s": {"dropout": 0.5},
     "cnn_l": {},
     "resnet18": {"channels_in": 1, "num_classes": 7},
+    "resnet18_gray": {"num_classes": 7},
     "resnet_mini": {},
     "mlp": {"width": 12, "depth": 3},
 }
@@ -40,7 +41,7 @@ def _model(arch, seed=0):
 def _input(arch, model):
     defaults = ARCHITECTURES[arch].defaults
     channels = CASES[arch].get("channels_in", defaults["channels_in"])
-    size = 16 if arch == "resnet18" else defaults["image_size"]
+    size = 16 if arch.startswith("resnet18") else defaults["image_size"]
     return torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))
 
 

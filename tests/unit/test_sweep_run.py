@@ -47,7 +47,8 @@ def test_points_come_from_the_rendered_rayjobs_and_their_configmaps():
     assert job["spec"]["entrypoint"] == "python -m mzsane.sweep run-point /etc/mzsane/point.json"
     assert point.runs_point_file
     stages = point.stages(python="python")
-    assert [s.name for s in stages] == ["record-point", "train", "sample", "evaluate", "probe"]
+    assert [s.name for s in stages] == ["record-point", "train", "sample", "evaluate", "sample-seen", "evaluate-seen",
+                                        "probe"]
     root, run = "s3://mzsane/data", "s3://mzsane/data/runs/smoke-smoke"
     out, zoo = f"{root}/sweeps/smoke/smoke", f"{root}/zoos/mnist-cnn_s"
     cfg = ["--preset", "tiny", "--config", "/etc/mzsane/overrides.yaml"]
@@ -57,6 +58,11 @@ def test_points_come_from_the_rendered_rayjobs_and_their_configmaps():
         [*mz, "train", *cfg],
         [*mz, "sample", *cfg, "--backbone", run, "--zoo", zoo, "--out", out],
         [*mz, "evaluate", *cfg, "--samples", out, "--zoo", zoo],
+        # the paper's protocol: anchors the backbone trained on (at most the zoo size of them), no fine-tuning
+        [*mz, "sample", *cfg, "--set", "sample.anchor_pool=seen", "--set", "sample.num_anchors=2", "--backbone", run,
+         "--zoo", zoo, "--out", f"{out}/anchors-seen"],
+        [*mz, "evaluate", *cfg, "--set", "evaluate.finetune_epochs=0", "--set", "evaluate.hypernet_steps=0",
+         "--samples", f"{out}/anchors-seen", "--zoo", zoo],
         [*mz, "probe", "--backbone", run, "--zoo", "mnist-cnn_s", "--out", f"{out}/probe"]]
     assert out == point.results_url
 
@@ -113,9 +119,11 @@ def test_run_point_runs_the_stages_in_order_stops_at_the_first_failure_and_a_ret
     monkeypatch.setenv("FAIL", "nothing")
     trace.unlink()
     assert run_point(point_file, python=str(stub)) == 0  # the retry starts at the stage that failed
-    assert [line.split()[2] for line in trace.read_text().splitlines()] == ["sample", "evaluate", "probe"]
+    assert [line.split()[2] for line in trace.read_text().splitlines()] == ["sample", "evaluate", "sample", "evaluate",
+                                                                            "probe"]
     progress = json.loads((tmp_path / "data" / "sweeps" / "smoke" / "smoke" / "run-point.json").read_text())
-    assert progress["done"] == ["0-record-point", "1-train", "2-sample", "3-evaluate", "4-probe"]
+    assert progress["done"] == ["0-record-point", "1-train", "2-sample", "3-evaluate", "4-sample-seen",
+                                "5-evaluate-seen", "6-probe"]
     assert main(["run-point", str(tmp_path / "missing.json")]) == 2
     assert "cannot read the point file" in capsys.readouterr().err
 
@@ -188,11 +196,12 @@ def test_extra_target_zoos_are_sampled_and_evaluated_by_the_same_backbone_and_bu
     (point,) = rendered_points(chart.render([*SMOKE, extra]))
     assert point.extra_target_zoos == ["animal_mnist-cnn_s"]
     stages = [s.argv for s in point.stages()]
-    assert [s.name for s in point.stages()] == ["record-point", "train", "sample", "evaluate", "probe", "sample",
-                                                "evaluate"]
+    # animal_mnist is out of distribution (not a training zoo): no seen-anchor stages for it
+    assert [s.name for s in point.stages()] == ["record-point", "train", "sample", "evaluate", "sample-seen",
+                                                "evaluate-seen", "probe", "sample", "evaluate"]
     out = f"{point.results_url}/targets/animal_mnist-cnn_s"
     zoo = "s3://mzsane/data/zoos/animal_mnist-cnn_s"
-    sample, evaluate = stages[5], stages[6]
+    sample, evaluate = stages[7], stages[8]
     assert sample[sample.index("--zoo") + 1] == zoo and sample[sample.index("--out") + 1] == out
     assert sample[sample.index("--backbone") + 1] == stages[2][stages[2].index("--backbone") + 1]  # same backbone
     assert evaluate[evaluate.index("--samples") + 1] == out and evaluate[evaluate.index("--zoo") + 1] == zoo

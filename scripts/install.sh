@@ -24,10 +24,6 @@
 #   DEB_ROOT=.mzsane/deb where the Debian packages are unpacked without root
 #   GO=go                the Go command (else `go` on PATH, else /usr/local/go/bin/go)
 #   MZSANE_HARNESS=.mzsane/bin/kuberay-harness   where the harness binary goes (the tests read the same)
-#   MZSANE_KUBERAY_GOPROXY=../shared/kuberay/goproxy
-#                        a file-proxy folder holding ray-operator v1.7.0 (scripts/kuberay-goproxy.sh makes it),
-#                        tried before the Go module proxy, which refuses to serve that version here; go.sum
-#                        pins its checksum, so only the exact released module builds
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -109,12 +105,9 @@ install_harness() {
     if [ -x "$bin" ] && [ -z "$(find "$src" -newer "$bin" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | head -1)" ]; then
         return 0
     fi
-    local proxy=${MZSANE_KUBERAY_GOPROXY:-$SRC/../shared/kuberay/goproxy} goproxy
-    goproxy=$("$go" env GOPROXY)
-    [ -d "$proxy" ] && goproxy="file://$(cd "$proxy" && pwd),$goproxy"
     mkdir -p "$(dirname "$bin")"
     say "building the KubeRay harness (first build: modules from the proxy, a few minutes)"
-    (cd "$src" && GOPROXY="$goproxy" GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin.tmp" . && mv "$bin.tmp" "$bin")
+    (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin.tmp" . && mv "$bin.tmp" "$bin")
 }
 
 case "${1:-}" in

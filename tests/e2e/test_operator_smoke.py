@@ -1,4 +1,4 @@
-"""The smoke point driven by KubeRay v1.7.0's own reconcilers, its pods' commands run for real.
+"""The smoke point driven by KubeRay's own reconcilers (ray-operator v1.6.2), its pods' commands run for real.
 
 The harness (tests/operator, ``run`` mode) loads what the chart renders for ``jobs/smoke.yaml`` + its local
 overlay, runs the RayJob and RayCluster reconcilers, and plays the kubelet: the head and worker pods' ``ray

@@ -1,5 +1,6 @@
-"""Operator contract: what our chart asks of KubeRay v1.7.0, checked on what the operator's own reconcilers
-make of it (the Go harness in tests/operator; every sweep goes through it in test_operator_reconcile.py).
+"""Operator contract: what our chart asks of KubeRay 1.7.0, checked on what the operator's own reconcilers
+(ray-operator v1.6.2) make of it (the Go harness in tests/operator; every sweep goes through it in
+test_operator_reconcile.py).
 
 These tests pin chart decisions: the checks catch a duplicate metrics port, one port per local rank, the
 driver on a GPU head, Kueue's suspend and labels, token auth reaching every container, release names that

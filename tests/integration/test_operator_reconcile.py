@@ -1,4 +1,4 @@
-"""Every RayJob of every sweep through KubeRay v1.7.0's own reconcilers (tests/operator harness).
+"""Every RayJob of every sweep through KubeRay's own reconcilers (ray-operator v1.6.2; tests/operator harness).
 
 For each ``jobs/*.yaml`` (and ``jobs/local/*.yaml`` over its base), plain and with ``job.queueName`` set (the
 harness then plays Kueue's admission), the RayJob and RayCluster reconcilers run until the operator has made

@@ -29,6 +29,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/events"
+	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/apiutil"
@@ -53,6 +54,21 @@ func (m mgrShim) GetClient() client.Client                          { return m.c
 func (m mgrShim) GetAPIReader() client.Reader                       { return m.c }
 func (m mgrShim) GetScheme() *runtime.Scheme                        { return m.s }
 func (m mgrShim) GetEventRecorder(name string) events.EventRecorder { return &events.FakeRecorder{} }
+
+// GetEventRecorderFor is what ray-operator v1.6.2's reconcilers ask for; a nil Events channel drops events.
+func (m mgrShim) GetEventRecorderFor(name string) record.EventRecorder { return &record.FakeRecorder{} }
+
+// GetFieldIndexer: v1.6.2's RayCluster reconciler registers a Pod index on metadata.uid when it is made;
+// the fake client gets the same index when it is built (podUIDIndex), so registering here is a no-op.
+func (m mgrShim) GetFieldIndexer() client.FieldIndexer { return noIndexer{} }
+
+type noIndexer struct{}
+
+func (noIndexer) IndexField(context.Context, client.Object, string, client.IndexerFunc) error {
+	return nil
+}
+
+func podUIDIndex(o client.Object) []string { return []string{string(o.GetUID())} }
 
 // kubelet plays the node's part between reconcile passes: it gives Pods and Jobs the status a real
 // kubelet and Job controller would.
@@ -138,6 +154,7 @@ func newHarness(ctx context.Context, in, crds string, provider utils.ClientProvi
 	}
 	c := fake.NewClientBuilder().WithScheme(s).
 		WithStatusSubresource(&rayv1.RayJob{}, &rayv1.RayCluster{}, &corev1.Pod{}, &batchv1.Job{}).
+		WithIndex(&corev1.Pod{}, "metadata.uid", podUIDIndex).
 		WithInterceptorFuncs(schemas.interceptors()).Build()
 	h := &harness{scheme: s, client: c, input: map[string]bool{}, seq: map[string][]statusStep{}}
 	for _, o := range objs {
@@ -158,7 +175,7 @@ func newHarness(ctx context.Context, in, crds string, provider utils.ClientProvi
 	}
 	mgr := mgrShim{c: c, s: s}
 	h.jobs = raycontrollers.NewRayJobReconciler(ctx, mgr, raycontrollers.RayJobReconcilerOptions{}, provider)
-	h.clusters = raycontrollers.NewReconciler(mgr, raycontrollers.RayClusterReconcilerOptions{})
+	h.clusters = raycontrollers.NewReconciler(ctx, mgr, raycontrollers.RayClusterReconcilerOptions{})
 	return h, nil
 }
 

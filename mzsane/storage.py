@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import posixpath
 import shutil
@@ -41,6 +40,7 @@ from typing import IO, Any
 
 import fsspec
 
+from mzsane import deadlines
 from mzsane.errors import StorageError, StoreUnavailableError
 
 ENDPOINT_VARS = ("MZSANE_S3_ENDPOINT", "AWS_ENDPOINT_URL")
@@ -89,17 +89,7 @@ def endpoint() -> str:
 
 def timeout_s() -> float:
     """The deadline of one S3 call in seconds (``MZSANE_S3_TIMEOUT_S``, default 40)."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise StorageError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds; set e.g. "
-                           f"{TIMEOUT_ENV}={DEFAULT_TIMEOUT_S:g} or unset it")
-    return value
+    return deadlines.seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, StorageError)
 
 
 def _attempt_timeouts() -> tuple[float, float]:

@@ -40,7 +40,6 @@ time (small preset, S3 shards, ``--no-ray``).
 from __future__ import annotations
 
 import math
-import os
 import queue
 import sys
 import threading
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mzsane import deadlines
 from mzsane.errors import DataError, StoreUnavailableError
 from mzsane.shards.reader import shuffle_buffered
 
@@ -64,15 +64,7 @@ REPORT_EVERY_S = 30.0
 
 def data_timeout_s() -> float:
     """How long the loop waits for one batch before failing (``MZSANE_DATA_TIMEOUT_S``, default 600 s)."""
-    text = os.environ.get(DATA_TIMEOUT_ENV, "").strip()
-    try:
-        value = float(text) if text else DEFAULT_DATA_TIMEOUT_S
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise DataError(f"{DATA_TIMEOUT_ENV}={text!r} is not a positive number of seconds; set e.g. "
-                        f"{DATA_TIMEOUT_ENV}={DEFAULT_DATA_TIMEOUT_S:g} or unset it")
-    return value
+    return deadlines.seconds(DATA_TIMEOUT_ENV, DEFAULT_DATA_TIMEOUT_S, DataError)
 
 
 @dataclass

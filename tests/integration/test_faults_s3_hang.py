@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -27,6 +26,7 @@ from mzsane import storage
 from mzsane.bench.seaweedfs import SeaweedFS
 from mzsane.errors import StorageError, StoreUnavailableError
 from mzsane.train import checkpoint as ckpt
+from tests.fixtures.cli import finish, train_process
 from tests.fixtures.s3 import running
 from tests.unit.test_train_loop import make_shards
 
@@ -212,23 +212,12 @@ def test_an_endpoint_that_never_answers_fails_within_a_minute_by_default(monkeyp
         silent.close()
 
 
-def _train(root: str, log_dir, name: str, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mzsane", "train", "--no-ray", "--preset", "tiny", "--set", f"storage.root={root}",
-           "--set", "metrics.enabled=false", *args]
-    out, err = open(log_dir / f"{name}.out", "w"), open(log_dir / f"{name}.err", "w")  # noqa: SIM115
-    try:
-        return subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ))
-    finally:
-        out.close()
-        err.close()
-
-
 @pytest.mark.slow
 def test_training_against_a_stopped_store_exits_in_one_line_and_resumes(server, tmp_path):
     root = server.url("train")
     make_shards(root, num_models=4)
     run = storage.join(root, "runs", "hang")
-    first = _train(root, tmp_path, "first", "--set", "run_name=hang", "--set", "train.num_steps=40",
+    first = train_process(root, tmp_path, "first", "--set", "run_name=hang", "--set", "train.num_steps=40",
                    "--set", "train.checkpoint_every_n_steps=5", "--set", "train.eval_every_n_steps=-1",
                    "--set", "train.num_checkpoints_to_keep=100")
     try:
@@ -254,13 +243,8 @@ def test_training_against_a_stopped_store_exits_in_one_line_and_resumes(server, 
     assert last.startswith("error: ") and server.endpoint in last and "did not answer" in last, last
     assert SECRET not in stderr
     _wait_readable(storage.join(run, ckpt.checkpoint_name(5), ckpt.CONFIG_FILE))
-    again = _train(root, tmp_path, "resume", "--resume", run)
-    try:
-        again.wait(timeout=900)
-    finally:
-        if again.poll() is None:
-            again.kill()
-            again.wait()
+    again = train_process(root, tmp_path, "resume", "--resume", run)
+    finish(again)
     assert again.returncode == 0, (tmp_path / "resume.err").read_text()[-3000:]
     final = ckpt.latest_checkpoint_url(run)
     assert ckpt.step_of(final) == 40

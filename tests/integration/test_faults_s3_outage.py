@@ -12,7 +12,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ from mzsane import storage
 from mzsane.bench.seaweedfs import SeaweedFS
 from mzsane.errors import StorageError
 from mzsane.train import checkpoint as ckpt
+from tests.fixtures.cli import finish, train_process
 from tests.fixtures.s3 import running
 from tests.unit.test_train_loop import make_shards
 
@@ -41,18 +41,6 @@ def server(tmp_path, monkeypatch):
     """A SeaweedFS for this test alone, with its own secret: killing it leaves the session's server alone."""
     with running(SeaweedFS(str(tmp_path / "weed"), bucket="outage", secret_key=SECRET), monkeypatch) as srv:
         yield srv
-
-
-def _train(root: str, log_dir, name: str, *args: str) -> subprocess.Popen:
-    """The CLI as a user runs it; stdout/stderr to files (a pipe nobody reads could block the child)."""
-    cmd = [sys.executable, "-m", "mzsane", "train", "--no-ray", "--preset", "tiny", "--set", f"storage.root={root}",
-           "--set", "metrics.enabled=false", *args]
-    out, err = open(log_dir / f"{name}.out", "w"), open(log_dir / f"{name}.err", "w")  # noqa: SIM115
-    try:
-        return subprocess.Popen(cmd, stdout=out, stderr=err, env=dict(os.environ))
-    finally:
-        out.close()
-        err.close()
 
 
 def _lines(text: str) -> list[str]:
@@ -91,7 +79,7 @@ def test_outage_mid_training_fails_in_one_line_and_resume_finishes(server, tmp_p
     root = server.url("outage")
     make_shards(root, num_models=4)
     run = storage.join(root, "runs", "outage")
-    first = _train(root, tmp_path, "first", "--set", "run_name=outage", "--set", f"train.num_steps={NUM_STEPS}",
+    first = train_process(root, tmp_path, "first", "--set", "run_name=outage", "--set", f"train.num_steps={NUM_STEPS}",
                    "--set", f"train.checkpoint_every_n_steps={EVERY}", "--set", "train.eval_every_n_steps=-1",
                    "--set", "train.num_checkpoints_to_keep=100")
     try:
@@ -137,13 +125,8 @@ def test_outage_mid_training_fails_in_one_line_and_resume_finishes(server, tmp_p
         _check_loads(url, str(tmp_path / f"before-{i}"))
     print(f"after restart: complete checkpoints up to step {resume_from}, partial {partial}")
     # ---------------------------------------------------------------------------------- --resume
-    again = _train(root, tmp_path, "resume", "--resume", run)
-    try:
-        again.wait(timeout=900)
-    finally:
-        if again.poll() is None:
-            again.kill()
-            again.wait()
+    again = train_process(root, tmp_path, "resume", "--resume", run)
+    finish(again)
     stderr = (tmp_path / "resume.err").read_text()
     assert again.returncode == 0, stderr[-3000:]
     worker = storage.read_json(storage.join(run, "workers", "rank_0.json"))

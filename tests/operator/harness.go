@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 
 	"fmt"
 	"io"
@@ -345,39 +346,19 @@ func (h *harness) write(out string) error {
 	return os.WriteFile(filepath.Join(out, "status.json"), status, 0o644)
 }
 
+// metaItems: the objects of any typed list, through apimachinery's own list accessor.
 func metaItems(list client.ObjectList) ([]client.Object, error) {
-	var objs []client.Object
-	switch l := list.(type) {
-	case *rayv1.RayJobList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
+	items, err := meta.ExtractList(list)
+	if err != nil {
+		return nil, err
+	}
+	objs := make([]client.Object, 0, len(items))
+	for _, item := range items {
+		obj, ok := item.(client.Object)
+		if !ok {
+			return nil, fmt.Errorf("unexpected item %T in %T", item, list)
 		}
-	case *rayv1.RayClusterList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
-		}
-	case *corev1.PodList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
-		}
-	case *corev1.ServiceList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
-		}
-	case *batchv1.JobList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
-		}
-	case *corev1.SecretList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
-		}
-	case *corev1.ConfigMapList:
-		for i := range l.Items {
-			objs = append(objs, &l.Items[i])
-		}
-	default:
-		return nil, fmt.Errorf("unexpected list %T", list)
+		objs = append(objs, obj)
 	}
 	return objs, nil
 }

@@ -402,8 +402,8 @@ def run_cli(args: argparse.Namespace) -> None:
     if "report" in summary:
         rows = summary["report"]["rows"]
         zero_shot = [r for r in rows if r["method"] == ZERO_SHOT_METHOD] or rows
-        print(format_table(zero_shot, ["target_zoo", "composition", "zoo_size", "axes", "point", "method",
-                                       "test_acc_mean", "test_acc_std", "n"]))
+        print(format_table(zero_shot, ["target_zoo", "composition", "zoo_size", "axes", "point", "anchor_pool",
+                                       "method", "test_acc_mean", "test_acc_std", "n"]))
         print(f"wrote {summary['report']['csv']} and {summary['report']['png']}")
     print(f"sweep {summary['sweep']} took {_fmt_s(summary['wall_s'])} (this invocation)")
     if summary.get("failed"):

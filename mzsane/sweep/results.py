@@ -387,8 +387,8 @@ def report(url: str, out: str = "", baseline: str = "") -> dict[str, Any]:
 def report_cli(args: argparse.Namespace) -> None:
     result = report(args.url, args.out, getattr(args, "baseline", ""))
     zero_shot = [r for r in result["rows"] if r["method"] == ZERO_SHOT_METHOD] or result["rows"]
-    print(format_table(zero_shot, ["target_zoo", "composition", "zoo_size", "axes", "seed", "point", "method",
-                                    "test_acc_mean", "test_acc_std", "n", "probe_r2_embedding"]))
+    print(format_table(zero_shot, ["target_zoo", "composition", "zoo_size", "axes", "seed", "point", "anchor_pool",
+                                    "method", "test_acc_mean", "test_acc_std", "n", "probe_r2_embedding"]))
     print("\nper setting (test accuracy, mean ± 95% half-width over seeds; generated = top-k by validation; "
           "finetuned_* = after evaluate.finetune_epochs of fine-tuning from that start):")
     print(summary_table(result["summary"]))

@@ -79,7 +79,8 @@ def scraped_run(tmp_path_factory):
         cfg = config_mod.load("tiny")
         cfg.storage.root, cfg.run_name = root, "dash-run"
         cfg.cluster.num_workers, cfg.cluster.address = 2, cluster.address
-        cfg.train.num_steps, cfg.train.lr = 120, 3e-3
+        # long enough for several scrapes of each rank at 1 s even on a loaded machine (a tiny step is milliseconds)
+        cfg.train.num_steps, cfg.train.lr = 400, 3e-3
         cfg.train.log_every_n_steps, cfg.train.eval_every_n_steps, cfg.train.checkpoint_every_n_steps = 2, 20, 20
         cfg.metrics.host, cfg.metrics.port = "node", port  # port + local rank on each node's own address
         start = time.time()

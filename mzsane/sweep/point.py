@@ -29,7 +29,6 @@ from mzsane.errors import ConfigError, MzsaneError
 
 SWEEP_LABEL, POINT_LABEL, RESULTS_ANNOTATION = "mzsane.io/sweep", "mzsane.io/point", "mzsane.io/results"
 OVERRIDES_FILE, POINT_FILE = "overrides.yaml", "point.json"
-MOUNT_PATH = "/etc/mzsane"  # where the chart mounts the point's ConfigMap in the head pod
 RUN_POINT = ("python", "-m", "mzsane.sweep", "run-point")
 SEEN_ANCHORS_FOLDER = "anchors-seen"  # sweep/results.py reads it as the seen-anchor evaluation of a target
 PROGRESS_FILE = "run-point.json"  # {results}/: the stages an earlier attempt of this point finished
@@ -59,16 +58,23 @@ def _text(record: dict[str, Any], *keys: str) -> str:
     return node
 
 
+def results_url(record: dict[str, Any]) -> str:
+    """``{storage.root}/sweeps/{sweep}/{point}``: where every stage of the point writes."""
+    root = _text(record, "overrides", "storage", "root").rstrip("/")
+    return storage.join(root, "sweeps", _text(record, "sweep"), _text(record, "point"))
+
+
 def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stage]:
     """The stages of the point described by ``record`` (the parsed ``point_file``): record the point, train,
-    sample and evaluate the target zoo, probe, then sample and evaluate every extra target zoo.
+    sample and evaluate the target zoo (held-out anchors, then seen ones for a zoo it trained on), probe, then the same
+    for every extra target zoo.
 
     Everything comes from the point file and the ``overrides.yaml`` beside it, the files the ConfigMap
     mounts; ``python`` is the interpreter the stages run with (default: this one)."""
     python = python or sys.executable
     root = _text(record, "overrides", "storage", "root").rstrip("/")
     run = storage.join(root, "runs", _text(record, "overrides", "run_name"))
-    out = storage.join(root, "sweeps", _text(record, "sweep"), _text(record, "point"))
+    out = results_url(record)
     target = _text(record, "target_zoo")
     cfg = ["--preset", _text(record, "preset"), "--config", os.path.join(os.path.dirname(point_file), OVERRIDES_FILE)]
     mz = [python, "-m", "mzsane"]
@@ -131,8 +137,7 @@ def run_point(point_file: str, python: str = "", log=print) -> int:
     point's. A retried job skips the stages an earlier attempt finished with the same point file."""
     record = read_point_file(point_file)
     stages = plan(point_file, record, python)
-    out = stages[0].argv[-1]
-    progress_url = storage.join(out, PROGRESS_FILE)
+    progress_url = storage.join(results_url(record), PROGRESS_FILE)
     with open(point_file, "rb") as fh:
         digest = hashlib.sha256(fh.read()).hexdigest()[:16]
     done: list[str] = []

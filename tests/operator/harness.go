@@ -29,7 +29,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/tools/events"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -51,10 +50,9 @@ type mgrShim struct {
 	s *runtime.Scheme
 }
 
-func (m mgrShim) GetClient() client.Client                          { return m.c }
-func (m mgrShim) GetAPIReader() client.Reader                       { return m.c }
-func (m mgrShim) GetScheme() *runtime.Scheme                        { return m.s }
-func (m mgrShim) GetEventRecorder(name string) events.EventRecorder { return &events.FakeRecorder{} }
+func (m mgrShim) GetClient() client.Client    { return m.c }
+func (m mgrShim) GetAPIReader() client.Reader { return m.c }
+func (m mgrShim) GetScheme() *runtime.Scheme  { return m.s }
 
 // GetEventRecorderFor is what ray-operator v1.6.2's reconcilers ask for; a nil Events channel drops events.
 func (m mgrShim) GetEventRecorderFor(name string) record.EventRecorder { return &record.FakeRecorder{} }

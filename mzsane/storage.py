@@ -526,14 +526,17 @@ def write_bytes(url: str, data: bytes) -> None:
         fh.write(data)
 
 
-def write_figure(url: str, fig: Any, dpi: int = 110) -> str:
-    """A matplotlib figure as PNG at ``url`` (atomic like every write here), then closed; returns ``url``."""
+def write_figure(url: str, fig: Any, dpi: float | str = 110, tight: bool = False) -> str:
+    """A matplotlib figure as PNG at ``url`` (atomic like every write here), then closed; returns ``url``.
+
+    ``dpi="figure"`` keeps the figure's own resolution; ``tight`` crops the canvas to what is drawn (matplotlib's
+    ``bbox_inches="tight"``), so rotated tick labels and legends are not cut off."""
     import io
 
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     write_bytes(url, buf.getvalue())
     return url

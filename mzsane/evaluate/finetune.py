@@ -17,7 +17,6 @@ turn several ``results.json`` (one per target zoo, i.e. per dataset) into one ta
 """
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from dataclasses import asdict
@@ -164,8 +163,4 @@ def write_comparison_plot(rows: list[dict], url: str) -> str:
         ax.set_xlabel("fine-tuning epoch")
         ax.set_ylabel("test accuracy")
         ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(url, buf.getvalue())
-    return url
+    return storage.write_figure(url, fig, tight=True)

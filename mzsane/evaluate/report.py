@@ -219,16 +219,6 @@ def rows_csv(results: dict) -> str:
     return buf.getvalue()
 
 
-def _save(fig: Any, url: str) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(url, buf.getvalue())
-    return url
-
-
 def write_plots(results: dict, out_url: str) -> dict[str, str]:
     """accuracy.png (bars with std), finetune.png (test acc per epoch), soup.png (acc vs models averaged)."""
     import matplotlib
@@ -246,7 +236,7 @@ def write_plots(results: dict, out_url: str) -> dict[str, str]:
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
     ax.set_title(f"zero-shot, {title}")
-    out["accuracy"] = _save(fig, storage.join(out_url, "accuracy.png"))
+    out["accuracy"] = storage.write_figure(storage.join(out_url, "accuracy.png"), fig, tight=True)
     curves = results["finetune"]["curves"]
     if curves:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -258,7 +248,7 @@ def write_plots(results: dict, out_url: str) -> dict[str, str]:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"fine-tuning, {title}")
         ax.legend()
-        out["finetune"] = _save(fig, storage.join(out_url, "finetune.png"))
+        out["finetune"] = storage.write_figure(storage.join(out_url, "finetune.png"), fig, tight=True)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for aligned in (False, True):
         pts = sorted((p["n"], p["test_acc"]) for p in results["soup_curve"] if p["aligned"] == aligned)
@@ -268,7 +258,7 @@ def write_plots(results: dict, out_url: str) -> dict[str, str]:
     ax.set_ylabel("test accuracy")
     ax.set_title(f"uniform soup, {title}")
     ax.legend()
-    out["soup"] = _save(fig, storage.join(out_url, "soup.png"))
+    out["soup"] = storage.write_figure(storage.join(out_url, "soup.png"), fig, tight=True)
     return out
 
 

@@ -271,7 +271,7 @@ def _cell(value: Any) -> str:
 
 
 def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mean",
-          ylabel: str = "zero-shot test accuracy (mean over seeds, 95% CI)") -> bytes:
+          ylabel: str = "zero-shot test accuracy (mean over seeds, 95% CI)") -> Any:
     """Figure-3 view: a setting's value vs zoo size, one line per composition (and non-seed axes), one panel
     per target zoo (in-distribution targets first)."""
     import matplotlib
@@ -310,11 +310,8 @@ def _plot(summary: list[dict[str, Any]], title: str, column: str = "test_acc_mea
         ax.grid(alpha=0.3)
         if lines:
             ax.legend(title="composition", fontsize=8)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def _plot_settings(ax: Any, lines: dict[str, list[dict[str, Any]]], column: str, ylabel: str, title: str,
@@ -371,7 +368,7 @@ def report(url: str, out: str = "", baseline: str = "") -> dict[str, Any]:
     summary_url = storage.join(out, "sweep_summary.csv")
     storage.write_text(csv_url, _csv(rows, REPORT_COLUMNS))
     storage.write_text(summary_url, _csv(summary, SUMMARY_COLUMNS))
-    storage.write_bytes(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy"))
+    storage.write_figure(png_url, _plot(summary, f"sweep {name}: zero-shot accuracy"), dpi="figure")
     paired_rows = [c.as_dict() for c in paired.compare_settings(rows, ZERO_SHOT_METHOD, baseline)]
     paired_url = storage.join(out, "sweep_paired.csv")
     storage.write_text(paired_url, _csv(paired_rows, paired.COLUMNS))
@@ -379,8 +376,9 @@ def report(url: str, out: str = "", baseline: str = "") -> dict[str, Any]:
               "png": png_url, "paired": paired_rows, "paired_csv": paired_url}
     if any(np.isfinite(r["probe_r2_embedding"]) for r in summary):
         result["probe_png"] = storage.join(out, "sweep_probe.png")
-        storage.write_bytes(result["probe_png"], _plot(summary, f"sweep {name}: probe of test accuracy",
-                                                       "probe_r2_embedding", "probe R^2 (embeddings), held-out models"))
+        probe = _plot(summary, f"sweep {name}: probe of test accuracy", "probe_r2_embedding",
+                      "probe R^2 (embeddings), held-out models")
+        storage.write_figure(result["probe_png"], probe, dpi="figure")
     return result
 
 

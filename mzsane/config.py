@@ -404,28 +404,35 @@ def load(preset: str = "default", files: list[str] | None = None, overrides: lis
         raise ConfigError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
     cfg = PRESETS[preset]()
     for path in files or []:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file to --config") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file '{path}' is not UTF-8 text; pass a YAML file to --config") from None
-        except OSError as err:
-            raise ConfigError(f"config file '{path}' cannot be read ({err.strerror or err}); "
-                              "check its permissions") from None
-        except yaml.YAMLError as err:
-            line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
-            raise ConfigError(f"config file '{path}' is not valid YAML (line {line}); fix the syntax") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, e.g. 'train: {{num_steps: 10}}'")
-        _apply_dict(cfg, values)
+        _apply_dict(cfg, read_yaml_file(path, "config file", "--config",
+                                        "a mapping of sections, e.g. 'train: {num_steps: 10}'"))
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     _validate(cfg)
     return cfg
+
+
+def read_yaml_file(path: str, what: str, flag: str, example: str) -> dict[str, Any]:
+    """The mapping in the local YAML file ``path``. Config files and the sweep's values files are read here so that
+    every way a file can be wrong is the same one line, naming the file as ``what`` (``config file``), the option
+    ``flag`` that passed it (``--config``) and, for a file that holds no mapping, an ``example`` of one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} '{path}' does not exist; pass an existing YAML file to {flag}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} '{path}' is a directory; pass a YAML file to {flag}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text; pass a YAML file to {flag}") from None
+    except OSError as err:
+        raise ConfigError(f"{what} '{path}' cannot be read ({err.strerror or err}); check its permissions") from None
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", -1) + 1
+        raise ConfigError(f"{what} '{path}' is not valid YAML (line {line}); fix the syntax") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} '{path}' must hold {example}")
+    return values
 
 
 def _allowed(meta: dict[str, Any]) -> str:

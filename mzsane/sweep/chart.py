@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mzsane.config import read_yaml_file
 from mzsane.errors import ConfigError
 
 CHART_DIR = os.environ.get("MZSANE_CHART", str(Path(__file__).resolve().parents[2] / "helm" / "mzsane"))
@@ -33,15 +34,7 @@ def load_values(values_files: list[str], sets: list[str] | None = None) -> dict[
     """Values as ``helm install -f A -f B --set X`` merges them: files in order, then each ``--set`` on top."""
     values: dict[str, Any] = {}
     for path in values_files:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"values file '{path}' does not exist; pass e.g. -f jobs/zoo-size.yaml") from None
-        except yaml.YAMLError:
-            raise ConfigError(f"values file '{path}' is not valid YAML; fix its syntax") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"values file '{path}' must hold a mapping such as 'sweep: {{name: ...}}'")
+        data = read_yaml_file(path, "values file", "-f", "a mapping such as 'sweep: {name: ...}'")
         values = _deep_merge(values, data)
     for expression in sets or []:
         values = _deep_merge(values, parse_set(expression))

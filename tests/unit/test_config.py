@@ -8,6 +8,7 @@ import pytest
 
 from mzsane import config, presets
 from mzsane.errors import ConfigError
+from mzsane.sweep import chart
 
 
 def test_presets_build_and_validate():
@@ -156,6 +157,27 @@ def test_config_directory_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="is a directory") as info:
         config.load("tiny", [str(tmp_path)])
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("read", "what", "flag"),
+                         [(lambda path: config.load("tiny", [path]), "config file", "--config"),
+                          (lambda path: chart.load_values([path]), "values file", "-f")],
+                         ids=["config", "sweep-values"])
+def test_yaml_files_fail_in_one_line_naming_the_file_and_its_option(tmp_path, read, what, flag):
+    """Config files and the sweep's values files are read by one reader: the same line for each way a file is wrong."""
+    (tmp_path / "latin1.yaml").write_bytes(b"train: caf\xe9\n")
+    (tmp_path / "broken.yaml").write_text("a: 1\nb: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    for name, problem in (("missing.yaml", f"does not exist; pass an existing YAML file to {flag}"),
+                          ("", f"is a directory; pass a YAML file to {flag}"),
+                          ("latin1.yaml", f"is not UTF-8 text; pass a YAML file to {flag}"),
+                          ("broken.yaml", "is not valid YAML (line 3); fix the syntax"),
+                          ("list.yaml", "must hold a mapping")):
+        path = str(tmp_path / name) if name else str(tmp_path)
+        with pytest.raises(ConfigError) as info:
+            read(path)
+        assert str(info.value).startswith(f"{what} '{path}' {problem}"), str(info.value)
+        assert "\n" not in str(info.value)
 
 
 def test_schema_is_draft7_and_matches_the_cli_rules():

@@ -25,6 +25,24 @@ HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 PROCESS_TOKEN = secrets.token_hex(32)
 
 
+# how many nodes of the cluster at argv[1] are alive, once argv[2] are or at time argv[3]; joined through mzsane's
+# one Ray connection, whose imports (torch) cost seconds: paid only once the head's GCS port answers, and once
+# per wait rather than once per poll
+_NODES_PROBE = """
+import socket, sys, time
+address, count, until = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+host, port = address.rsplit(":", 1)
+socket.create_connection((host, int(port)), timeout=2).close()
+import ray
+from mzsane.train.launch import connect_ray
+connect_ray(address, "", 0)
+alive = lambda: sum(1 for n in ray.nodes() if n["Alive"])
+while alive() < count and time.time() < until:
+    time.sleep(0.5)
+print(alive())
+"""
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -75,13 +93,12 @@ class LoopbackCluster:
         return self
 
     def _wait_nodes(self, count: int, env: dict, timeout: float = 120.0) -> None:
-        probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                 "print(sum(1 for n in ray.nodes() if n['Alive']))")
         deadline, last = time.time() + timeout, ""
         while time.time() < deadline:
             try:
-                out = subprocess.run([sys.executable, "-c", probe, self.address], env=env, capture_output=True,
-                                     text=True, timeout=30)
+                out = subprocess.run([sys.executable, "-c", _NODES_PROBE, self.address, str(count),
+                                      str(min(deadline, time.time() + 25))], env=env, capture_output=True, text=True,
+                                     timeout=30)
             except subprocess.TimeoutExpired:
                 continue
             if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:

@@ -128,13 +128,15 @@ def checkpoint_seconds(s3_root: str) -> dict[str, float]:
     return {"save_s": round(save_s, 3), "restore_s": round(restore_s, 3), "model_params": size}
 
 
-def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
-    """Rows/s and MiB/s reading every shard row: pyarrow row groups (ShardReader) vs Ray Data read_parquet."""
+def read_paths(shards_url: str, repeats: int, node_ip: str) -> dict[str, Any]:
+    """Rows/s and MiB/s reading every shard row: pyarrow row groups (ShardReader) vs Ray Data read_parquet (on a
+    local 2-CPU Ray at the loopback ``node_ip``)."""
     import ray
 
     from mzsane.shards.manifest import read_manifest
     from mzsane.shards.reader import ShardReader
     from mzsane.shards.select import select
+    from mzsane.train.launch import ray_connection
 
     manifest = read_manifest(shards_url)
     files = [storage.join(shards_url, f["path"]) for f in manifest.files]
@@ -150,9 +152,7 @@ def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
     out["pyarrow_row_groups"] = {"rows_per_s": round(rows / dt, 1),
                                  "mib_per_s": round(repeats * nbytes / 2**20 / dt, 1)}
     fs, _ = storage.pyarrow_fs(shards_url)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2",
-             configure_logging=False, log_to_driver=False)
-    try:
+    with ray_connection("", node_ip, num_cpus=2):
         paths = [storage.pyarrow_fs(f)[1] for f in files]
         timings = []
         for _ in range(repeats + 1):  # the first pass is cold (Ray Data start-up); report both
@@ -165,8 +165,6 @@ def read_paths(shards_url: str, repeats: int) -> dict[str, Any]:
         out["ray_data_read_parquet"] = {"cold_rows_per_s": round(cold[1] / cold[0], 1),
                                         "rows_per_s": round(sum(c for _, c in warm) / warm_s, 1),
                                         "mib_per_s": round(len(warm) * nbytes / 2**20 / warm_s, 1)}
-    finally:
-        ray.shutdown()
     out["pyarrow_speedup"] = round(out["pyarrow_row_groups"]["rows_per_s"]
                                    / out["ray_data_read_parquet"]["rows_per_s"], 2)
     return out
@@ -274,7 +272,7 @@ def run(args: Any) -> dict[str, Any]:
         result["s3_no_ray"] = s3_data_wait(s3_root, steps)
         result["s3_ray_2_workers"] = s3_data_wait(s3_root, steps, workers=2)
         result["checkpoint_s3"] = checkpoint_seconds(s3_root)
-        result["read_paths_s3"] = read_paths(s3_shards, 1 if quick else 3)
+        result["read_paths_s3"] = read_paths(s3_shards, 1 if quick else 3, cfg.cluster.node_ip)
     finally:
         server.stop()
         os.environ.clear()

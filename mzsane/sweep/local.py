@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,31 +163,6 @@ def _save_state(point: LocalPoint, **extra: Any) -> None:
         "point": point.name, "digest": point.rendered.digest, "stages": point.stage_names,
         "done_stages": point.done_stages, "status": point.status, "wall_s": round(point.wall_s, 1),
         "results": point.results_url, **extra})
-
-
-# ------------------------------------------------------------------------------------------ Ray
-
-
-@contextlib.contextmanager
-def _ray(address: str, cpus: int, node_ip: str) -> Iterator[tuple[str, float]]:
-    """(address points connect to, CPUs of the cluster): a local instance on loopback, or ``address``."""
-    import ray
-
-    try:
-        if address:
-            ray.init(address=address, configure_logging=False, log_to_driver=False)
-            target = address
-        else:
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address=node_ip,
-                     configure_logging=False, log_to_driver=False)
-            target = ray.get_runtime_context().gcs_address
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"cannot {'join the Ray cluster at ' + repr(address) if address else 'start local Ray'} "
-                           f"({str(err).splitlines()[0][:120]}); check --address and RAY_AUTH_MODE") from None
-    try:
-        yield target, float(ray.cluster_resources().get("CPU", 0))
-    finally:
-        ray.shutdown()  # stops the local instance; only disconnects from a joined cluster
 
 
 def _with_parent_death(argv: list[str]) -> list[str]:
@@ -376,8 +351,10 @@ def _run(values: list[str], sets: list[str] | None, address: str, storage_root: 
         prerequisites.check_anchor_pools({p.name: p.cfg for p in todo}, extra)
         prerequisites.ensure({p.name: p.cfg for p in todo}, log=lambda s: log(f"prerequisites: {s}"),
                              extra_targets=extra)
+        from mzsane.train.launch import ray_connection  # torch comes with it: only when points run
+
         bin_dir = os.path.dirname(sys.executable)
-        with _ray(address, cpus, todo[0].cfg.cluster.node_ip) as (ray_address, capacity):
+        with ray_connection(address, todo[0].cfg.cluster.node_ip, cpus) as (ray_address, capacity):
             if widest.cpus > capacity:
                 raise ClusterError(f"point '{widest.name}' needs {widest.cpus} CPUs but the Ray cluster has "
                                    f"{capacity:g}; lower worker.replicas or add nodes")

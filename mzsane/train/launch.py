@@ -1,4 +1,4 @@
-"""``mzsane train``: the only module that touches Ray Train's driver side.
+"""``mzsane train``: the only module that touches Ray Train's driver side, and the one that connects to Ray.
 
 Same code on a laptop and on a cluster: by default a local Ray instance pinned to a loopback node IP
 (``cluster.node_ip``, 127.0.0.2: Ray rewrites 127.0.0.1 to the eth0 address, and ``address="local"`` never
@@ -15,11 +15,13 @@ starting workers is checked in the driver, so bad input fails in seconds with on
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from mzsane import config as config_mod
@@ -181,27 +183,57 @@ def _watch_driver(driver: dict[str, Any], poll_s: float = 0.25) -> None:
     threading.Thread(target=watch, name="mzsane-driver-watch", daemon=True).start()
 
 
+def connect_ray(address: str, node_ip: str, num_cpus: int, *, job_env: dict[str, str] | None = None,
+                setting: str = "--address") -> tuple[str, float]:
+    """Join the Ray cluster at ``address``, or start a local instance of ``num_cpus`` CPUs on the loopback
+    ``node_ip``: the one place mzsane connects to Ray, so training, ``sweep run`` and the benchmarks start the
+    same local Ray. Returns (the address other processes join, the cluster's CPUs); ``ray.shutdown()`` ends it.
+
+    ``job_env`` (a training job on a joined cluster) travels in the job's runtime env and the workers' output is
+    streamed here; without it nothing of Ray is logged here. A local instance gets no runtime env: it inherits
+    this process's environment (endpoint, keys) without Ray logging any of it. ``setting`` names what sets the
+    address in the one-line error."""
+    import ray
+
+    quiet = {"configure_logging": False, "log_to_driver": False}
+    if not address:
+        kwargs = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "_node_ip_address": node_ip,
+                  **quiet}
+    elif job_env is not None:
+        kwargs = {"address": address, "runtime_env": {"env_vars": job_env}, "log_to_driver": True}
+    else:
+        kwargs = {"address": address, **quiet}
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"join the Ray cluster at '{address}'" if address else "start local Ray"
+        raise ClusterError(f"cannot {where} ({str(err).splitlines()[0][:120]}); check {setting} and RAY_AUTH_MODE") \
+            from None
+    return address or ray.get_runtime_context().gcs_address, float(ray.cluster_resources().get("CPU", 0))
+
+
+@contextlib.contextmanager
+def ray_connection(address: str, node_ip: str, num_cpus: int) -> Iterator[tuple[str, float]]:
+    """``connect_ray`` for the length of a ``with`` block: a local instance is stopped after it, a joined cluster
+    only disconnected from."""
+    import ray
+
+    try:
+        yield connect_ray(address, node_ip, num_cpus)
+    finally:
+        ray.shutdown()
+
+
 def _init_ray(cfg: Config, address: str) -> None:
-    """Connect to ``address`` or start a local Ray instance on the loopback node IP."""
+    """Connect to ``address`` or start a local Ray instance on the loopback node IP, big enough for the run."""
     import ray
 
     env = dict(HEALTH_CHECK_ENV)
     env.update({k: os.environ[k] for k in _FORWARD_ENV if os.environ.get(k)})
     os.environ.update(HEALTH_CHECK_ENV)  # Ray Train forwards these from the driver to controller and workers
     needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-    if address:
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ClusterError(f"cannot join the Ray cluster at '{address}' ({str(err).splitlines()[0][:120]}); "
-                               f"check cluster.address / --address and RAY_AUTH_MODE") from None
-    else:
-        cpus = os.cpu_count() or 1
-        # no runtime env: the local instance inherits this process's environment (endpoint, keys, the health
-        # check interval set above) without Ray logging any of it
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address=cfg.cluster.node_ip,
-                 configure_logging=False, log_to_driver=False)
-    available = float(ray.cluster_resources().get("CPU", 0))
+    _, available = connect_ray(address, cfg.cluster.node_ip, os.cpu_count() or 1, job_env=env,
+                               setting="cluster.address / --address")
     if needed > available:
         ray.shutdown()
         raise ClusterError(f"{cfg.cluster.num_workers} workers x {cfg.cluster.cpus_per_worker} CPUs need {needed} CPUs "

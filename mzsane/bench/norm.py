@@ -44,11 +44,12 @@ def run(args: Any) -> dict:
 
     from mzsane import storage
     from mzsane.evaluate import reconstruction as rec
+    from mzsane.model.backbone import condition_bn, load_backbone
     from mzsane.sample.anchors import seen_models, usable_records
-    from mzsane.sample.generate import build_kwargs, condition_bn, conditioning_images
+    from mzsane.sample.generate import build_kwargs, conditioning_images
     from mzsane.shards.manifest import MANIFEST
     from mzsane.shards.writer import build_shards
-    from mzsane.train.checkpoint import latest_checkpoint_url, load_backbone, step_of
+    from mzsane.train.checkpoint import latest_checkpoint_url, step_of
     from mzsane.train.launch import train
     from mzsane.zoo.datasets import load_dataset
     from mzsane.zoo.evaluation import evaluate_models

@@ -20,9 +20,9 @@ import time
 import torch
 
 from mzsane.config import ModelConfig, SampleConfig
+from mzsane.model import halo
 from mzsane.model.sane import SANE
 from mzsane.presets import small
-from mzsane.sample import halo
 from mzsane.sample.anchors import Anchors
 from mzsane.sample.generate import generate, peak_rss_bytes
 from mzsane.tokens.tokenize import tokens_of

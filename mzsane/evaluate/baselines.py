@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mzsane.sample.generate import build_kwargs, condition_bn
+from mzsane.model.backbone import condition_bn
+from mzsane.sample.generate import build_kwargs
 
 
 def soup(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

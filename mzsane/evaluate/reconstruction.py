@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mzsane import storage
-from mzsane.sample import halo
+from mzsane.model import halo
 
 
 def reconstruct(backbone: torch.nn.Module, state_dicts: list[dict[str, torch.Tensor]], tokens_cfg: Any,

@@ -106,7 +106,7 @@ def _batches(reader: Any, size: int) -> Iterator[list[Any]]:
 def zoo_features(backbone: torch.nn.Module, backbone_cfg: Any, manifest: Manifest, zoo: str,
                  batch_size: int = 16, device: str = "cpu") -> ZooFeatures:
     """Embed and summarize every checkpoint (all splits, all epochs) of ``zoo`` in the shards."""
-    from mzsane.sample import halo
+    from mzsane.model import halo
     from mzsane.shards.reader import ShardReader
     from mzsane.shards.select import select
 

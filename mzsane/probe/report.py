@@ -79,8 +79,8 @@ def probe(backbone_url: str, zoos: list[str], shards_url: str = "", out_url: str
     """Featurize the zoos' checkpoints, fit and score the probes, write ``probe.json``/``probe.csv``."""
     import torch
 
+    from mzsane.model.backbone import load_backbone
     from mzsane.shards.manifest import read_manifest
-    from mzsane.train.checkpoint import load_backbone
 
     if not zoos:
         raise DataError("mzsane probe needs at least one --zoo; pass zoo names from the shard manifest")

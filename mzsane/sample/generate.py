@@ -37,7 +37,8 @@ import torch
 
 from mzsane import storage
 from mzsane.errors import DataError
-from mzsane.sample import halo
+from mzsane.model import halo
+from mzsane.model.backbone import condition_bn, load_backbone
 from mzsane.sample.anchors import Anchors, load_anchors
 from mzsane.sample.latent import sample_latents
 
@@ -79,10 +80,6 @@ class SplitAccess:
 # ------------------------------------------------------------------------------------- population
 
 
-def has_batchnorm(state_dict: dict[str, torch.Tensor]) -> bool:
-    return any(k.endswith("running_mean") for k in state_dict)
-
-
 def build_kwargs(architecture: str, arch_kwargs: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
     """Population spec of a zoo model: ``{"architecture": name, **build_model kwargs}``."""
     out = {k: v for k, v in arch_kwargs.items() if k not in ("arch", "architecture") and v is not None}
@@ -104,16 +101,6 @@ def fresh_state_dict(kwargs: dict[str, Any], seed: int) -> dict[str, torch.Tenso
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(kwargs["architecture"], **kw).state_dict()
-
-
-def condition_bn(kwargs: dict[str, Any], state_dicts: list[dict], images_NCHW: torch.Tensor, iterations: int,
-                 batch_size: int, seed: int) -> list[dict]:
-    """Re-estimate BN running statistics of all candidates at once (no-op without BatchNorm)."""
-    if not state_dicts or not has_batchnorm(state_dicts[0]) or iterations <= 0:
-        return state_dicts
-    from mzsane.zoo.evaluation import reestimate_bn
-
-    return reestimate_bn(kwargs, state_dicts, images_NCHW, iterations, batch_size, torch.Generator().manual_seed(seed))
 
 
 def score_candidates(kwargs: dict[str, Any], state_dicts: list[dict], val_split: Any,
@@ -281,7 +268,6 @@ def sample(backbone_url: str, zoo_url: str, out_url: str, sample_cfg: Any = None
     ``sample_cfg`` defaults to the backbone's own ``sample`` section; token settings and the model split
     always come from the backbone's config (the tokens must match what it was trained on).
     """
-    from mzsane.train.checkpoint import load_backbone
     from mzsane.zoo.datasets import load_dataset
 
     model, cfg = backbone if backbone is not None else load_backbone(backbone_url)

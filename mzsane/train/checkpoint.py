@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -182,21 +181,3 @@ def fetch(url: str, scratch: str) -> str:
             fh.write(storage.read_bytes(storage.join(url, name)))
     return scratch
 
-
-def load_backbone(run_or_checkpoint_url: str) -> tuple[nn.Module, Config]:
-    """The SANE model of a run's latest checkpoint (or of the given checkpoint), in eval mode, and its config."""
-    from mzsane.model.sane import SANE
-
-    url = latest_checkpoint_url(run_or_checkpoint_url)
-    if url is None:
-        raise CheckpointError(f"no complete checkpoint under '{run_or_checkpoint_url}'; "
-                              f"pass a run folder written by 'mzsane train' or one of its checkpoint_* folders")
-    with tempfile.TemporaryDirectory(prefix="mzsane-backbone-") as scratch:
-        weights, _, cfg = load(fetch(url, scratch))
-    model = SANE(cfg.model, cfg.tokens.tokensize, list(cfg.model.max_positions))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint '{url}' does not fit the SANE model of its config "
-                              f"(missing {len(missing)}, unexpected {len(unexpected)} keys); it is not a SANE backbone")
-    model.eval()
-    return model, cfg

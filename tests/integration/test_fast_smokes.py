@@ -109,8 +109,8 @@ def test_sample_and_evaluate_on_the_trained_backbone(default_train):
     assert default_train["done"].returncode == 0, "training failed (see the test above)"
     from mzsane.config import EvaluateConfig
     from mzsane.evaluate.report import evaluate
+    from mzsane.model.backbone import load_backbone
     from mzsane.sample.generate import sample
-    from mzsane.train.checkpoint import load_backbone
 
     _, cfg = load_backbone(default_train["run"])
     dataset = _synthetic_dataset()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mzsane.errors import ConfigError
-from mzsane.sample import halo
+from mzsane.model import halo
 
 
 def _positions(n: int) -> torch.Tensor:

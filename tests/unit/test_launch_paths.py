@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from mzsane import config as config_mod
-from mzsane import storage
+from mzsane import presets, storage
 from mzsane.train import launch
 from tests.unit.test_train_loop import make_shards
 
@@ -21,7 +21,7 @@ def test_storage_absolute_keeps_urls_and_anchors_local_paths(tmp_path, monkeypat
 def test_prepare_resolves_a_relative_root_before_workers_start(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_shards("data")
-    cfg = config_mod.load("tiny")
+    cfg = config_mod.load(presets.tiny())
     cfg.storage.root, cfg.run_name = "data", "rel"
     resolved, run_url = launch.prepare(cfg)
     assert resolved.storage.root == str(tmp_path / "data")
@@ -29,7 +29,7 @@ def test_prepare_resolves_a_relative_root_before_workers_start(tmp_path, monkeyp
     saved = config_mod.loads(storage.read_text(storage.join(run_url, "config.json")))
     assert saved.storage.root == str(tmp_path / "data")  # what the workers read
     monkeypatch.chdir("/")
-    again, url = launch.prepare(config_mod.load("tiny"), resume=run_url)
+    again, url = launch.prepare(config_mod.load(presets.tiny()), resume=run_url)
     assert url == run_url and again.storage.root == str(tmp_path / "data")
 
 
@@ -57,7 +57,7 @@ def test_a_worker_runs_as_many_threads_as_the_cpus_ray_reserved_for_it():
     import torch
 
     before = torch.get_num_threads()
-    cfg = config_mod.load("tiny")
+    cfg = config_mod.load(presets.tiny())
     try:
         torch.set_num_threads(1)  # what a Ray worker starts with
         cfg.cluster.cpus_per_worker = 2

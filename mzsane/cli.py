@@ -3,6 +3,11 @@
 Every stage is a plain function elsewhere (the demo and RayJobs call the same functions); this module
 only declares arguments, loads the config and turns ``MzsaneError`` into one line on stderr with exit 2.
 Heavy imports (torch, ray) happen inside the command functions so ``mzsane --help`` stays fast.
+
+A command that reads a config offers ``--preset``, ``--config`` and ``--set`` (``_config_args``) and gets the
+loaded one as ``args.cfg``; a command that reads none (it works from its arguments or from a run's saved config)
+does not offer them, so argparse refuses them instead of ignoring them. Sweep commands that render the chart
+take ``--set`` as chart values, as ``helm --set`` does (``_chart_sets``).
 """
 from __future__ import annotations
 
@@ -16,15 +21,17 @@ from mzsane import presets
 from mzsane.errors import MzsaneError
 
 
-def _common(parser: argparse.ArgumentParser, helm_values: bool = False) -> None:
-    parser.add_argument("--preset", default="default", help=f"named config preset: {', '.join(presets.PRESETS)}")
+def _config_args(parser: argparse.ArgumentParser, preset: str = "default") -> None:
+    parser.add_argument("--preset", default=preset, help=f"named config preset: {', '.join(presets.PRESETS)} "
+                                                         f"(default: {preset})")
     parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config file (repeatable)")
-    if helm_values:  # sweep commands: --set sets chart values, as `helm install --set` does
-        parser.add_argument("--set", action="append", default=[], dest="sets", metavar="PATH=VALUE",
-                            help="a chart value, parsed as helm --set does: --set sweep.grid.zooSizes={4,8}")
-        return
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.num_steps=100 (repeatable)")
+
+
+def _chart_sets(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], dest="sets", metavar="PATH=VALUE",
+                        help="a chart value, parsed as helm --set does: --set sweep.grid.zooSizes={4,8}")
 
 
 def _print_json(obj: object) -> None:
@@ -35,6 +42,7 @@ def _print_json(obj: object) -> None:
 
 
 def _add_zoo_build(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
     p.add_argument("--out", default="", help="zoo root URL (default: {storage.root}/zoos)")
 
 
@@ -58,6 +66,7 @@ def _cmd_zoo_info(args: argparse.Namespace) -> None:
 
 
 def _add_shards_build(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
     p.add_argument("zoos", nargs="+", help="zoo folders (mzsane or modelzoos.cc layout; local or s3://)")
     p.add_argument("--out", required=True, help="shard dataset URL (local path or s3://bucket/prefix)")
 
@@ -88,6 +97,7 @@ def _cmd_shards_verify(args: argparse.Namespace) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster address (KubeRay head); default: local Ray")
     p.add_argument("--resume", default="", metavar="RUN_URL", help="resume the run at this URL")
     p.add_argument("--no-ray", action="store_true", help="run the loop in this process without Ray")
@@ -103,6 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
     p.add_argument("--backbone", required=True, help="SANE run or checkpoint URL")
     p.add_argument("--zoo", required=True, help="target zoo URL (anchors are drawn from it)")
     p.add_argument("--out", required=True, help="output URL for generated checkpoints and results")
@@ -115,6 +126,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
     p.add_argument("--samples", required=True, help="output URL of `mzsane sample`")
     p.add_argument("--zoo", required=True, help="target zoo URL")
 
@@ -140,7 +152,9 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller version that runs in a few minutes")
+    _config_args(p, preset="demo")
+    p.add_argument("--quick", dest="preset", action="store_const", const="demo_quick",
+                   help="a smaller version that runs in a few minutes: --preset demo_quick (results under demo-quick)")
     p.add_argument("--out", default="", help="demo root URL (default: {storage.root})")
 
 
@@ -154,6 +168,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _add_sweep_render(p: argparse.ArgumentParser) -> None:
+    _chart_sets(p)
     p.add_argument("-f", "--values", action="append", default=[], help="values file, e.g. jobs/zoo-size.yaml")
     p.add_argument("--release", default="mzsane", help="Helm release name")
     p.add_argument("--namespace", default="mzsane")
@@ -220,6 +235,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
 
 
+def _add_bench_config(p: argparse.ArgumentParser) -> None:
+    """A benchmark of the configured stage (``bench tokens``: its tokensize; ``bench norm``: its zoo and backbone)."""
+    _config_args(p)
+    _add_bench(p)
+
+
 def _add_bench_scale(p: argparse.ArgumentParser) -> None:
     _add_bench(p)
     p.add_argument("--sizes", default="", help="zoo sizes, comma-separated (default 10,100,1000; --quick 10,100)")
@@ -235,9 +256,9 @@ def _add_bench_scale(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bench_train(p: argparse.ArgumentParser) -> None:
-    _add_bench(p)
+    _add_bench_config(p)
     p.add_argument("--steps", type=int, default=0, help="training steps per case (default 200; --quick 40; with a "
-                                                        "--preset other than default 40, --quick 8)")
+                                                        "--preset other than default, --config or --set 40, --quick 8)")
     p.add_argument("--repeats", type=int, default=0, help="interleaved runs of every case (default 2; --quick 1)")
     p.add_argument("--arch", default="", help="--preset runs: zoo architecture (resnet_mini, default; cnn_s)")
     p.add_argument("--steps-only", action="store_true", help="only the whole-step figures, not the I/O ones")
@@ -289,12 +310,16 @@ COMMANDS: dict[str, dict[str, tuple[Callable, Callable, str]]] = {
         "report": (_add_sweep_report, _cmd_sweep_report, "collect sweep results into a table, CSV and plot"),
         "run": (_add_sweep_run, _cmd_sweep_run, "run the sweep's rendered points on local Ray (or --address)"),
     },
-    "bench": {name: (_add_bench, _bench(name), f"throughput figures of the {name} stage as JSON")
-              for name in ("tokens", "shards", "zoo", "model", "sample")}
+    "bench": {"tokens": (_add_bench_config, _bench("tokens"), "throughput figures of the tokens stage as JSON "
+                         "(at the config's tokens.tokensize)")}
+    | {name: (_add_bench, _bench(name), f"throughput figures of the {name} stage as JSON (fixed set-ups)")
+       for name in ("shards", "zoo", "model", "sample")}
     | {"train": (_add_bench_train, _bench("train"), "whole training steps (real and padded tokens/s, MFU), data "
-                 "wait, checkpoints and reads as JSON; --preset paper: the paper-scale backbone's tokens/s and MFU")}
+                 "wait, checkpoints and reads as JSON; --preset paper: the paper-scale backbone's tokens/s and MFU "
+                 "(any --preset, --config or --set: that config's steps only)")}
     | {"scale": (_add_bench_scale, _bench("scale"), "shards build and training vs zoo size (10 to 1,000 models)")}
-    | {"norm": (_add_bench, _bench("norm"), "loss-normalization ablation on a ResNet zoo: Figure-2 histograms")},
+    | {"norm": (_add_bench_config, _bench("norm"), "loss-normalization ablation on a ResNet zoo: Figure-2 "
+               "histograms")},
 }
 SINGLE: dict[str, tuple[Callable, Callable, str]] = {
     "train": (_add_train, _cmd_train, "pretrain a SANE backbone with Ray Train DDP over token shards"),
@@ -310,7 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add, cmd, help_text) in SINGLE.items():
         p = groups.add_parser(name, help=help_text, description=help_text)
-        _common(p)
         add(p)
         p.set_defaults(func=cmd)
     for group, subs in COMMANDS.items():
@@ -318,7 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
         for name, (add, cmd, help_text) in subs.items():
             p = sub.add_parser(name, help=help_text, description=help_text)
-            _common(p, helm_values=group == "sweep")
             add(p)
             p.set_defaults(func=cmd)
     return parser
@@ -327,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.cfg = config_mod.load(args.preset, args.config, getattr(args, "overrides", []))
+        if hasattr(args, "overrides"):  # the command reads a config (_config_args)
+            args.cfg = config_mod.load(presets.named(args.preset), args.config, args.overrides)
         args.func(args)
     except MzsaneError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Run configuration: one stdlib dataclass per section, named presets, YAML files and ``--set`` overrides.
+"""Run configuration: one stdlib dataclass per section, YAML files and ``--set`` overrides over a preset.
 
 Why dataclasses and not dicts: the reference code's flat string-keyed dicts had defaults that disagreed
 between files and typos that silently did nothing. Here every key is declared once, with its type, and
@@ -9,6 +9,7 @@ no ``None`` default for anything a Helm value may set (Helm drops nulls): empty 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -396,13 +397,10 @@ def from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
     return cfg
 
 
-def load(preset: str = "default", files: list[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Preset, then YAML files in order, then ``--set`` overrides; validated at the end."""
-    from mzsane.presets import PRESETS  # presets build on this module's sections
-
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}'; valid presets: {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]()
+def load(base: Config | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """``base`` (a preset, ``mzsane.presets``; default: the dataclass defaults), then YAML files in order, then
+    ``--set`` overrides; validated at the end. ``base`` itself is left as it was."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     for path in files or []:
         _apply_dict(cfg, read_yaml_file(path, "config file", "--config",
                                         "a mapping of sections, e.g. 'train: {num_steps: 10}'"))

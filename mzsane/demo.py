@@ -8,7 +8,8 @@ saw) -> evaluate each against random init, the anchors and anchor soups -> print
 Re-running reuses finished stages: every stage writes a marker ``{root}/demo[-quick]/stages/<stage>.json``
 LAST, holding the config it ran with; a stage whose marker exists with the same config is skipped, so an
 interrupted demo resumes where it stopped and a changed setting re-runs only what depends on it.
-``--quick`` shrinks every stage to run in a few minutes (results under ``demo-quick``).
+Its settings are the ``demo`` preset (``mzsane.presets``); ``--quick`` is the ``demo_quick`` preset, which shrinks
+every stage to run in a few minutes (results under ``demo-quick``).
 """
 from __future__ import annotations
 
@@ -41,38 +42,6 @@ LABELS = {"generated": "top-k gen", "generated_unselected": "unselected", "recon
 FINETUNE_TARGETS = ["fashion_mnist-cnn_s", "digits-cnn_s"]
 
 
-# The demo's own settings, applied as overrides after the preset and config files; the user's --set wins.
-# Measured on the demo zoos: lr 1e-3 reaches reconstruction R^2 ~0.9 in 600 steps where the preset's lr
-# stays near 0.1; 2,000 val images rank candidates as well as 10,000 at a fifth of the cost. The zoo stage
-# runs alone, so it takes both cores of the demo machine (1.5x faster: 36 vs 56 s for mnist-cnn_s); a fixed
-# thread count, not "all cores", keeps the zoos bitwise the same on any machine. The backbones train with 2
-# Ray Train (DDP) workers, one per core, at 8 windows each: the same global batch of 16 as one worker at the
-# preset's 16, so the same updates, with the work split over both cores. Chosen by measurement (issue 29,
-# `mzsane bench train`, docs/results/bench-train.json): against 1 worker x 2 threads at batch 16, 2 x 1 was
-# faster in 4 of 5 interleaved pairs on the shared 2-core machine (e.g. 6,027 vs 4,956 real tokens/s).
-# Budget by exposure (issue 13): 150 passes over each backbone's selected rows (the trained tail, epochs 2-3), so
-# single (44 rows: 413 steps) and multi (100 rows: 938 steps) see every zoo equally often; at equal *steps* the
-# multi-zoo backbone saw each zoo less than half as often and lost for that reason (docs/results.md).
-DEMO_SETTINGS = ["zoo.num_threads=2", "cluster.num_workers=2", "train.batch_size=8",
-                 "zoo.extra_zoos=[mnist:resnet_mini,digits:cnn_s]", "train.lr=1e-3",
-                 "train.num_epochs=150", "train.checkpoint_every_n_steps=200",
-                 "train.eval_every_n_steps=200", "sample.max_val_images=2000", "evaluate.max_train_models=10"]
-QUICK_SETTINGS = ["zoo.num_models=10", "zoo.num_epochs=2", "zoo.max_train_images=2000", "zoo.max_eval_images=500",
-                  "zoo.extra_zoos=[]", "train.checkpoint_every_n_steps=100",
-                  "train.eval_every_n_steps=100", "sample.num_candidates=40", "sample.num_keep=5",
-                  "sample.num_anchors=3",  # 10-model zoos hold 3 models outside the train split (held-out anchors)
-                  "sample.candidate_batch_size=20", "evaluate.finetune_epochs=1",
-                  "evaluate.finetune_max_train_images=2000", "evaluate.num_novelty_images=500",
-                  "evaluate.max_train_models=6", "evaluate.num_random=3"]
-
-
-def demo_config(preset: str = "default", files: list[str] | None = None, overrides: list[str] | None = None,
-                quick: bool = False) -> Config:
-    """Preset, config files, the demo's settings (+ quick ones), then the user's ``--set`` overrides."""
-    settings = DEMO_SETTINGS + (QUICK_SETTINGS if quick else []) + list(overrides or [])
-    return config_mod.load(preset, files or [], settings)
-
-
 class Stages:
     """Markers of finished stages under ``{demo}/stages``: run a stage once per config."""
 
@@ -100,7 +69,8 @@ def _sections(cfg: Config, *names: str) -> dict:
 
 
 def demo(cfg: Config, quick: bool = False, out_url: str = "") -> dict:
-    """Run (or resume) the demo with ``cfg`` (see ``demo_config``); ``quick`` only names the output folder.
+    """Run (or resume) the demo with ``cfg`` (the ``demo`` preset, or ``demo_quick`` with ``quick``, which only
+    names the output folder).
 
     Returns the summary (also written to ``{demo}/summary.json``).
     """
@@ -252,10 +222,9 @@ def _csv(rows: list[dict]) -> str:
 
 
 def demo_cli(args: Any) -> dict:
-    """``mzsane demo [--quick] [--out URL]``: the demo's settings sit between config files and ``--set``."""
-    quick = bool(getattr(args, "quick", False))
-    cfg = demo_config(getattr(args, "preset", "default"), getattr(args, "config", []), getattr(args, "overrides", []),
-                      quick)
+    """``mzsane demo [--quick] [--out URL]``: ``args.cfg`` is the demo preset (``--quick``: demo_quick) with the
+    config files and ``--set`` overrides applied."""
+    cfg, quick = args.cfg, args.preset == "demo_quick"
     out_url = getattr(args, "out", "") or ""
     if not storage.is_remote(out_url or cfg.storage.root):
         # local data: nothing may leave the machine, not even the AWS SDK's instance-metadata lookup (Ray

@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from mzsane import config as config_mod
-from mzsane import storage
+from mzsane import presets, storage
 from mzsane.bench import scale_figure
 from mzsane.bench.bigmanifest import big_manifest
 from mzsane.errors import MzsaneError
@@ -139,7 +139,7 @@ def train_figures(root: str, shards_url: str, address: str, num_models: int, ste
     from mzsane.train import launch
     from mzsane.train.data import open_selection
 
-    cfg = config_mod.load("default")
+    cfg = config_mod.load()
     cfg.storage.root, cfg.data.shards_url = root, shards_url
     cfg.cluster.address, cfg.cluster.num_workers = address, 2
     cfg.metrics.enabled = False
@@ -195,7 +195,7 @@ def train_figures(root: str, shards_url: str, address: str, num_models: int, ste
 
 def paper_gpu_projection(bytes_per_model: int, windows_per_row: int) -> dict:
     """tokens/s, MFU and hours per epoch of the ``paper`` preset on one GPU, from FLOPs and stated assumptions."""
-    cfg = config_mod.load("paper")
+    cfg = config_mod.load(presets.paper())
     m, d, layers = cfg.model, cfg.model.d_model, 2 * cfg.model.num_layers  # encoder + decoder
     w, b, tokensize = cfg.data.window_size, cfg.train.batch_size, cfg.tokens.tokensize
     # weights that multiply (position tables are lookups: memory, not FLOPs)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mzsane import config as config_mod
-from mzsane import storage
+from mzsane import presets, storage
 
 NUM_MODELS = 24
 EPOCHS = (0, 1, 2, 3)
@@ -60,7 +60,7 @@ def synthetic_shards(root: str, tokensize: int, num_models: int = NUM_MODELS) ->
 
 
 def _cfg(root: str, steps: int, workers: int) -> config_mod.Config:
-    cfg = config_mod.load("small")
+    cfg = presets.small()
     cfg.storage.root = root
     cfg.train.num_steps = steps
     cfg.train.log_every_n_steps = max(steps // 4, 1)
@@ -189,14 +189,13 @@ def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
     """The demo's CNN config (default preset, the demo's settings) in each layout, and the default and small
     presets on a ResNet zoo, all interleaved; plus packing vs trimming at the demo's sizes."""
     from mzsane.bench import trainstep
-    from mzsane.demo import demo_config
 
-    demo = demo_config()
+    demo = presets.demo()
     cnn = synthetic_shards(scratch, demo.tokens.tokensize)
     resnet = resnet_shards(scratch, demo.tokens.tokensize, 8)
     padded = copy.deepcopy(demo)
     padded.data.pad_windows = True
-    small = config_mod.load("small")
+    small = presets.small()
     case = trainstep.case_config
     cases = {
         "cnn_ray_2x1_padded": (case(padded, scratch, cnn, steps, 2, 1, 16), 2, 1),  # before issue 29
@@ -247,11 +246,11 @@ def run(args: Any) -> dict[str, Any]:
     preset = getattr(args, "preset", "default")
     step_count = int(getattr(args, "steps", 0) or 0)
     repeats = int(getattr(args, "repeats", 0) or 0) or (1 if quick else 2)
-    if preset != "default":  # one preset's whole steps only
+    if preset != "default" or args.config or args.overrides:  # one config's whole steps only
         return _save(args, preset_steps(args.cfg, preset, getattr(args, "arch", "") or "resnet_mini",
                                         step_count or (8 if quick else 40), repeats))
     steps = 12 if quick else 40
-    cfg = config_mod.load("small")
+    cfg = presets.small()
     result: dict[str, Any] = {"preset": "small", "steps": steps, "cpus": os.cpu_count(),
                               "torch_threads": torch.get_num_threads()}
     scratch = tempfile.mkdtemp(prefix="mzsane-bench-train-")

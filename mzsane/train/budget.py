@@ -71,20 +71,24 @@ class Budget:
                 "epochs_covered": self.epochs_covered}
 
 
-def plan(cfg: Any, world_size: int) -> Budget:
-    """The budget of ``cfg`` on ``world_size`` ranks, from the train selection it reads."""
-    from mzsane.train.data import open_selection
-
-    _, manifest, selection, _ = open_selection(cfg, world_size)
+def measure(cfg: Any, manifest: Any, selection: Any, world_size: int) -> Budget:
+    """The budget of ``cfg`` on ``world_size`` ranks over an opened train selection, at ``cfg``'s step count: a
+    worker's view of its finished config (the driver planned the steps, ``plan``), for ``exposure.json``."""
     rows_per_zoo = selection.rows_per_zoo()
-    per_row = windows_per_row(cfg, manifest, list(rows_per_zoo))
-    windows = sum(n * per_row[z] for z, n in rows_per_zoo.items())
-    tc = cfg.train
-    per_step = int(tc.batch_size) * int(world_size)
-    epochs = float(tc.num_epochs)
-    steps = steps_for_epochs(epochs, windows, tc.batch_size, world_size) if epochs > 0 else int(tc.num_steps)
-    return Budget(num_steps=steps, num_epochs=epochs, rows=sum(rows_per_zoo.values()), rows_per_zoo=rows_per_zoo,
-                  samples_per_step=per_step, windows_per_row=per_row)
+    return Budget(num_steps=int(cfg.train.num_steps), num_epochs=float(cfg.train.num_epochs),
+                  rows=sum(rows_per_zoo.values()), rows_per_zoo=rows_per_zoo,
+                  samples_per_step=int(cfg.train.batch_size) * int(world_size),
+                  windows_per_row=windows_per_row(cfg, manifest, list(rows_per_zoo)))
+
+
+def plan(cfg: Any, manifest: Any, selection: Any, world_size: int) -> Budget:
+    """``measure`` with the step count ``train.num_epochs`` asks for (0: ``train.num_steps`` as given); the driver
+    plans once and writes the steps into the finished config, so every rank runs the same schedule."""
+    budget = measure(cfg, manifest, selection, world_size)
+    if budget.num_epochs > 0:
+        budget.num_steps = steps_for_epochs(budget.num_epochs, budget.windows_per_epoch, cfg.train.batch_size,
+                                            world_size)
+    return budget
 
 
 class Exposure:

@@ -91,6 +91,7 @@ class RankStream:
         self._remote = remote  # a remote store: a timeout may be an outage a later retry outlasts
         self.stats = stats if stats is not None else ReadStats()  # filled by the producer thread
         self.augmenter: Any = None  # what cut the windows (shard streams), for the loop's make_views
+        self.selection: Any = None  # the train selection it reads (shard streams), for the run's exposure.json
         self.batch_size = int(batch_size)
         self.name = name
         start = dict(position or {"epoch": 0, "offset": 0})
@@ -302,7 +303,8 @@ def make_augmenter(cfg: Any, manifest: Any) -> Any:
 def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = None
                   ) -> tuple[Any, RankStream, Callable[[], Iterator[list]]]:
     """(manifest, train stream, val batches factory) of one rank, over the shard reader; both yield
-    ``Window`` objects cut by ``augmenter`` (built from the manifest when not given, as ``stream.augmenter``)."""
+    ``Window`` objects cut by ``augmenter`` (built from the manifest when not given, as ``stream.augmenter``); the
+    train selection it reads is ``stream.selection``."""
     from mzsane.shards.reader import ShardReader
 
     url, manifest, train, val = open_selection(cfg, world_size)
@@ -337,7 +339,7 @@ def shard_streams(cfg: Any, world_rank: int, world_size: int, augmenter: Any = N
     source = f"'{url}'" + (f" at S3 endpoint {where}" if storage.scheme(url) in ("s3", "s3a") else "")
     stream = RankStream(open_epoch, cfg.train.batch_size, d.num_prefetch, name=f"rank {world_rank}", stats=stats,
                         source=source, remote=storage.is_remote(url))
-    stream.augmenter = augmenter
+    stream.augmenter, stream.selection = augmenter, train
     return manifest, stream, val_batches
 
 

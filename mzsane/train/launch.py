@@ -16,6 +16,7 @@ starting workers is checked in the driver, so bad input fails in seconds with on
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import threading
@@ -47,12 +48,20 @@ def new_run_name() -> str:
     return f"sane-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
 
 
-def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
-    """Resolve the config and run URL and check everything checkable before any worker starts."""
+def prepare(cfg: Config, resume: str = "", no_ray: bool = False) -> tuple[Config, str]:
+    """The finished config (``finish``) and the run URL, with everything checkable checked before any worker starts;
+    writes ``{run}/config.json``, the one config every rank reads.
+
+    ``--resume`` starts from the run's config.json: what it trains stays, where it runs (``cluster``, ``metrics``)
+    may change. Finishing it again changes nothing on the same data and world size. The world size must stay once
+    a checkpoint exists (each rank's data position is saved in it, and the rows per rank and a budget from
+    ``train.num_epochs`` follow from it); before the first checkpoint a resume may change it and is planned anew.
+    """
     if resume:
         run_url = resume_run_url(resume)
         saved = config_mod.loads(storage.read_text(storage.join(run_url, ckpt.CONFIG_FILE)))
-        saved.cluster, saved.metrics = cfg.cluster, cfg.metrics  # where it runs may change, what it trains not
+        # where it runs may change, what it trains not (copies: finishing sets cluster.num_workers)
+        saved.cluster, saved.metrics = copy.deepcopy(cfg.cluster), copy.deepcopy(cfg.metrics)
         cfg = saved
     else:
         cfg = config_mod.loads(config_mod.dumps(cfg))
@@ -62,17 +71,35 @@ def prepare(cfg: Config, resume: str = "") -> tuple[Config, str]:
     if not resume:
         run_url = storage.join(cfg.storage.root, "runs", cfg.run_name)
     storage.check_writable(run_url)
-    from mzsane.train.data import open_selection
-
-    _, manifest, _, _ = open_selection(cfg, cfg.cluster.num_workers)
-    if not cfg.model.max_positions:
-        cfg.model.max_positions = [int(m) for m in manifest.max_positions_for(cfg.data.zoos)]
+    finish(cfg, 1 if no_ray else cfg.cluster.num_workers)
     latest = ckpt.latest_checkpoint_url(run_url)
     if latest is not None:
         saved_cfg = config_mod.loads(storage.read_text(storage.join(latest, ckpt.CONFIG_FILE)))
         ckpt.check_compatible(saved_cfg, cfg, latest)
+        workers = saved_cfg.cluster.num_workers
+        if workers != cfg.cluster.num_workers:
+            how = f"cluster.num_workers={workers}" + (" without --no-ray" if no_ray else "")
+            raise CheckpointError(f"checkpoint '{latest}' was written by {workers} workers, this run has "
+                                  f"{cfg.cluster.num_workers}; resume with {how}")
     storage.write_text(storage.join(run_url, ckpt.CONFIG_FILE), config_mod.dumps(cfg))
     return cfg, run_url
+
+
+def finish(cfg: Config, world_size: int) -> None:
+    """Fill in, in place, what training would otherwise work out per rank, for ``world_size`` ranks: the position
+    tables of the selected zoos (unless set), the step count ``train.num_epochs`` asks for over the selected rows
+    (``budget.plan``), and ``cluster.num_workers`` = ``world_size`` (1 with --no-ray), the world size it holds for.
+
+    Why here: workers that each re-derived these read the selection again per rank, and the driver, its progress
+    bar included, saw a step count that was not the one trained."""
+    from mzsane.train.budget import plan
+    from mzsane.train.data import open_selection
+
+    _, manifest, selection, _ = open_selection(cfg, world_size)
+    if not cfg.model.max_positions:
+        cfg.model.max_positions = [int(m) for m in manifest.max_positions_for(cfg.data.zoos)]
+    cfg.train.num_steps = plan(cfg, manifest, selection, world_size).num_steps
+    cfg.cluster.num_workers = world_size
 
 
 def resume_run_url(resume: str) -> str:
@@ -99,7 +126,7 @@ def train(cfg: Config, address: str | None = None, resume: str = "", no_ray: boo
     address = address if address is not None else cfg.cluster.address
     if not no_ray and not address:
         _check_local_cpus(cfg)
-    cfg, run_url = prepare(cfg, resume)
+    cfg, run_url = prepare(cfg, resume, no_ray)
     if no_ray:
         from mzsane.train.context import LocalContext
         from mzsane.train.loop import train_loop
@@ -302,7 +329,8 @@ def _reraise(err: BaseException) -> None:
 
 
 def _follow_progress(run_url: str, total: int, stop: threading.Event) -> None:
-    """Driver-side tqdm bar fed by rank 0's ``log.jsonl`` (the driver has no other view of the steps)."""
+    """Driver-side tqdm bar fed by rank 0's ``log.jsonl`` (the driver has no other view of the steps) up to the
+    finished config's ``total`` steps."""
     import json
 
     from tqdm import tqdm
@@ -316,10 +344,6 @@ def _follow_progress(run_url: str, total: int, stop: threading.Event) -> None:
                 continue
             if lines:
                 row = json.loads(lines[-1])
-                planned = int(row.get("train/target_steps", 0) or 0)  # train.num_epochs resolves on the workers
-                if planned and planned != bar.total:
-                    bar.total = planned
-                    bar.refresh()
                 bar.update(max(int(row.get("step", 0)) - bar.n, 0))
                 if "train/loss" in row:
                     bar.set_postfix(loss=f"{row['train/loss']:.4f}")

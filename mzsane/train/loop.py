@@ -11,7 +11,8 @@ the next collective); the logged means every ``log_every_n_steps``; eval sums; c
 per-rank data positions and RNG states, saved by rank 0.
 
 ``Parts`` is what the loop trains; ``build_parts`` makes the real one (SANE over token shards), unit tests
-pass small stand-ins.
+pass small stand-ins. The config the loop gets is finished (``launch.finish``, on the driver): its step count and
+position tables are read here, never worked out, so every rank and every checkpoint holds the same one.
 """
 from __future__ import annotations
 
@@ -28,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mzsane import config as config_mod
 from mzsane import metrics as metrics_mod
 from mzsane import storage
 from mzsane.config import Config, TrainConfig
-from mzsane.errors import CheckpointError, DivergedError
+from mzsane.errors import CheckpointError, ConfigError, DivergedError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train.context import TrainContext
 from mzsane.train.data import RankStream
@@ -49,9 +49,8 @@ class Parts:
     train: RankStream
     val_batches: Callable[[], Iterable[list]]
     tokens_per_sample: int
-    cfg: Config  # resolved (model.max_positions, train.num_steps from train.num_epochs); saved in every checkpoint
     exposure: Any = None  # mzsane.train.budget.Exposure: per-zoo counts of what training consumed (real parts)
-    budget: Any = None  # mzsane.train.budget.Budget the step count was derived from (real parts)
+    budget: Any = None  # mzsane.train.budget.Budget of this run's selection, for exposure.json (real parts)
     # (real tokens, positions computed) of one view of a batch; None: tokens_per_sample per sample, no padding
     token_counts: Callable[[list], tuple[int, int]] | None = None
 
@@ -85,12 +84,11 @@ def _every(n: int, done: int, last: int) -> bool:
 
 def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None = None) -> dict[str, float]:
     """Train until ``cfg.train.num_steps`` (resuming from the context's latest checkpoint) and return the
-    last logged metrics."""
+    last logged metrics; ``cfg`` is finished (``launch.finish``) and saved as it is in every checkpoint."""
     tc = cfg.train
     run = os.path.basename(run_url.rstrip("/"))
     # ------------------------------------------------------------------------------------ build
     parts = parts or build_parts(cfg, ctx)
-    tc = parts.cfg.train  # the budget: num_steps resolved from train.num_epochs over the selected rows
     raw_model = parts.model.to(ctx.device)
     optimizer = make_optimizer(raw_model, tc)
     scheduler = make_scheduler(optimizer, tc)
@@ -102,7 +100,7 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
     start = 0
     latest = ctx.latest_checkpoint()
     if latest is not None:
-        weights, state, _ = ckpt.load(latest, parts.cfg)
+        weights, state, _ = ckpt.load(latest, cfg)
         planned = int(state["scheduler"].get("total_steps", max(tc.num_steps, 1)))
         if planned != max(tc.num_steps, 1):
             # the one-cycle schedule is shaped by its length: stretching it mid-run would jump the LR
@@ -198,7 +196,7 @@ def train_loop(cfg: Config, ctx: TrainContext, run_url: str, parts: Parts | None
             # -------------------------------------------------------------------- checkpoint
             if _every(tc.checkpoint_every_n_steps, done, tc.num_steps):
                 t_save = time.perf_counter()
-                _checkpoint(ctx, raw_model, optimizer, scheduler, scaler, generator, parts, done,
+                _checkpoint(ctx, raw_model, optimizer, scheduler, scaler, generator, parts, cfg, done,
                             {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 metrics["checkpoint/save_s"] = time.perf_counter() - t_save
                 metrics["checkpoint/last_time"] = time.time()  # checkpoint age = time() - this (alerts)
@@ -280,7 +278,8 @@ def evaluate(model: nn.Module, parts: Parts, ctx: TrainContext, amp_dtype: torch
 
 
 def _checkpoint(ctx: TrainContext, raw_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                scaler: Any, generator: torch.Generator, parts: Parts, step: int, metrics: dict[str, float]) -> None:
+                scaler: Any, generator: torch.Generator, parts: Parts, cfg: Config, step: int,
+                metrics: dict[str, float]) -> None:
     mine = {"data": parts.train.position, "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
     if parts.exposure is not None:
         mine["exposure"] = parts.exposure.state()
@@ -296,7 +295,7 @@ def _checkpoint(ctx: TrainContext, raw_model: nn.Module, optimizer: torch.optim.
                      "ranks": ranks}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
-            ckpt.save(directory, raw_model, state, parts.cfg)
+            ckpt.save(directory, raw_model, state, cfg)
         ctx.report({"step": step, **metrics}, directory)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -341,18 +340,19 @@ def build_parts(cfg: Config, ctx: TrainContext) -> Parts:
     """SANE over this rank's part of the token shards, with the two-view augmentation and the SANE loss."""
     from mzsane.model.losses import sane_loss
     from mzsane.model.sane import SANE
-    from mzsane.train.budget import Exposure, plan
+    from mzsane.train.budget import Exposure, measure
     from mzsane.train.data import shard_streams
 
+    if not cfg.model.max_positions or cfg.cluster.num_workers != ctx.world_size:
+        raise ConfigError(f"the training config is not finished for this run (model.max_positions="
+                          f"{cfg.model.max_positions}, cluster.num_workers={cfg.cluster.num_workers} for "
+                          f"{ctx.world_size} ranks); finish it with mzsane.train.launch.finish or train through "
+                          f"mzsane train")
     manifest, stream, val_batches = shard_streams(cfg, ctx.world_rank, ctx.world_size)
-    resolved = config_mod.loads(config_mod.dumps(cfg))
-    budget = plan(cfg, ctx.world_size)
-    resolved.train.num_steps = budget.num_steps  # the OneCycle schedule spans exactly the budget
+    budget = measure(cfg, manifest, stream.selection, ctx.world_size)
     exposure = Exposure()
-    if not resolved.model.max_positions:
-        resolved.model.max_positions = [int(m) for m in manifest.max_positions_for(cfg.data.zoos)]
     augmenter = stream.augmenter  # the stream cut the windows and view 2's gather; make_views adds the noise
-    model = SANE(resolved.model, cfg.tokens.tokensize, resolved.model.max_positions,
+    model = SANE(cfg.model, cfg.tokens.tokensize, cfg.model.max_positions,
                  generator=torch.Generator().manual_seed(cfg.train.seed))
 
     def loss_fn(model: nn.Module, batch: list, generator: torch.Generator, ctx: TrainContext) -> dict:
@@ -370,5 +370,5 @@ def build_parts(cfg: Config, ctx: TrainContext) -> Parts:
                          cfg.loss, layer_BT=pos[..., 1], gather=gather)
 
     return Parts(model=model, loss_fn=loss_fn, train=stream, val_batches=val_batches,
-                 tokens_per_sample=cfg.data.window_size, cfg=resolved, exposure=exposure, budget=budget,
+                 tokens_per_sample=cfg.data.window_size, exposure=exposure, budget=budget,
                  token_counts=augmenter.token_counts)

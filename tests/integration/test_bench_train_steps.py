@@ -9,6 +9,7 @@ import json
 import pytest
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.cli import main
 
 pytestmark = [pytest.mark.integration]
@@ -38,7 +39,7 @@ def _bench(capsys, tmp_path, *sets: str) -> dict:
 
 
 def test_bench_train_preset_reports_real_and_padded_tokens(capsys, tmp_path):
-    tokensize = config_mod.load("tiny").tokens.tokensize
+    tokensize = config_mod.load(presets.tiny()).tokens.tokensize
     n = _cnn_s_tokens(tokensize)
     window = 4 * n  # longer than the model
     out = _bench(capsys, tmp_path, f"data.window_size={window}")

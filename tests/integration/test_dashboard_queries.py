@@ -24,6 +24,7 @@ import urllib.error
 import pytest
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.bench.raycluster import HEAD_IP, WORKER_IP, LoopbackCluster
 from mzsane.train import launch
 from tests.fixtures.prometheus import prometheus_server
@@ -76,7 +77,7 @@ def scraped_run(tmp_path_factory):
         prom = stack.enter_context(prometheus_server(
             [f"{HEAD_IP}:{port}", f"{WORKER_IP}:{port}", *cluster.metrics_targets],
             str(tmp_path_factory.mktemp("prometheus")), wait_up=False))
-        cfg = config_mod.load("tiny")
+        cfg = config_mod.load(presets.tiny())
         cfg.storage.root, cfg.run_name = root, "dash-run"
         cfg.cluster.num_workers, cfg.cluster.address = 2, cluster.address
         # long enough for several scrapes of each rank at 1 s even on a loaded machine (a tiny step is milliseconds)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.errors import CheckpointError, DivergedError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train import launch
@@ -30,7 +31,7 @@ def root(tmp_path_factory):
 
 
 def _cfg(root: str, run: str, *overrides: str) -> config_mod.Config:
-    return config_mod.load("tiny", [], [f"storage.root={root}", f"run_name={run}", "metrics.enabled=false",
+    return config_mod.load(presets.tiny(), [], [f"storage.root={root}", f"run_name={run}", "metrics.enabled=false",
                                         "cluster.max_failures=2", *overrides])
 
 

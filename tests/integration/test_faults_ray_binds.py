@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.train import launch
 from tests.fixtures.sockets import descendants, process_listeners
 
@@ -35,7 +36,7 @@ def _loopback(address: str) -> bool:
 def test_local_ray_listens_outside_loopback_only_where_ray_gives_no_choice(tmp_path):
     import ray
 
-    cfg = config_mod.load("tiny", [], ["cluster.num_workers=1"])
+    cfg = config_mod.load(presets.tiny(), [], ["cluster.num_workers=1"])
     launch._init_ray(cfg, "")
     try:
         @ray.remote

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mzsane import config as config_mod
-from mzsane import storage
+from mzsane import presets, storage
 from mzsane.errors import ClusterError, ConfigError, DataError, StorageError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train import launch
@@ -32,7 +32,7 @@ def shards_root(s3_server):
 
 
 def _cfg(root: str, run: str) -> config_mod.Config:
-    cfg = config_mod.load("tiny")
+    cfg = config_mod.load(presets.tiny())
     cfg.storage.root = root
     cfg.run_name = run
     cfg.cluster.num_workers = 2
@@ -167,7 +167,7 @@ def test_bad_inputs_fail_fast_with_one_line(s3_server, shards_root, ray_cluster,
         launch.train(cfg, address=ray_cluster.address)
     # no models: refused with the allowed range when the config loads, before any cluster is joined
     with pytest.raises(ConfigError, match="num_models_per_zoo") as err:
-        config_mod.load("tiny", [], ["data.num_models_per_zoo=0"])
+        config_mod.load(presets.tiny(), [], ["data.num_models_per_zoo=0"])
     assert "\n" not in str(err.value)
     monkeypatch.setenv("MZSANE_S3_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
     with pytest.raises(StorageError, match="unreachable") as err:

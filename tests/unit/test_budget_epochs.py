@@ -14,6 +14,7 @@ from mzsane.shards import writer
 from mzsane.shards.manifest import Manifest, read_manifest, summary
 from mzsane.shards.select import tail_epochs, training_selection
 from mzsane.train import budget as budget_mod
+from mzsane.train import launch
 from mzsane.train.context import LocalContext
 from mzsane.train.data import open_selection
 from mzsane.train.loop import train_loop
@@ -94,12 +95,17 @@ def _windows(shards, zoo, cfg):
     return windows_of(read_manifest(shards).zoos[zoo]["num_tokens"], cfg.data.window_size, cfg.data.windows_per_row)
 
 
+def _plan(cfg, world_size=1):
+    _, manifest, train, _ = open_selection(cfg, world_size)
+    return budget_mod.plan(cfg, manifest, train, world_size)
+
+
 def test_budget_by_exposure_gives_equal_passes_whatever_the_zoo_count(shards):
     single = _cfg(shards, zoos=["za"])
     multi = _cfg(shards)
     for c in (single, multi):
         c.train.num_epochs = 4
-    b1, b2 = budget_mod.plan(single, 1), budget_mod.plan(multi, 1)
+    b1, b2 = _plan(single), _plan(multi)
     w_a, w_b = _windows(shards, "za", multi), _windows(shards, "zb", multi)
     assert w_b > w_a > 1  # tokensize 64, window 16: several windows per row, more for the ResNet
     assert b1.num_steps == math.ceil(4 * 12 * w_a / single.train.batch_size)
@@ -107,7 +113,7 @@ def test_budget_by_exposure_gives_equal_passes_whatever_the_zoo_count(shards):
     assert b2.windows_per_row == {"za": w_a, "zb": w_b}
     assert b1.epochs_covered == pytest.approx(4, abs=single.train.batch_size / 12)
     multi.train.num_epochs = 0  # 0 = the plain step count
-    assert budget_mod.plan(multi, 1).num_steps == multi.train.num_steps
+    assert _plan(multi).num_steps == multi.train.num_steps
 
 
 def test_training_spends_the_budget_with_a_live_schedule_and_writes_exposure(shards, tmp_path):
@@ -132,6 +138,8 @@ def test_training_spends_the_budget_with_a_live_schedule_and_writes_exposure(sha
         return sched
 
     loop_mod.make_scheduler = spy
+    launch.finish(cfg, 1)  # on the driver: the budget becomes the finished config's step count
+    assert cfg.train.num_steps == expected_steps
     try:
         last = train_loop(cfg, LocalContext(run, num_to_keep=1), run)
     finally:

@@ -13,17 +13,18 @@ from mzsane.sweep import chart
 
 def test_presets_build_and_validate():
     for name in presets.PRESETS:
-        cfg = config.load(name)
+        cfg = config.load(presets.named(name))
         assert isinstance(cfg, config.Config)
-    assert config.load("tiny").model.d_model < config.load("paper").model.d_model
-    assert config.load("paper").model.max_positions == [60000, 150, 600]
+    assert config.load(presets.tiny()).model.d_model < config.load(presets.paper()).model.d_model
+    assert config.load(presets.paper()).model.max_positions == [60000, 150, 600]
 
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  num_steps: 7\n  lr: 0.5\ndata:\n  zoos: [a, b]\n")
-    cfg = config.load("tiny", [str(path)], ["train.lr=0.25", "data.num_models_per_zoo=50", "loss.norm_mode=batch",
-                                           "data.zoos=[x]", "augment.avoid_identity=false"])
+    cfg = config.load(presets.tiny(), [str(path)], ["train.lr=0.25", "data.num_models_per_zoo=50",
+                                                    "loss.norm_mode=batch", "data.zoos=[x]",
+                                                    "augment.avoid_identity=false"])
     assert cfg.train.num_steps == 7
     assert cfg.train.lr == 0.25
     assert cfg.data.num_models_per_zoo == 50
@@ -33,40 +34,40 @@ def test_yaml_then_overrides(tmp_path):
 
 
 def test_comma_list_override():
-    cfg = config.load("default", [], ["data.zoos=mnist-cnn_s,fashion_mnist-cnn_s"])
+    cfg = config.load(None, [], ["data.zoos=mnist-cnn_s,fashion_mnist-cnn_s"])
     assert cfg.data.zoos == ["mnist-cnn_s", "fashion_mnist-cnn_s"]
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):
     with pytest.raises(ConfigError) as info:
-        config.load("tiny", [], ["train.num_stepz=3"])
+        config.load(presets.tiny(), [], ["train.num_stepz=3"])
     message = str(info.value)
     assert "train.num_stepz" in message and "num_steps" in message and "\n" not in message
     path = tmp_path / "bad.yaml"
     path.write_text("trian:\n  num_steps: 1\n")
     with pytest.raises(ConfigError, match="unknown config key 'trian'.*train"):
-        config.load("tiny", [str(path)])
+        config.load(presets.tiny(), [str(path)])
 
 
 def test_bad_values_and_files(tmp_path):
     with pytest.raises(ConfigError, match="train.num_steps' must be an integer"):
-        config.load("tiny", [], ["train.num_steps=many"])
+        config.load(presets.tiny(), [], ["train.num_steps=many"])
     with pytest.raises(ConfigError, match="norm_mode"):
-        config.load("tiny", [], ["loss.norm_mode=perlayer"])
-    with pytest.raises(ConfigError, match="unknown preset"):
-        config.load("huge")
+        config.load(presets.tiny(), [], ["loss.norm_mode=perlayer"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; valid presets: default, tiny"):
+        presets.named("huge")
     with pytest.raises(ConfigError, match="does not exist"):
-        config.load("tiny", [str(tmp_path / "missing.yaml")])
+        config.load(presets.tiny(), [str(tmp_path / "missing.yaml")])
     bad = tmp_path / "broken.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        config.load("tiny", [str(bad)])
+        config.load(presets.tiny(), [str(bad)])
     with pytest.raises(ConfigError, match="not of the form"):
-        config.load("tiny", [], ["train.num_steps"])
+        config.load(presets.tiny(), [], ["train.num_steps"])
 
 
 def test_dump_roundtrip():
-    cfg = config.load("tiny", [], ["run_name=r1", "train.lr=0.125"])
+    cfg = config.load(presets.tiny(), [], ["run_name=r1", "train.lr=0.125"])
     again = config.loads(config.dumps(cfg))
     assert again == cfg
     assert math.isinf(again.tokens.weight_threshold)
@@ -82,7 +83,7 @@ def test_sections_are_independent_instances():
 def test_a_file_section_merges_onto_the_preset(tmp_path):
     path = tmp_path / "point.yaml"
     path.write_text("sample:\n  target_zoo: mnist-cnn_s\ntrain:\n  num_steps: 7\n")
-    cfg = config.load("tiny", [str(path)])
+    cfg = config.load(presets.tiny(), [str(path)])
     tiny = presets.tiny()
     assert cfg.sample.target_zoo == "mnist-cnn_s" and cfg.train.num_steps == 7
     assert cfg.sample.num_anchors == tiny.sample.num_anchors != config.SampleConfig().num_anchors
@@ -91,7 +92,7 @@ def test_a_file_section_merges_onto_the_preset(tmp_path):
 
 def _one_line_error(overrides, *needles):
     with pytest.raises(ConfigError) as info:
-        config.load("tiny", [], overrides)
+        config.load(presets.tiny(), [], overrides)
     message = str(info.value)
     assert "\n" not in message, message
     for needle in needles:
@@ -112,7 +113,7 @@ def test_rates_must_be_positive_and_finite():
     _one_line_error(["train.lr=0"], "train.lr", "> 0")
     _one_line_error(["train.lr=.nan"], "train.lr", "nan")
     _one_line_error(["train.lr=.inf"], "train.lr", "finite")
-    assert math.isinf(config.load("tiny", [], ["tokens.weight_threshold=.inf"]).tokens.weight_threshold)
+    assert math.isinf(config.load(presets.tiny(), [], ["tokens.weight_threshold=.inf"]).tokens.weight_threshold)
 
 
 def test_upper_bounds():
@@ -124,14 +125,14 @@ def test_upper_bounds():
 def test_integers_are_not_truncated():
     _one_line_error(["train.num_steps=1.5"], "train.num_steps", "integer", "1.5")
     _one_line_error(["train.num_steps='1.5'"], "train.num_steps", "integer")
-    assert config.load("tiny", [], ["train.num_steps=3.0"]).train.num_steps == 3  # exact, not truncated
+    assert config.load(presets.tiny(), [], ["train.num_steps=3.0"]).train.num_steps == 3  # exact, not truncated
 
 
 def test_choices_and_sentinels():
     _one_line_error(["train.precision=fp8"], "train.precision", "'fp8'", "auto, fp32, bf16, fp16")
     _one_line_error(["data.num_models_per_zoo=0"], "data.num_models_per_zoo", ">= 1 or -1")
     _one_line_error(["train.checkpoint_every_n_steps=-2"], "train.checkpoint_every_n_steps", "or -1")
-    assert config.load("tiny", [], ["train.checkpoint_every_n_steps=-1"]).train.checkpoint_every_n_steps == -1
+    assert config.load(presets.tiny(), [], ["train.checkpoint_every_n_steps=-1"]).train.checkpoint_every_n_steps == -1
 
 
 def test_list_length_and_items():
@@ -150,12 +151,12 @@ def test_yaml_file_values_are_validated_too(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  batch_size: -3\n")
     with pytest.raises(ConfigError, match=r"train.batch_size' = -3 is out of range"):
-        config.load("tiny", [str(path)])
+        config.load(presets.tiny(), [str(path)])
 
 
 def test_config_directory_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="is a directory") as info:
-        config.load("tiny", [str(tmp_path)])
+        config.load(presets.tiny(), [str(tmp_path)])
     assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -186,7 +187,7 @@ def test_schema_is_draft7_and_matches_the_cli_rules():
     validator = jsonschema.Draft7Validator(schema)
     # the presets pass both checks
     for name in presets.PRESETS:
-        values = json.loads(json.dumps(config.to_dict(config.load(name)), allow_nan=True))
+        values = json.loads(json.dumps(config.to_dict(config.load(presets.named(name))), allow_nan=True))
         values["tokens"].pop("weight_threshold")  # inf is not JSON
         assert not list(validator.iter_errors(values)), name
     train = schema["properties"]["train"]
@@ -212,6 +213,46 @@ def test_schema_is_draft7_and_matches_the_cli_rules():
                 bad -= 1
             assert not validator.is_valid({section: {key: bad}}), (section, key, bad)
             with pytest.raises(ConfigError, match=f"{section}.{key}"):
-                config.load("tiny", [], [f"{section}.{key}={bad}"])
+                config.load(presets.tiny(), [], [f"{section}.{key}={bad}"])
             checked += 1
     assert checked > 50
+
+
+# what `mzsane demo` applied as --set strings over the default preset before the demo became a preset (issue 27)
+OLD_DEMO_SETTINGS = ["zoo.num_threads=2", "cluster.num_workers=2", "train.batch_size=8",
+                     "zoo.extra_zoos=[mnist:resnet_mini,digits:cnn_s]", "train.lr=1e-3",
+                     "train.num_epochs=150", "train.checkpoint_every_n_steps=200",
+                     "train.eval_every_n_steps=200", "sample.max_val_images=2000", "evaluate.max_train_models=10"]
+OLD_QUICK_SETTINGS = ["zoo.num_models=10", "zoo.num_epochs=2", "zoo.max_train_images=2000",
+                      "zoo.max_eval_images=500", "zoo.extra_zoos=[]", "train.checkpoint_every_n_steps=100",
+                      "train.eval_every_n_steps=100", "sample.num_candidates=40", "sample.num_keep=5",
+                      "sample.num_anchors=3", "sample.candidate_batch_size=20", "evaluate.finetune_epochs=1",
+                      "evaluate.finetune_max_train_images=2000", "evaluate.num_novelty_images=500",
+                      "evaluate.max_train_models=6", "evaluate.num_random=3"]
+
+
+def test_the_demo_presets_are_the_old_demo_settings_exactly():
+    """Same values and types (150.0, not 150): the demo's stage markers and run names hash these sections."""
+    assert config.dumps(presets.demo()) == config.dumps(config.load(None, [], OLD_DEMO_SETTINGS))
+    old_quick = config.load(None, [], OLD_DEMO_SETTINGS + OLD_QUICK_SETTINGS)
+    assert config.dumps(presets.demo_quick()) == config.dumps(old_quick)
+
+
+def test_load_starts_from_a_base_config_and_leaves_it_as_it_was(tmp_path):
+    base = presets.small()
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  num_steps: 7\n")
+    cfg = config.load(base, [str(path)], ["train.lr=0.5"])
+    assert (cfg.model.d_model, cfg.train.num_steps, cfg.train.lr) == (512, 7, 0.5)
+    assert base == presets.small()
+    assert config.load() == config.Config()
+
+
+def test_config_does_not_import_presets():
+    """Presets build on config's sections; config knowing the presets was an import cycle."""
+    import subprocess
+    import sys
+
+    code = "import sys, mzsane.config; print('mzsane.presets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"

@@ -18,6 +18,7 @@ from mzsane import config as config_mod
 from mzsane import presets
 from mzsane.errors import CheckpointError
 from mzsane.train import checkpoint as ckpt
+from mzsane.train import launch
 from mzsane.train.context import LocalContext
 from mzsane.train.data import RankStream
 from mzsane.train.loop import Parts, make_optimizer, train_loop
@@ -76,7 +77,7 @@ def _parts(cfg, rank=0, world=1, noise=0.05, fail_at=None, nan_at=None) -> Parts
 
     stream = RankStream(_open_epoch(rank, world, cfg.train.batch_size), cfg.train.batch_size, 2)
     return Parts(model=TinyAE(), loss_fn=loss_fn, train=stream, val_batches=lambda: iter([list(_dataset()[:8])]),
-                 tokens_per_sample=D, cfg=cfg)
+                 tokens_per_sample=D)
 
 
 def _cfg(**train) -> config_mod.Config:
@@ -279,6 +280,7 @@ def test_sane_tiny_loss_falls(tmp_path):
     cfg.train.eval_every_n_steps = 40
     cfg.train.checkpoint_every_n_steps = 40
     run = str(tmp_path / "runs" / "r")
+    launch.finish(cfg, 1)
     last = train_loop(cfg, LocalContext(run), run)
     losses = list(_losses(run).values())
     assert sum(losses[-8:]) < 0.95 * sum(losses[:8])
@@ -289,12 +291,11 @@ def test_sane_tiny_loss_falls(tmp_path):
 
 def test_backbone_tables_follow_the_selected_zoos_not_the_whole_dataset(tmp_path):
     """Training on one zoo of a two-architecture shard dataset sizes the position tables for that zoo: adding
-    a ResNet zoo to shared shards must not change (and re-seed) a cnn_s backbone. Both call sites: the local
-    loop and the Ray driver's config resolution."""
+    a ResNet zoo to shared shards must not change (and re-seed) a cnn_s backbone. Sized once, on the driver
+    (``launch.prepare``), for the loop with or without Ray."""
     from mzsane import storage
     from mzsane.shards import writer
     from mzsane.shards.manifest import read_manifest
-    from mzsane.train import launch
     from tests.unit.test_shards import make_zoo
 
     cfg = presets.tiny()
@@ -309,10 +310,9 @@ def test_backbone_tables_follow_the_selected_zoos_not_the_whole_dataset(tmp_path
     assert want != manifest.max_positions  # the dataset's tables are the ResNet's
     cfg.data.zoos = ["za"]
     cfg.train.num_steps = cfg.train.eval_every_n_steps = cfg.train.checkpoint_every_n_steps = 2
-    run = str(tmp_path / "runs" / "r")
-    train_loop(cfg, LocalContext(run), run)
+    cfg.run_name = "r"
+    resolved, run = launch.prepare(cfg, no_ray=True)
+    assert resolved.model.max_positions == want
+    train_loop(resolved, LocalContext(run), run)
     _, _, saved = ckpt.load(ckpt.latest_checkpoint_url(run))
     assert saved.model.max_positions == want
-    cfg.run_name = "r2"
-    resolved, _ = launch.prepare(cfg)  # what a Ray run's driver resolves before any worker starts
-    assert resolved.model.max_positions == want

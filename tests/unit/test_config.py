@@ -161,7 +161,7 @@ def test_config_directory_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize(("read", "what", "flag"),
-                         [(lambda path: config.load("tiny", [path]), "config file", "--config"),
+                         [(lambda path: config.load(presets.tiny(), [path]), "config file", "--config"),
                           (lambda path: chart.load_values([path]), "values file", "-f")],
                          ids=["config", "sweep-values"])
 def test_yaml_files_fail_in_one_line_naming_the_file_and_its_option(tmp_path, read, what, flag):

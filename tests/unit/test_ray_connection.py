@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from mzsane import config as config_mod
+from mzsane import presets
 from mzsane.errors import ClusterError
 from mzsane.train import launch
 
@@ -64,7 +65,7 @@ def test_training_refuses_a_cluster_smaller_than_its_workers(calls, monkeypatch)
     for name in launch._FORWARD_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MZSANE_S3_ENDPOINT", "http://127.0.0.1:9")  # a setting workers need: forwarded
-    cfg = config_mod.load("tiny", [], ["cluster.num_workers=2", "cluster.cpus_per_worker=2"])
+    cfg = config_mod.load(presets.tiny(), [], ["cluster.num_workers=2", "cluster.cpus_per_worker=2"])
     with pytest.raises(ClusterError, match="2 workers x 2 CPUs need 4 CPUs but the Ray cluster has 3"):
         launch._init_ray(cfg, "h:1")
     env = {**launch.HEALTH_CHECK_ENV, "MZSANE_S3_ENDPOINT": "http://127.0.0.1:9"}

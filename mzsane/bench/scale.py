@@ -5,7 +5,7 @@ one checkpoint per model, written as two real zoos of N/2 models): the shards bu
 (SeaweedFS on loopback), in a child process whose peak RSS is read from ``wait4`` (seconds per model;
 the RSS must not grow with N); once, one process building both zoos against two processes building one
 zoo each (does a process pool use the 2 cores better); then training over the whole selection with 2 Ray
-Train workers on a two-node loopback cluster (``bench/raycluster.py``), ``default`` preset: peak RSS of
+Train workers on a two-node loopback cluster (``loopback/ray_cluster.py``), ``default`` preset: peak RSS of
 every worker (``VmHWM`` of the pids the workers announce), start-up to the first step (and the manifest
 read + selection on its own), the data-wait share of step time and the bytes each worker reads per
 epoch. Finally a synthetic 10^6-row manifest (no shards; ``bench/bigmanifest.py``): load and select a
@@ -257,9 +257,9 @@ def projection(result: dict) -> dict:
 
 
 def run(args: Any) -> dict[str, Any]:
-    from mzsane.bench.raycluster import LoopbackCluster
-    from mzsane.bench.seaweedfs import SeaweedFS
     from mzsane.bench.synthzoo import write_synthetic_zoo
+    from mzsane.loopback.ray_cluster import LoopbackCluster
+    from mzsane.loopback.seaweedfs import SeaweedFS
 
     quick = bool(getattr(args, "quick", False))
     sizes = [int(s) for s in (getattr(args, "sizes", "") or ("10,100" if quick else "10,100,1000")).split(",")]

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mzsane import config as config_mod
-from mzsane.bench.seaweedfs import SeaweedFS, weed_binary
+from mzsane.loopback.seaweedfs import SeaweedFS, weed_binary
 from mzsane.shards import schema
 from mzsane.shards.reader import ShardReader
 from mzsane.shards.select import select

@@ -243,7 +243,7 @@ def preset_steps(cfg: config_mod.Config, preset: str, arch: str, steps: int, rep
 
 
 def run(args: Any) -> dict[str, Any]:
-    from mzsane.bench.seaweedfs import SeaweedFS
+    from mzsane.loopback.seaweedfs import SeaweedFS
 
     quick = bool(getattr(args, "quick", False))
     preset = getattr(args, "preset", "default")

@@ -24,7 +24,7 @@ import urllib.error
 import pytest
 
 from mzsane import config as config_mod
-from mzsane.bench.raycluster import HEAD_IP, WORKER_IP, LoopbackCluster
+from mzsane.loopback.ray_cluster import HEAD_IP, WORKER_IP, LoopbackCluster
 from mzsane.train import launch
 from tests.fixtures.prometheus import prometheus_server
 from tests.unit.test_train_loop import make_shards

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mzsane import storage
-from mzsane.bench.seaweedfs import free_port
 from mzsane.cli import main as cli_main
 from mzsane.errors import DataError, StorageError
+from mzsane.loopback.seaweedfs import free_port
 from mzsane.shards import writer
 from mzsane.shards.manifest import read_manifest
 from mzsane.shards.reader import ShardReader

@@ -19,7 +19,7 @@ from mzsane.errors import DataError, StorageError
 from mzsane.shards import manifest as mf
 from mzsane.shards.reader import ShardReader, verify_dataset
 from mzsane.shards.select import select
-from tests.unit.test_shards import build, cfg, make_zoo
+from tests.fixtures.zoos import build_shards, make_zoo, shards_cfg
 
 PY = sys.executable
 
@@ -27,7 +27,7 @@ PY = sys.executable
 def _dataset(tmp_path, num_models=4):
     zoo = make_zoo(str(tmp_path / "zoos"), "za", num_models=num_models)
     out = str(tmp_path / "shards")
-    return out, build([zoo], out, cfg(rows_per_file=64))
+    return out, build_shards([zoo], out, shards_cfg(rows_per_file=64))
 
 
 def _read_all(out):
@@ -152,14 +152,14 @@ def test_files_are_written_with_the_umask_not_0600(tmp_path):
 _SLOW_BUILD = textwrap.dedent("""
     import sys, time
     from mzsane.shards import writer
-    from tests.unit.test_shards import build, cfg
+    from tests.fixtures.zoos import build_shards, shards_cfg
     add = writer._PartFile.add
     def slow_add(self, row):
         add(self, row)
         print("writing", flush=True)
         time.sleep(0.2)
     writer._PartFile.add = slow_add
-    build([sys.argv[1]], sys.argv[2], cfg(rows_per_file=64))
+    build_shards([sys.argv[1]], sys.argv[2], shards_cfg(rows_per_file=64))
 """)
 
 
@@ -177,7 +177,7 @@ def test_sigkilled_build_leaves_temps_that_the_rerun_removes(tmp_path):
     # a temp of a live writer (this test process) in the same folder is not touched
     live = os.path.join(out, f".tmp-{os.getpid()}-live")
     Path(live).write_bytes(b"busy")
-    m = build([zoo], out, cfg(rows_per_file=64))
+    m = build_shards([zoo], out, shards_cfg(rows_per_file=64))
     left = sorted(n for n in os.listdir(out) if n.startswith(".tmp-"))
     assert left == [os.path.basename(live)]
     assert sorted(n for n in os.listdir(out) if n.endswith(".parquet")) == sorted(f["path"] for f in m.files)
@@ -200,7 +200,7 @@ def test_architecture_mismatch_names_model_and_file_and_leaves_no_orphan(tmp_pat
     url, path = _mismatched_zoo(str(tmp_path / "zoos"))
     out = str(tmp_path / "shards")
     with pytest.raises(DataError) as err:
-        build([url], out, cfg(rows_per_file=2, split_fractions=[1.0, 0.0, 0.0]))
+        build_shards([url], out, shards_cfg(rows_per_file=2, split_fractions=[1.0, 0.0, 0.0]))
     _one_line(err, "m001", path, "architecture")
     assert [n for n in os.listdir(out) if not n.startswith("_")] == [], "no orphan part or temp file"
 
@@ -215,7 +215,7 @@ def test_disk_full_shards_build_is_one_line_and_leaves_no_partial_files(tmp_path
     zoo = make_zoo(str(tmp_path / "zoos"), "za", arch="resnet_mini", num_models=6)
     out = os.path.join(tiny_fs, "shards")
     with pytest.raises(StorageError) as err:
-        build([zoo], out, cfg(rows_per_file=4))
+        build_shards([zoo], out, shards_cfg(rows_per_file=4))
     _one_line(err, "no space left", tiny_fs, "MiB free", "more are needed")
     leftovers = [n for n in os.listdir(out) if not os.path.isdir(os.path.join(out, n))]
     assert leftovers == [], leftovers

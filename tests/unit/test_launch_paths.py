@@ -6,7 +6,7 @@ import os
 from mzsane import config as config_mod
 from mzsane import storage
 from mzsane.train import launch
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 
 def test_storage_absolute_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):

@@ -222,7 +222,7 @@ def test_extra_target_zoos_are_sampled_and_evaluated_by_the_same_backbone_and_bu
 
 
 def test_prerequisites_count_the_train_models_a_shard_dataset_already_holds(tmp_path):
-    from tests.unit.test_train_loop import make_shards
+    from tests.fixtures.zoos import make_shards
 
     assert prerequisites._train_models(str(tmp_path / "none")) == {}
     url = make_shards(str(tmp_path), num_models=8)  # split 0.75 / 0.25 / 0 by model

@@ -12,8 +12,8 @@ from mzsane.shards import index as idx
 from mzsane.shards import manifest as mf
 from mzsane.shards.reader import ShardReader, verify_cli, verify_dataset
 from mzsane.shards.select import select
+from tests.fixtures.errors import assert_one_line
 from tests.fixtures.zoos import build_shards, make_zoo
-from tests.unit.test_faults_shards import _one_line
 
 MODELS = [
     {"zoo": "za", "model_id": "m000", "split": "train", "status": "ok", "file": "part-00000.parquet", "row": 0,
@@ -118,13 +118,13 @@ def test_damaged_index_is_one_line_naming_the_file(dataset, damage):
         storage.write_bytes(url, data[: len(data) // 2])
     with pytest.raises(DataError) as err:
         mf.read_manifest(out)
-    _one_line(err, url, {"missing": "missing", "flipped": "sha256", "truncated": "bytes"}[damage])
+    assert_one_line(err, url, {"missing": "missing", "flipped": "sha256", "truncated": "bytes"}[damage])
     report = verify_dataset(out)
     path = url.split(out.rstrip("/") + "/")[-1]
     assert report["damaged"] == [path] and report["index"][path].startswith("DAMAGED") and report["files"] > 0
     with pytest.raises(DataError) as err:
         verify_cli(type("Args", (), {"url": out}))
-    _one_line(err, path, "damaged")
+    assert_one_line(err, path, "damaged")
     build_shards([], out)  # what the message says to do: the committed zoos are re-indexed, nothing is re-tokenized
     assert verify_dataset(out)["damaged"] == [] and len(mf.read_manifest(out).models) == 13
 

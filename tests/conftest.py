@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from mzsane.bench.raycluster import PROCESS_TOKEN
+from mzsane.loopback.ray_cluster import PROCESS_TOKEN
 
 pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.prometheus", "tests.fixtures.ray_cluster",
                   "tests.fixtures.operator"]

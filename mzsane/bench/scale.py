@@ -1,11 +1,11 @@
 """``mzsane bench scale``: what happens to shards building and training as the zoo grows from 10 to 1,000 models.
 
-Per zoo size N (synthetic zoos, ``bench/synthzoo.py``: a few initialised bases + per-model perturbations,
+Per zoo size N (synthetic zoos, ``zoo/synthetic.py``: a few initialised bases + per-model perturbations,
 one checkpoint per model, written as two real zoos of N/2 models): the shards build, local and to S3
 (SeaweedFS on loopback), in a child process whose peak RSS is read from ``wait4`` (seconds per model;
 the RSS must not grow with N); once, one process building both zoos against two processes building one
 zoo each (does a process pool use the 2 cores better); then training over the whole selection with 2 Ray
-Train workers on a two-node loopback cluster (``bench/raycluster.py``), ``default`` preset: peak RSS of
+Train workers on a two-node loopback cluster (``loopback/ray_cluster.py``), ``default`` preset: peak RSS of
 every worker (``VmHWM`` of the pids the workers announce), start-up to the first step (and the manifest
 read + selection on its own), the data-wait share of step time and the bytes each worker reads per
 epoch. Finally a synthetic 10^6-row manifest (no shards; ``bench/bigmanifest.py``): load and select a
@@ -257,9 +257,9 @@ def projection(result: dict) -> dict:
 
 
 def run(args: Any) -> dict[str, Any]:
-    from mzsane.bench.raycluster import LoopbackCluster
-    from mzsane.bench.seaweedfs import SeaweedFS
-    from mzsane.bench.synthzoo import write_synthetic_zoo
+    from mzsane.loopback.ray_cluster import LoopbackCluster
+    from mzsane.loopback.seaweedfs import SeaweedFS
+    from mzsane.zoo.synthetic import perturbed_zoo
 
     quick = bool(getattr(args, "quick", False))
     sizes = [int(s) for s in (getattr(args, "sizes", "") or ("10,100" if quick else "10,100,1000")).split(",")]
@@ -290,9 +290,9 @@ def run(args: Any) -> dict[str, Any]:
         for n in sizes:
             _check_disk(scratch, result, n, copies=1 + (n <= s3_max) + 2 * (n == parallel_at))
             halves = [n // 2, n - n // 2]
-            made = [write_synthetic_zoo(z, k, arch=arch, seed=i, zoo=os.path.basename(z), dtype=zoo_dtype)
+            made = [perturbed_zoo(os.path.basename(z), arch, k, seed=i, dtype=zoo_dtype).write(z)
                     for i, (z, k) in enumerate(zip(zoos, halves))]
-            zoo_bytes = sum(m["bytes"] for m in made)
+            zoo_bytes = sum(storage.du(z) for z in zoos)
             result["zoo"].append({"models": n, "write_s": round(sum(m["write_s"] for m in made), 2),
                                   "bytes_per_model": zoo_bytes // n})
             result["zoo_bytes_per_model"] = zoo_bytes // n

@@ -20,34 +20,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from mzsane import config as config_mod
-from mzsane.bench.seaweedfs import SeaweedFS, weed_binary
+from mzsane.loopback.seaweedfs import SeaweedFS, weed_binary
 from mzsane.shards import schema
 from mzsane.shards.reader import ShardReader
 from mzsane.shards.select import select
 from mzsane.shards.writer import build_shards
 from mzsane.tokens.layout import layout_from_state_dict
 from mzsane.zoo.architectures import build_model
-from mzsane.zoo.records import ModelRecord, ZooInfo
-from mzsane.zoo.store import ZooWriter
+from mzsane.zoo.synthetic import Independent, SyntheticZoo
 
 TARGET_INGEST_S = 7.0
 TARGET_BYTES_PER_MODEL = 74e6
 REFERENCE = {"ingest_s_per_model": 70.0, "bytes_per_model": 739e6}
 
 
-def make_resnet18_zoo(url: str, num_models: int) -> None:
-    """One checkpoint per model (as the reference's epoch-60 ResNet zoo), CIFAR-style ResNet-18."""
-    writer = ZooWriter(url, ZooInfo(zoo="resnet18_bench", dataset="cifar10", architecture="resnet18",
-                                    num_models=num_models))
-    for i in range(num_models):
-        torch.manual_seed(i)
-        state_dict = build_model("resnet18").state_dict()
-        writer.write_model(ModelRecord(zoo="resnet18_bench", model_id=f"m{i:03d}", dataset="cifar10",
-                                       architecture="resnet18", epochs=[{"epoch": 60, "test_acc": 0.5}]),
-                           {60: state_dict})
+def resnet18_zoo(num_models: int) -> SyntheticZoo:
+    """One checkpoint per model (as the reference's epoch-60 ResNet zoo), CIFAR-style ResNet-18s as initialised."""
+    return SyntheticZoo("resnet18_bench", "resnet18", num_models, (60,), Independent(),
+                        metrics=lambda index, epoch, accuracy: {"test_acc": accuracy})
 
 
 def _ingest_and_read(zoo_url: str, out_url: str, cfg: config_mod.Config) -> dict:
@@ -118,7 +110,7 @@ def run(args: Any) -> dict:
                               f"{schema.DEFAULT_COMPRESSION}", "resnet18_models": num_models}
     with tempfile.TemporaryDirectory(prefix="mzsane-bench-shards-") as tmp:
         zoo = os.path.join(tmp, "zoos", "resnet18_bench")
-        make_resnet18_zoo(zoo, num_models)
+        resnet18_zoo(num_models).write(zoo)
         local = _ingest_and_read(zoo, os.path.join(tmp, "shards"), cfg)
         result["local"] = local
         result["resnet18"] = {"ingest_s_per_checkpoint": local["ingest_s_per_checkpoint"],

@@ -34,27 +34,23 @@ EPOCHS = (0, 1, 2, 3)
 
 
 def synthetic_shards(root: str, tokensize: int, num_models: int = NUM_MODELS) -> str:
-    """A cnn_s zoo (base + per-model directions) sharded at ``{root}/shards/default``."""
-    from mzsane.shards import writer
-    from mzsane.zoo.architectures import build_model
-    from mzsane.zoo.records import ModelRecord, ZooInfo
-    from mzsane.zoo.store import ZooWriter
+    """A cnn_s zoo (one shared init + one direction per model, ``zoo/synthetic.py``) sharded at
+    ``{root}/shards/default``."""
+    from mzsane.zoo.synthetic import Directions, SyntheticZoo
 
     zoo_url = storage.join(root, "zoos", "mnist_cnn_s")
-    w = ZooWriter(zoo_url, ZooInfo(zoo="mnist_cnn_s", dataset="mnist", architecture="cnn_s", num_models=num_models))
-    torch.manual_seed(0)
-    base, d1 = build_model("cnn_s").state_dict(), build_model("cnn_s").state_dict()
-    g = torch.Generator().manual_seed(1)
-    for i in range(num_models):
-        a = float(torch.randn((), generator=g))
-        cks = {e: {k: v + 0.3 * a * d1[k] + 0.05 * e * d1[k] if v.is_floating_point() else v for k, v in base.items()}
-               for e in EPOCHS}
-        w.write_model(ModelRecord(zoo="mnist_cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
-                                  epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in EPOCHS]), cks)
+    SyntheticZoo("mnist_cnn_s", "cnn_s", num_models, EPOCHS,
+                 Directions(num_directions=1, seed=0, coefficient_seed=1)).write(zoo_url)
+    return _shard(zoo_url, storage.join(root, "shards", "default"), tokensize)
+
+
+def _shard(zoo_url: str, out: str, tokensize: int) -> str:
+    """Shards of one zoo at the default settings, ``tokensize`` wide, 8 rows a row group."""
+    from mzsane.shards import writer
+
     cfg = config_mod.Config()
     cfg.tokens.tokensize = tokensize
     cfg.shards.rows_per_row_group = 8
-    out = storage.join(root, "shards", "default")
     writer.build_shards([zoo_url], out, cfg.tokens, cfg.shards, progress=False)
     return out
 
@@ -172,17 +168,11 @@ def read_paths(shards_url: str, repeats: int, node_ip: str) -> dict[str, Any]:
 
 def resnet_shards(root: str, tokensize: int, num_models: int, arch: str = "resnet_mini") -> str:
     """A synthetic zoo of ``arch`` (epochs 2 and 3, as the demo trains the tail) sharded at ``{root}/shards/{arch}``."""
-    from mzsane.bench.synthzoo import write_synthetic_zoo
-    from mzsane.shards import writer
+    from mzsane.zoo.synthetic import perturbed_zoo
 
     zoo_url = storage.join(root, "zoos", f"synth_{arch}")
-    write_synthetic_zoo(zoo_url, num_models, arch=arch, epochs=(2, 3))
-    cfg = config_mod.Config()
-    cfg.tokens.tokensize = tokensize
-    cfg.shards.rows_per_row_group = 8
-    out = storage.join(root, "shards", arch)
-    writer.build_shards([zoo_url], out, cfg.tokens, cfg.shards, progress=False)
-    return out
+    perturbed_zoo(f"synth_{arch}", arch, num_models, epochs=(2, 3)).write(zoo_url)
+    return _shard(zoo_url, storage.join(root, "shards", arch), tokensize)
 
 
 def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
@@ -240,7 +230,7 @@ def preset_steps(cfg: config_mod.Config, preset: str, arch: str, steps: int, rep
 
 
 def run(args: Any) -> dict[str, Any]:
-    from mzsane.bench.seaweedfs import SeaweedFS
+    from mzsane.loopback.seaweedfs import SeaweedFS
 
     quick = bool(getattr(args, "quick", False))
     preset = getattr(args, "preset", "default")

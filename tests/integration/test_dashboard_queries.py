@@ -25,10 +25,10 @@ import pytest
 
 from mzsane import config as config_mod
 from mzsane import presets
-from mzsane.bench.raycluster import HEAD_IP, WORKER_IP, LoopbackCluster
+from mzsane.loopback.ray_cluster import HEAD_IP, WORKER_IP, LoopbackCluster
 from mzsane.train import launch
 from tests.fixtures.prometheus import prometheus_server
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 

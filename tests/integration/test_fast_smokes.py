@@ -56,7 +56,7 @@ def _ray_processes() -> list[str]:
 @pytest.fixture(scope="module")
 def default_train(tmp_path_factory):
     """A toy zoo, its shards, and ``mzsane train`` exactly as the demo calls it: no --address."""
-    from tests.unit.test_shards import make_zoo
+    from tests.fixtures.zoos import make_zoo
 
     root = str(tmp_path_factory.mktemp("smoke"))
     zoo_url = make_zoo(storage.join(root, "zoos"), "mnist-cnn_s", num_models=10, epochs=(0,))

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mzsane.shards import index as idx
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

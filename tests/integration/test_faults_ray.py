@@ -16,7 +16,7 @@ from mzsane import presets
 from mzsane.errors import CheckpointError, DivergedError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train import launch
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from mzsane import storage
-from mzsane.bench.seaweedfs import SeaweedFS
 from mzsane.errors import StorageError
+from mzsane.loopback.seaweedfs import SeaweedFS
 from mzsane.train import checkpoint as ckpt
 from tests.fixtures.cli import finish, train_process
 from tests.fixtures.s3 import running
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import urllib.request
 import pytest
 
 from mzsane import storage
-from mzsane.bench.seaweedfs import SeaweedFS
+from mzsane.loopback.seaweedfs import SeaweedFS
 from tests.fixtures.s3 import running
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from mzsane import storage
-from mzsane.bench.seaweedfs import free_port
 from mzsane.cli import main as cli_main
 from mzsane.errors import DataError, StorageError
+from mzsane.loopback.seaweedfs import free_port
 from mzsane.shards import writer
 from mzsane.shards.manifest import read_manifest
 from mzsane.shards.reader import ShardReader
 from mzsane.shards.select import select
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.store import open_zoo
-from tests.unit.test_shards import build, cfg, make_zoo
+from tests.fixtures.zoos import build_shards, make_zoo, shards_cfg
 
 pytestmark = pytest.mark.integration
 
@@ -69,10 +69,10 @@ def test_resume_interrupted_build_on_s3(s3_server, prefix, monkeypatch, tmp_path
 
     monkeypatch.setattr(writer, "tokenize", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build(zoos, out, cfg(rows_per_file=2))
+        build_shards(zoos, out, shards_cfg(rows_per_file=2))
     assert not storage.exists(storage.join(out, "manifest.json"))
     calls.clear()
-    m = build(zoos, out, cfg(rows_per_file=2))
+    m = build_shards(zoos, out, shards_cfg(rows_per_file=2))
     assert len(calls) == 6
     assert sorted(n for n in storage.listdir(out) if n.endswith(".parquet")) == sorted(f["path"] for f in m.files)
     total = sum(len(list(ShardReader(out, select(m, split=s)).iter_samples())) for s in ("train", "val", "test"))
@@ -103,7 +103,7 @@ def test_s3_failure_mid_build_is_one_line_and_leaves_earlier_data_intact(s3_serv
     """The failure hits after the new build has written objects under the output: the manifest readers
     see must still be the earlier one, and a re-run must complete."""
     out = storage.join(prefix, "shards")
-    build([make_zoo(str(tmp_path / "zoos"), "za", num_models=3, epochs=(0,))], out)
+    build_shards([make_zoo(str(tmp_path / "zoos"), "za", num_models=3, epochs=(0,))], out)
     before = storage.read_bytes(storage.join(out, "manifest.json"))
     before_objects = set(storage.listdir(out))
     extra = make_zoo(str(tmp_path / "zoos"), "zb", num_models=4, epochs=(0,))
@@ -114,7 +114,7 @@ def test_s3_failure_mid_build_is_one_line_and_leaves_earlier_data_intact(s3_serv
 
     _fail_mid_build(monkeypatch, after_calls=2, env=env)
     with pytest.raises(StorageError, match=match) as err:
-        build([extra], out, cfg(rows_per_file=1))
+        build_shards([extra], out, shards_cfg(rows_per_file=1))
     assert "\n" not in str(err.value)
     if fault == "wrong_credentials":
         with pytest.raises(StorageError, match="access denied"):
@@ -129,7 +129,7 @@ def test_s3_failure_mid_build_is_one_line_and_leaves_earlier_data_intact(s3_serv
     assert storage.read_bytes(storage.join(out, "manifest.json")) == before
     m = read_manifest(out)
     assert set(m.zoos) == {"za"} and _num_samples(out, m) == 3
-    m = build([extra], out, cfg(rows_per_file=1))  # the re-run completes and adds the zoo
+    m = build_shards([extra], out, shards_cfg(rows_per_file=1))  # the re-run completes and adds the zoo
     assert set(m.zoos) == {"za", "zb"} and _num_samples(out, m) == 7
     with pytest.raises(DataError, match="no shard dataset"):
         read_manifest(storage.join(prefix, "nothing"))

@@ -55,7 +55,7 @@ def test_sigkilled_shards_build_leaves_nothing_torn_and_a_rerun_completes(tmp_pa
     from mzsane.shards.manifest import read_manifest
     from mzsane.shards.reader import ShardReader
     from mzsane.shards.select import select
-    from tests.unit.test_shards import make_zoo
+    from tests.fixtures.zoos import make_zoo
 
     zoos = [make_zoo(str(tmp_path / "zoos"), z, "resnet_mini", num_models=6, seed=i, epochs=(0, 1, 2))
             for i, z in enumerate(("za", "zb"))]

@@ -17,7 +17,7 @@ from mzsane import presets, storage
 from mzsane.errors import ClusterError, ConfigError, DataError, StorageError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train import launch
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 pytestmark = [pytest.mark.integration, pytest.mark.ray, pytest.mark.slow]
 

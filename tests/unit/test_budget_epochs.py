@@ -18,9 +18,7 @@ from mzsane.train import launch
 from mzsane.train.context import LocalContext
 from mzsane.train.data import open_selection
 from mzsane.train.loop import train_loop
-from mzsane.zoo.architectures import build_model
-from mzsane.zoo.records import ModelRecord, ZooInfo
-from mzsane.zoo.store import ZooWriter
+from mzsane.zoo.synthetic import SyntheticZoo
 
 EPOCHS = (0, 1, 2, 3)
 
@@ -28,13 +26,8 @@ EPOCHS = (0, 1, 2, 3)
 def _zoo(root, zoo, arch="cnn_s", num_models=8):
     """A small real zoo: built networks perturbed per epoch, epochs 0 (init) to 3 saved."""
     url = storage.join(root, "zoos", zoo)
-    w = ZooWriter(url, ZooInfo(zoo=zoo, dataset="mnist", architecture=arch, num_models=num_models))
-    for i in range(num_models):
-        torch.manual_seed(i)
-        base = build_model(arch).state_dict()
-        cks = {e: {k: v + 0.01 * e if v.is_floating_point() else v for k, v in base.items()} for e in EPOCHS}
-        w.write_model(ModelRecord(zoo=zoo, model_id=f"m{i:03d}", dataset="mnist", architecture=arch,
-                                  epochs=[{"epoch": e, "test_acc": 0.2 * e, "val_acc": 0.2 * e} for e in EPOCHS]), cks)
+    SyntheticZoo(zoo, arch, num_models, EPOCHS, metrics=lambda i, e, _: {"test_acc": 0.2 * e, "val_acc": 0.2 * e}
+                 ).write(url)
     return url
 
 

@@ -17,8 +17,7 @@ import pytest
 from mzsane.shards.reader import verify_dataset
 from mzsane.train import checkpoint as ckpt
 from mzsane.zoo.store import open_zoo
-from tests.unit.test_shards import make_zoo
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards, make_zoo
 
 pytestmark = pytest.mark.slow
 

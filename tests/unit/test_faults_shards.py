@@ -19,7 +19,8 @@ from mzsane.errors import DataError, StorageError
 from mzsane.shards import manifest as mf
 from mzsane.shards.reader import ShardReader, verify_dataset
 from mzsane.shards.select import select
-from tests.unit.test_shards import build, cfg, make_zoo
+from tests.fixtures.errors import assert_one_line
+from tests.fixtures.zoos import build_shards, make_zoo, shards_cfg
 
 PY = sys.executable
 
@@ -27,19 +28,12 @@ PY = sys.executable
 def _dataset(tmp_path, num_models=4):
     zoo = make_zoo(str(tmp_path / "zoos"), "za", num_models=num_models)
     out = str(tmp_path / "shards")
-    return out, build([zoo], out, cfg(rows_per_file=64))
+    return out, build_shards([zoo], out, shards_cfg(rows_per_file=64))
 
 
 def _read_all(out):
     m = mf.read_manifest(out)
     return [(s.model_id, s.epoch, s.tokens_ND.clone()) for s in ShardReader(out, select(m)).iter_samples(shuffle=False)]
-
-
-def _one_line(err, *needles):
-    message = str(err.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
 
 
 def test_truncated_shard_is_one_line_naming_the_file(tmp_path):
@@ -49,7 +43,7 @@ def test_truncated_shard_is_one_line_naming_the_file(tmp_path):
         fh.truncate(os.path.getsize(part) // 2)
     with pytest.raises(DataError) as err:
         _read_all(out)
-    _one_line(err, part, "the manifest says")
+    assert_one_line(err, part, "the manifest says")
     # also through the CLI: one line on stderr, no traceback, non-zero exit
     proc = subprocess.run([PY, "-m", "mzsane.cli", "shards", "verify", out], capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and m.files[0]["path"] in proc.stderr
@@ -68,7 +62,7 @@ def test_truncated_footer_of_right_size_is_arrow_invalid_turned_into_one_line(tm
         fh.write(b"\0" * 64)
     with pytest.raises(DataError) as err:
         _read_all(out)
-    _one_line(err, part)
+    assert_one_line(err, part)
 
 
 def test_every_single_byte_flip_is_detected(tmp_path):
@@ -152,14 +146,14 @@ def test_files_are_written_with_the_umask_not_0600(tmp_path):
 _SLOW_BUILD = textwrap.dedent("""
     import sys, time
     from mzsane.shards import writer
-    from tests.unit.test_shards import build, cfg
+    from tests.fixtures.zoos import build_shards, shards_cfg
     add = writer._PartFile.add
     def slow_add(self, row):
         add(self, row)
         print("writing", flush=True)
         time.sleep(0.2)
     writer._PartFile.add = slow_add
-    build([sys.argv[1]], sys.argv[2], cfg(rows_per_file=64))
+    build_shards([sys.argv[1]], sys.argv[2], shards_cfg(rows_per_file=64))
 """)
 
 
@@ -177,7 +171,7 @@ def test_sigkilled_build_leaves_temps_that_the_rerun_removes(tmp_path):
     # a temp of a live writer (this test process) in the same folder is not touched
     live = os.path.join(out, f".tmp-{os.getpid()}-live")
     Path(live).write_bytes(b"busy")
-    m = build([zoo], out, cfg(rows_per_file=64))
+    m = build_shards([zoo], out, shards_cfg(rows_per_file=64))
     left = sorted(n for n in os.listdir(out) if n.startswith(".tmp-"))
     assert left == [os.path.basename(live)]
     assert sorted(n for n in os.listdir(out) if n.endswith(".parquet")) == sorted(f["path"] for f in m.files)
@@ -200,8 +194,8 @@ def test_architecture_mismatch_names_model_and_file_and_leaves_no_orphan(tmp_pat
     url, path = _mismatched_zoo(str(tmp_path / "zoos"))
     out = str(tmp_path / "shards")
     with pytest.raises(DataError) as err:
-        build([url], out, cfg(rows_per_file=2, split_fractions=[1.0, 0.0, 0.0]))
-    _one_line(err, "m001", path, "architecture")
+        build_shards([url], out, shards_cfg(rows_per_file=2, split_fractions=[1.0, 0.0, 0.0]))
+    assert_one_line(err, "m001", path, "architecture")
     assert [n for n in os.listdir(out) if not n.startswith("_")] == [], "no orphan part or temp file"
 
 
@@ -215,8 +209,8 @@ def test_disk_full_shards_build_is_one_line_and_leaves_no_partial_files(tmp_path
     zoo = make_zoo(str(tmp_path / "zoos"), "za", arch="resnet_mini", num_models=6)
     out = os.path.join(tiny_fs, "shards")
     with pytest.raises(StorageError) as err:
-        build([zoo], out, cfg(rows_per_file=4))
-    _one_line(err, "no space left", tiny_fs, "MiB free", "more are needed")
+        build_shards([zoo], out, shards_cfg(rows_per_file=4))
+    assert_one_line(err, "no space left", tiny_fs, "MiB free", "more are needed")
     leftovers = [n for n in os.listdir(out) if not os.path.isdir(os.path.join(out, n))]
     assert leftovers == [], leftovers
     # the CLI prints exactly that line
@@ -234,7 +228,7 @@ def test_disk_full_zoo_write_is_one_line_and_leaves_no_partial_model(tiny_fs):
     big = {e: {"w": torch.zeros(200_000)} for e in range(5)}  # 0.8 MB per epoch: the third does not fit
     with pytest.raises(StorageError) as err:
         w.write_model(ModelRecord(zoo="z", model_id="m0", dataset="mnist", architecture="cnn_s"), big)
-    _one_line(err, "no space left", url)
+    assert_one_line(err, "no space left", url)
     assert os.listdir(os.path.join(url, "models", "m0")) == [], "epochs of the unfinished model are removed"
 
 

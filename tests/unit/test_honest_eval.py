@@ -22,8 +22,7 @@ from mzsane.shards import writer
 from mzsane.shards.manifest import read_manifest
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import Split
-from mzsane.zoo.records import ModelRecord, ZooInfo
-from mzsane.zoo.store import ZooWriter
+from mzsane.zoo.synthetic import SyntheticZoo
 
 NUM_MODELS = 20
 
@@ -48,14 +47,8 @@ class Images:
 
 def _zoo(root: str) -> str:
     url = storage.join(root, "zoos", "toy-cnn_s")
-    w = ZooWriter(url, ZooInfo(zoo="toy-cnn_s", dataset="mnist", architecture="cnn_s", num_models=NUM_MODELS))
-    for i in range(NUM_MODELS):
-        torch.manual_seed(i)
-        sd = build_model("cnn_s").state_dict()
-        w.write_model(ModelRecord(zoo="toy-cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
-                                  hparams={"seed": i, "init": "default"},
-                                  epochs=[{"epoch": e, "val_acc": 0.1, "test_acc": 0.1} for e in (0, 1)]),
-                      {e: {k: v + 0.01 * e for k, v in sd.items()} for e in (0, 1)})
+    SyntheticZoo("toy-cnn_s", "cnn_s", NUM_MODELS, (0, 1), metrics=lambda *_: {"val_acc": 0.1, "test_acc": 0.1},
+                 hparams=lambda i: {"seed": i, "init": "default"}).write(url)
     return url
 
 

@@ -10,7 +10,7 @@ from mzsane import presets, storage
 from mzsane.errors import CheckpointError
 from mzsane.train import checkpoint as ckpt
 from mzsane.train import launch
-from tests.unit.test_train_loop import make_shards
+from tests.fixtures.zoos import make_shards
 
 
 def test_storage_absolute_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):

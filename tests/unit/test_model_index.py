@@ -12,8 +12,8 @@ from mzsane.shards import index as idx
 from mzsane.shards import manifest as mf
 from mzsane.shards.reader import ShardReader, verify_cli, verify_dataset
 from mzsane.shards.select import select
-from tests.unit.test_faults_shards import _one_line
-from tests.unit.test_shards import build, make_zoo
+from tests.fixtures.errors import assert_one_line
+from tests.fixtures.zoos import build_shards, make_zoo
 
 MODELS = [
     {"zoo": "za", "model_id": "m000", "split": "train", "status": "ok", "file": "part-00000.parquet", "row": 0,
@@ -42,7 +42,7 @@ def test_models_round_trip_through_table_and_storage(root):
 def dataset(root):
     zoos = [make_zoo(root, "za", num_models=8), make_zoo(root, "zb", "resnet_mini", num_models=5, seed=1)]
     out = storage.join(root, "shards")
-    return out, build(zoos, out)
+    return out, build_shards(zoos, out)
 
 
 def test_manifest_json_holds_no_models_and_the_index_holds_them_all(dataset):
@@ -118,14 +118,14 @@ def test_damaged_index_is_one_line_naming_the_file(dataset, damage):
         storage.write_bytes(url, data[: len(data) // 2])
     with pytest.raises(DataError) as err:
         mf.read_manifest(out)
-    _one_line(err, url, {"missing": "missing", "flipped": "sha256", "truncated": "bytes"}[damage])
+    assert_one_line(err, url, {"missing": "missing", "flipped": "sha256", "truncated": "bytes"}[damage])
     report = verify_dataset(out)
     path = url.split(out.rstrip("/") + "/")[-1]
     assert report["damaged"] == [path] and report["index"][path].startswith("DAMAGED") and report["files"] > 0
     with pytest.raises(DataError) as err:
         verify_cli(type("Args", (), {"url": out}))
-    _one_line(err, path, "damaged")
-    build([], out)  # what the message says to do: the committed zoos are re-indexed, nothing is re-tokenized
+    assert_one_line(err, path, "damaged")
+    build_shards([], out)  # what the message says to do: the committed zoos are re-indexed, nothing is re-tokenized
     assert verify_dataset(out)["damaged"] == [] and len(mf.read_manifest(out).models) == 13
 
 
@@ -144,7 +144,7 @@ def test_verify_checks_the_index_checksum(dataset, capsys):
 
 def test_build_dying_before_the_manifest_keeps_the_old_index_and_the_rerun_cleans_up(root, monkeypatch):
     out = storage.join(root, "shards")
-    build([make_zoo(root, "za", num_models=4)], out)
+    build_shards([make_zoo(root, "za", num_models=4)], out)
     old_manifest = storage.read_bytes(storage.join(out, mf.MANIFEST))
     old_index = _index_file(out)
     real = storage.write_json
@@ -157,12 +157,12 @@ def test_build_dying_before_the_manifest_keeps_the_old_index_and_the_rerun_clean
     zb = make_zoo(root, "zb", num_models=3)
     monkeypatch.setattr(mf.storage, "write_json", dies_on_manifest)
     with pytest.raises(KeyboardInterrupt):
-        build([zb], out)
+        build_shards([zb], out)
     monkeypatch.setattr(mf.storage, "write_json", real)
     assert storage.read_bytes(storage.join(out, mf.MANIFEST)) == old_manifest
     assert len(storage.listdir(storage.join(out, idx.INDEX_DIR))) == 2, "the new index was written first"
     assert sorted(mf.read_manifest(out).zoos) == ["za"]  # the committed dataset still reads, old index intact
-    build([zb], out)
+    build_shards([zb], out)
     assert sorted(mf.read_manifest(out).zoos) == ["za", "zb"]
     assert storage.listdir(storage.join(out, idx.INDEX_DIR)) == [_index_file(out).split("/")[-1]]
     assert not storage.exists(old_index)

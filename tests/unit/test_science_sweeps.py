@@ -123,26 +123,17 @@ def test_the_gpu_paper_recipe_renders_the_paper_scale_backbone_on_the_seed_zoo(t
 def test_the_gpu_paper_recipe_trains_at_tiny_scale_on_a_cpu(tmp_path):
     """The tiny overlay keeps the recipe (epochs 21-25 of a zoo, the paper preset's loss) and trains a few
     steps without Ray on a small zoo of random CNN-s checkpoints saved at those epochs."""
-    import torch
 
     from mzsane import storage
     from mzsane.shards.writer import build_shards
     from mzsane.train.launch import train
-    from mzsane.zoo.architectures import build_model
-    from mzsane.zoo.records import ModelRecord, ZooInfo
-    from mzsane.zoo.store import ZooWriter
+    from mzsane.zoo.synthetic import SyntheticZoo
 
     cfgs = _configs(tmp_path, "gpu/paper-mnist.yaml", "gpu/cpu-tiny.yaml")
     cfg = cfgs[sorted(cfgs)[0]]
     assert cfg.data.epochs == [21, 22, 23, 24, 25] and cfg.model.d_model == 32 and cfg.train.precision == "fp32"
     zoo = storage.join(cfg.storage.root, "zoos", "mnist-cnn_s")
-    writer = ZooWriter(zoo, ZooInfo(zoo="mnist-cnn_s", dataset="mnist", architecture="cnn_s", num_models=8))
-    for i in range(8):
-        torch.manual_seed(i)
-        sd = build_model("cnn_s").state_dict()
-        writer.write_model(ModelRecord(zoo="mnist-cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
-                                       epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in range(21, 26)]),
-                           {e: {k: v + 0.01 * (e - 21) for k, v in sd.items()} for e in range(21, 26)})
+    SyntheticZoo("mnist-cnn_s", "cnn_s", 8, tuple(range(21, 26))).write(zoo)
     build_shards([zoo], cfg.data.shards_url or storage.join(cfg.storage.root, "shards", "default"), cfg.tokens,
                  cfg.shards, progress=False)
     cfg.train.num_epochs, cfg.train.num_steps = 0.0, 3

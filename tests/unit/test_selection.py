@@ -57,19 +57,11 @@ class NoTestDataset:
 
 def _toy_zoo(tmp_path, num_models: int = 6) -> str:
     """A stored cnn_s zoo of freshly initialized models (one checkpoint each at epoch 0)."""
-    from mzsane.zoo.records import ModelRecord, ZooInfo
-    from mzsane.zoo.store import ZooWriter
+    from mzsane.zoo.synthetic import SyntheticZoo
 
     zoo_url = str(tmp_path / "zoo")
-    writer = ZooWriter(zoo_url, ZooInfo(zoo="toy", dataset="mnist", architecture="cnn_s", arch_kwargs={},
-                                        num_models=num_models))
-    for i in range(num_models):
-        torch.manual_seed(i)
-        sd = build_model("cnn_s").state_dict()
-        rec = ModelRecord(zoo="toy", model_id=f"model_{i:03d}", dataset="mnist", architecture="cnn_s",
-                          hparams={"seed": i, "init": "default"}, epochs=[{"epoch": 0, "val_acc": 0.1}],
-                          checkpoint_epochs=[0])
-        writer.write_model(rec, {0: sd})
+    SyntheticZoo("toy", "cnn_s", num_models, (0,), metrics=lambda *_: {"val_acc": 0.1},
+                 hparams=lambda i: {"seed": i, "init": "default"}, model_id="model_{:03d}").write(zoo_url)
     return zoo_url
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mzsane import presets, storage
+from mzsane import storage
 from mzsane.cli import main as cli_main
 from mzsane.errors import DataError
 from mzsane.shards import schema, writer
@@ -21,34 +21,9 @@ from mzsane.tokens.layout import layout_from_state_dict
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.modelzoos import write_modelzoos_model
-from mzsane.zoo.records import ModelRecord, ZooInfo
+from mzsane.zoo.records import ModelRecord
 from mzsane.zoo.store import ZooWriter, open_zoo
-
-
-def make_zoo(root, zoo, arch="cnn_s", num_models=6, epochs=(0, 1, 2), seed=0):
-    """A small real zoo in the mzsane layout: built networks, perturbed per epoch, with fake accuracies."""
-    url = storage.join(root, zoo)
-    w = ZooWriter(url, ZooInfo(zoo=zoo, dataset="mnist", architecture=arch, num_models=num_models))
-    for i in range(num_models):
-        torch.manual_seed(seed * 1000 + i)
-        base = build_model(arch).state_dict()
-        cks = {e: {k: v + 0.01 * e if v.is_floating_point() else v for k, v in base.items()} for e in epochs}
-        rec = ModelRecord(zoo=zoo, model_id=f"m{i:03d}", dataset="mnist", architecture=arch,
-                          epochs=[{"epoch": e, "test_acc": 0.1 * e + 0.01 * i, "val_acc": 0.05 * e} for e in epochs])
-        w.write_model(rec, cks)
-    return url
-
-
-def cfg(**shards):
-    c = presets.tiny()
-    for k, v in shards.items():
-        setattr(c.shards, k, v)
-    return c
-
-
-def build(zoo_urls, out, c=None, **kw):
-    c = c or cfg()
-    return writer.build_shards(zoo_urls, out, c.tokens, c.shards, progress=False, **kw)
+from tests.fixtures.zoos import build_shards, make_zoo, shards_cfg
 
 
 @pytest.fixture
@@ -59,7 +34,7 @@ def two_zoos(root):
 def test_max_positions_for_covers_only_the_named_zoos(two_zoos):
     """A backbone's position tables follow the zoos it trains on, not every zoo of the shard dataset."""
     root, zoos = two_zoos
-    m = build(zoos, storage.join(root, "shards"))
+    m = build_shards(zoos, storage.join(root, "shards"))
     cnn = layout_from_state_dict(build_model("cnn_s").state_dict(), 64).max_positions
     resnet = layout_from_state_dict(build_model("resnet_mini").state_dict(), 64).max_positions
     assert m.max_positions_for(["za"]) == list(cnn)
@@ -71,7 +46,7 @@ def test_max_positions_for_covers_only_the_named_zoos(two_zoos):
 def test_build_manifest_splits_by_model_and_info(two_zoos, capsys):
     root, zoos = two_zoos
     out = storage.join(root, "shards")
-    build(zoos, out)
+    build_shards(zoos, out)
     m = read_manifest(out)
     assert set(m.zoos) == {"za", "zb"} and m.tokensize == 64 and len(m.layouts) == 2
     assert m.zoos["za"]["splits"] == {"train": 6, "val": 1, "test": 1}
@@ -109,7 +84,7 @@ def test_split_is_seeded_and_default_70_15_15():
 def test_reader_returns_exact_tokens_of_selected_models(two_zoos):
     root, zoos = two_zoos
     out = storage.join(root, "shards")
-    build(zoos, out)
+    build_shards(zoos, out)
     m = read_manifest(out)
     sel = select(m, zoos=["zb"], num_models_per_zoo=2, split="train", epochs=[0, 2], seed=3)
     chosen = sorted(e["model_id"] for e in sel.models)
@@ -128,7 +103,7 @@ def test_reader_returns_exact_tokens_of_selected_models(two_zoos):
 def test_selection_nested_exact_and_errors(two_zoos):
     root, zoos = two_zoos
     out = storage.join(root, "shards")
-    m = build(zoos, out)
+    m = build_shards(zoos, out)
     small = select(m, zoos=["za"], num_models_per_zoo=3, seed=5)
     large = select(m, zoos=["za"], num_models_per_zoo=5, seed=5)
     assert len(small.models) == 3 and small.model_keys() <= large.model_keys()
@@ -149,7 +124,7 @@ def test_selection_nested_exact_and_errors(two_zoos):
 def test_ranks_disjoint_balanced_and_reproducible(two_zoos, world_size):
     root, zoos = two_zoos
     out = storage.join(root, "shards")
-    m = build(zoos, out)
+    m = build_shards(zoos, out)
     sel = select(m)
     reader = ShardReader(out, sel, manifest=m)
     per_rank = [[(s.zoo, s.model_id, s.epoch) for s in reader.iter_samples(r, world_size, seed=7, epoch=1,
@@ -192,17 +167,17 @@ def test_resume_after_interrupted_build_skips_done_zoos(two_zoos, monkeypatch):
 
     monkeypatch.setattr(writer, "tokenize", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build(zoos, out, cfg(rows_per_file=4))
+        build_shards(zoos, out, shards_cfg(rows_per_file=4))
     assert not storage.exists(storage.join(out, "manifest.json"))
     assert storage.listdir(storage.join(out, "_zoos")) == ["za.json"]
     calls.clear()
-    m = build(zoos, out, cfg(rows_per_file=4))
+    m = build_shards(zoos, out, shards_cfg(rows_per_file=4))
     assert len(calls) == 12, "only the interrupted zoo is redone"
     names = sorted(n for n in storage.listdir(out) if n.endswith(".parquet"))
     assert names == sorted(f["path"] for f in m.files), "orphans of the interrupted build are gone"
     assert len(list(ShardReader(out, select(m, split="val")).iter_samples())) == 6
     calls.clear()
-    build(zoos, out, cfg(rows_per_file=4))
+    build_shards(zoos, out, shards_cfg(rows_per_file=4))
     assert calls == []
 
 
@@ -214,7 +189,7 @@ def test_nan_checkpoints_are_skipped_and_recorded(root):
     bad["module_list.0.weight"][0, 0, 0, 0] = float("inf")
     from safetensors.torch import save
     storage.write_bytes(sd_url, save(bad))
-    m = build([url], storage.join(root, "shards"))
+    m = build_shards([url], storage.join(root, "shards"))
     assert [(s["model_id"], s["epoch"]) for s in m.skipped] == [("m001", 1)]
     assert "non-finite" in m.skipped[0]["reason"]
     entry = next(e for e in m.models if e["model_id"] == "m001")
@@ -253,12 +228,12 @@ def _bad_zoo(root, kind):
 def test_bad_zoo_gives_one_line_and_leaves_dataset_intact(root, kind):
     good = make_zoo(root, "za", num_models=4)
     out = storage.join(root, "shards")
-    build([good], out)
+    build_shards([good], out)
     before = storage.read_bytes(storage.join(out, "manifest.json"))
     files_before = sorted(storage.listdir(out))
     bad, match = _bad_zoo(root, kind)
     with pytest.raises(DataError, match=match) as err:
-        build([bad], out)
+        build_shards([bad], out)
     assert "\n" not in str(err.value)
     assert storage.read_bytes(storage.join(out, "manifest.json")) == before
     assert sorted(storage.listdir(out)) == files_before, "no orphan part file of the failed zoo is left"
@@ -270,16 +245,16 @@ def test_settings_schema_and_positions_errors_leave_dataset_intact(root):
     good = make_zoo(root, "za", num_models=4)
     other = make_zoo(root, "zb", num_models=3)
     out = storage.join(root, "shards")
-    build([good], out)
+    build_shards([good], out)
     before = storage.read_bytes(storage.join(out, "manifest.json"))
-    c = cfg()
+    c = shards_cfg()
     c.tokens.tokensize = 32
     with pytest.raises(DataError, match="holds tokensize 64.*tokens.tokensize=64"):
-        build([other], out, c)
+        build_shards([other], out, c)
     with pytest.raises(DataError, match=r"needs token positions < \d+ but max_positions allows 50.*larger tokensize"):
-        build([make_zoo(root, "zr", "resnet_mini", num_models=3)], out, cfg(), max_positions=[50, 64, 64])
+        build_shards([make_zoo(root, "zr", "resnet_mini", num_models=3)], out, shards_cfg(), max_positions=[50, 64, 64])
     with pytest.raises(DataError, match="given twice"):
-        build([good, good], out)
+        build_shards([good, good], out)
     assert storage.read_bytes(storage.join(out, "manifest.json")) == before
     manifest = json.loads(before)
     storage.write_json(storage.join(out, "manifest.json"), {**manifest, "schema_version": 99})
@@ -287,7 +262,7 @@ def test_settings_schema_and_positions_errors_leave_dataset_intact(root):
         read_manifest(out)
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="schema_version 99, newer"):
-        build([other], out)
+        build_shards([other], out)
     assert storage.listdir(storage.join(out, "_zoos")) == ["za.json"]
     with pytest.raises(DataError, match="no shard dataset"):
         read_manifest(storage.join(root, "nothing"))
@@ -316,20 +291,20 @@ def test_checkpoints_with_shifted_keys_tokenize_and_foreign_ones_are_refused(tmp
     shifted = build_model("cnn_s", dropout=0.1).state_dict()
     w.write_model(ModelRecord(zoo="zd", model_id="m_drop", dataset="mnist", architecture="cnn_s",
                               arch_kwargs={"dropout": 0.1}, epochs=[{"epoch": 0, "test_acc": 0.5}]), {0: shifted})
-    m = build([url], str(tmp_path / "shards"), cfg(split_fractions=[1.0, 0.0, 0.0]))
+    m = build_shards([url], str(tmp_path / "shards"), shards_cfg(split_fractions=[1.0, 0.0, 0.0]))
     got = next(s for s in ShardReader(m.url, select(m)).iter_samples() if s.model_id == "m_drop")
     plain = dict(zip(build_model("cnn_s").state_dict().keys(), shifted.values()))
     assert torch.equal(got.tokens_ND, tokenize(plain, m.layout(got.layout_id)))
     w.write_model(ModelRecord(zoo="zd", model_id="m_foreign", dataset="mnist", architecture="cnn_s",
                               epochs=[{"epoch": 0}]), {0: build_model("mlp").state_dict()})
     with pytest.raises(DataError, match="does not match the zoo's architecture"):
-        build([url], str(tmp_path / "shards2"))
+        build_shards([url], str(tmp_path / "shards2"))
 
 
 def test_reader_streams_row_groups_lazily(tmp_path, monkeypatch):
     """Memory is one row group plus the shuffle buffer: the first sample needs only the first group(s)."""
     url = make_zoo(str(tmp_path), "zl", num_models=10, epochs=(0, 1, 2, 3))
-    m = build([url], str(tmp_path / "shards"), cfg(rows_per_row_group=2, split_fractions=[1.0, 0.0, 0.0]))
+    m = build_shards([url], str(tmp_path / "shards"), shards_cfg(rows_per_row_group=2, split_fractions=[1.0, 0.0, 0.0]))
     reader = ShardReader(m.url, select(m), m)
     reads = []
     real = pq.ParquetFile.read_row_group

@@ -22,9 +22,9 @@ pytest.importorskip("helm_python")
 from mzsane.errors import ConfigError
 from mzsane.sweep import chart, local, prerequisites
 from mzsane.sweep.point import Stage, rendered_points
+from tests.fixtures.sweep_points import SMOKE, fake_points
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = [str(ROOT / "jobs" / "smoke.yaml"), str(ROOT / "jobs" / "local" / "smoke.yaml")]
 
 
 def test_set_is_parsed_like_helm_and_applied_after_the_files():
@@ -222,7 +222,7 @@ def test_extra_target_zoos_are_sampled_and_evaluated_by_the_same_backbone_and_bu
 
 
 def test_prerequisites_count_the_train_models_a_shard_dataset_already_holds(tmp_path):
-    from tests.unit.test_train_loop import make_shards
+    from tests.fixtures.zoos import make_shards
 
     assert prerequisites._train_models(str(tmp_path / "none")) == {}
     url = make_shards(str(tmp_path), num_models=8)  # split 0.75 / 0.25 / 0 by model
@@ -264,26 +264,6 @@ def _write(tmp_path: Path, values: dict) -> str:
 # ------------------------------------------------------------------- scheduling and resume, no Ray
 
 
-STAGE = ("import json, os, sys, time; t = time.time(); time.sleep(float(sys.argv[2])); "
-         "open(sys.argv[1], 'a').write(json.dumps([os.environ['POINT'], sys.argv[3], t, time.time()]) + '\\n'); "
-         "sys.exit(int(sys.argv[4]))")
-
-
-def _fake_points(tmp_path: Path, names: list[str], sleep: float = 0.6, fail: str = "") -> list[local.LocalPoint]:
-    """Points from the rendered smoke sweep whose two stages are small timed Python processes."""
-    (rendered,) = rendered_points(chart.render(SMOKE))
-    trace = str(tmp_path / "trace.jsonl")
-    points = []
-    for name in names:
-        r = type(rendered)(**{**rendered.__dict__, "name": name})
-        p = local.place(r, str(tmp_path / "data"), str(tmp_path / "state"))
-        p.stages = [Stage(stage, ["env", f"POINT={name}", sys.executable, "-c", STAGE, trace, str(sleep), stage,
-                                  "1" if fail == f"{name}/{stage}" else "0"]) for stage in ("first", "second")]
-        local._load_state(p)
-        points.append(p)
-    return points
-
-
 def _trace(tmp_path: Path) -> list[list]:
     path = tmp_path / "trace.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -299,7 +279,7 @@ def _max_concurrent(trace: list[list]) -> int:
 
 
 def test_points_run_side_by_side_within_the_cpus_and_stages_in_order(tmp_path):
-    points = _fake_points(tmp_path, ["a", "b", "c"])
+    points = fake_points(tmp_path, ["a", "b", "c"])
     lines: list[str] = []
     local.Runner(points, capacity=2, env=dict(os.environ), progress_every=0.2, log=lines.append).run()
     trace = _trace(tmp_path)
@@ -314,7 +294,7 @@ def test_points_run_side_by_side_within_the_cpus_and_stages_in_order(tmp_path):
 
 
 def test_a_failed_stage_fails_its_point_only_and_a_rerun_resumes_after_finished_stages(tmp_path):
-    points = _fake_points(tmp_path, ["a", "b"], sleep=0.2, fail="b/second")
+    points = fake_points(tmp_path, ["a", "b"], sleep=0.2, fail="b/second")
     local.Runner(points, capacity=2, env=dict(os.environ), log=lambda s: None).run()
     assert [p.status for p in points] == ["done", "failed"]
     assert "exited with 1" in points[1].error and points[1].done_stages == ["first"]
@@ -323,7 +303,7 @@ def test_a_failed_stage_fails_its_point_only_and_a_rerun_resumes_after_finished_
     results.parent.mkdir(parents=True)
     results.write_text("{}")
     before = len(_trace(tmp_path))
-    again = _fake_points(tmp_path, ["a", "b"], sleep=0.2)
+    again = fake_points(tmp_path, ["a", "b"], sleep=0.2)
     assert [p.status for p in again] == ["done", "queued"] and again[1].stage == 1
     local.Runner([p for p in again if p.status == "queued"], capacity=2, env=dict(os.environ), log=lambda s: None).run()
     rerun = _trace(tmp_path)[before:]
@@ -331,7 +311,7 @@ def test_a_failed_stage_fails_its_point_only_and_a_rerun_resumes_after_finished_
 
 
 def test_an_interrupted_run_stops_its_stages_and_keeps_the_finished_ones(tmp_path):
-    points = _fake_points(tmp_path, ["a"], sleep=30)
+    points = fake_points(tmp_path, ["a"], sleep=30)
     runner = local.Runner(points, capacity=2, env=dict(os.environ), log=lambda s: None)
     points[0].stages[0].argv[6] = "0.1"  # first stage quick, second one long: interrupted while it runs
 
@@ -353,7 +333,7 @@ def test_an_interrupted_run_stops_its_stages_and_keeps_the_finished_ones(tmp_pat
 
 
 def test_a_point_changed_since_its_last_run_is_refused(tmp_path):
-    (point,) = _fake_points(tmp_path, ["a"], sleep=0.1)
+    (point,) = fake_points(tmp_path, ["a"], sleep=0.1)
     local.Runner([point], capacity=1, env=dict(os.environ), log=lambda s: None).run()
     changed = rendered_points(chart.render(SMOKE, sets=["sweep.config.train.num_steps=7"]))[0]
     changed.name = "a"
@@ -366,9 +346,9 @@ RUNNER = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from tests.unit.test_sweep_run import _fake_points
+from tests.fixtures.sweep_points import fake_points
 from mzsane.sweep import local
-points = _fake_points(Path(sys.argv[2]), ["a"], sleep=60)
+points = fake_points(Path(sys.argv[2]), ["a"], sleep=60)
 local.Runner(points, capacity=1, env=dict(os.environ), log=lambda s: None).run()
 """
 

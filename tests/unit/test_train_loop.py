@@ -22,6 +22,7 @@ from mzsane.train import launch
 from mzsane.train.context import LocalContext
 from mzsane.train.data import RankStream
 from mzsane.train.loop import Parts, make_optimizer, train_loop
+from tests.fixtures.zoos import make_shards, make_zoo
 
 D = 8
 NUM_SAMPLES = 48
@@ -241,34 +242,6 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
 # ------------------------------------------------------------------------ the real SANE over real shards
 
 
-def make_shards(root: str, num_models: int = 8, epochs=(0, 1, 2), tokensize: int = 64) -> str:
-    """A small zoo with structure to learn: cnn_s networks = one shared base + a 2-D family of directions
-    (per model) + a per-epoch drift, sharded with the tiny preset's settings."""
-    from mzsane import storage
-    from mzsane.shards import writer
-    from mzsane.zoo.architectures import build_model
-    from mzsane.zoo.records import ModelRecord, ZooInfo
-    from mzsane.zoo.store import ZooWriter
-
-    zoo_url = storage.join(root, "zoos", "mnist_cnn_s")
-    w = ZooWriter(zoo_url, ZooInfo(zoo="mnist_cnn_s", dataset="mnist", architecture="cnn_s", num_models=num_models))
-    torch.manual_seed(1000)
-    base, d1, d2 = (build_model("cnn_s").state_dict() for _ in range(3))
-    g = torch.Generator().manual_seed(7)
-    for i in range(num_models):
-        a, b = torch.randn(2, generator=g).tolist()
-        cks = {e: {k: v + 0.3 * a * d1[k] + 0.3 * b * d2[k] + 0.05 * e * d1[k] if v.is_floating_point() else v
-                   for k, v in base.items()} for e in epochs}
-        w.write_model(ModelRecord(zoo="mnist_cnn_s", model_id=f"m{i:03d}", dataset="mnist", architecture="cnn_s",
-                                  epochs=[{"epoch": e, "test_acc": 0.5, "val_acc": 0.5} for e in epochs]), cks)
-    cfg = presets.tiny()
-    cfg.tokens.tokensize = tokensize
-    cfg.shards.split_fractions = [0.75, 0.25, 0.0]
-    out = storage.join(root, "shards", "default")
-    writer.build_shards([zoo_url], out, cfg.tokens, cfg.shards, progress=False)
-    return out
-
-
 def test_sane_tiny_loss_falls(tmp_path):
     cfg = presets.tiny()
     cfg.metrics.enabled = False
@@ -296,7 +269,7 @@ def test_backbone_tables_follow_the_selected_zoos_not_the_whole_dataset(tmp_path
     from mzsane import storage
     from mzsane.shards import writer
     from mzsane.shards.manifest import read_manifest
-    from tests.unit.test_shards import make_zoo
+    from mzsane.train import launch
 
     cfg = presets.tiny()
     cfg.metrics.enabled = False

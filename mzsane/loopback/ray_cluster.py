@@ -1,10 +1,10 @@
-"""A two-node Ray cluster on loopback for benchmarks: a head at 127.0.0.2 and a worker node at 127.0.0.3.
+"""A two-node Ray cluster on loopback: a head at 127.0.0.2 and a worker node at 127.0.0.3, for ``mzsane bench
+scale`` and the integration tests' ``ray_cluster`` fixture (tests/fixtures/ray_cluster.py).
 
 Why two nodes on one machine: a 2-worker TorchTrainer then places one worker per node, as on a KubeRay
-head + worker pod, so per-worker memory and start-up include a real cross-node placement. The same shape
-the integration tests' ``ray_cluster`` fixture (tests/fixtures/ray_cluster.py) starts: every listener on its
-own free port, the process's auth token, each ``ray start --block`` in its own session, stopped by those
-sessions' process ids (never by name).
+head + worker pod, so per-worker memory and start-up include a real cross-node placement. Every listener
+on its own free port, the process's auth token, each ``ray start --block`` in its own session, stopped by
+those sessions' process ids (never by name).
 """
 from __future__ import annotations
 

@@ -222,7 +222,7 @@ axes ({path: value}) and overrides (the nested config overrides the point runs w
 {{- define "mzsane.points" -}}
 {{- $v := .Values -}}
 {{- $grid := default dict $v.sweep.grid -}}
-{{- include "mzsane.refuseLists" . -}}
+{{- include "mzsane.validate" . -}}{{/* first: its messages are more precise than "no points" */}}
 {{- $raw := list -}}
 {{- range $size := $grid.zooSizes -}}
 {{- range $cname, $comp := $grid.compositions -}}

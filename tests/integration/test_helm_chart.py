@@ -27,6 +27,7 @@ from mzsane import sweep  # noqa: E402
 from mzsane.errors import ConfigError  # noqa: E402
 from mzsane.sweep import overlay  # noqa: E402
 from tests.fixtures import operator as kuberay  # noqa: E402
+from tests.fixtures.sweeps import documented_stacks  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -263,7 +264,8 @@ def test_podmonitor_only_where_the_api_exists_and_scrapes_what_pods_declare():
     ({"sweep": {"config": {"cluster": {"num_workers": 8}}}}, "num_workers"),  # the chart sets it (worker.replicas)
     ({"sweep": {"runs": {"r": {"zooSize": 5, "zoos": ["mnist-cnn_s"], "set": {"train.num_step": 1}}}}},
      "train.num_step"),
-    ({"sweep": {"grid": {"axes": {"loss.norm_mode": {"values": ["bogus"]}}}}}, "/sweep/grid/axes/loss.norm_mode/values/0"),
+    ({"sweep": {"grid": {"axes": {"loss.norm_mode": {"values": ["bogus"]}}}}},
+     "/sweep/grid/axes/loss.norm_mode/values/0"),
     ({"sweep": {"grid": {"axes": {"train.lr": {"values": ["fast"]}}}}}, "/sweep/grid/axes/train.lr/values/0"),
     ({"sweep": {"grid": {"axes": {"loss.norm_mod": {"values": ["token"]}}}}}, "'loss.norm_mod' not allowed"),
     ({"metrics": {"port": 12000}}, "/metrics/port"),  # inside Ray's worker ports 10002-19999
@@ -288,9 +290,7 @@ def test_good_values_at_the_schema_edges_render():
             _check_rayjob(job)
 
 
-# every stack of values files the jobs files document (`mzsane sweep run -f A -f B ...`)
-STACKS = sorted({files for path in ROOT.glob("jobs/**/*.yaml") for line in path.read_text().splitlines()
-                 if len(files := tuple(re.findall(r"-f (\S+\.yaml)", line))) > 1 and "sweep run" in line})
+STACKS = documented_stacks()
 
 
 def _points(objs: list[dict]) -> list[tuple[str, dict]]:

@@ -83,11 +83,11 @@ def test_null_deletes_an_entry_from_a_file_or_a_set(tmp_path):
 def test_axes_are_crossed_and_named_by_order_then_path(tmp_path):
     base = _write(tmp_path, BASE)
     axes = {"train.lr": {"values": [0.01]}, "loss.norm_mode": {"values": ["token"]}}
-    assert list(_points([base, _write(tmp_path, {"sweep": {"runs": None, "grid": {"axes": axes}}})]))[0] == \
-        "n4-fashion-token-0-01"  # by path: loss.norm_mode before train.lr
+    first = _write(tmp_path, {"sweep": {"runs": None, "grid": {"axes": axes}}})
+    assert list(_points([base, first])) == ["n4-fashion-token-0-01", "n4-mnist-token-0-01"]  # loss.* < train.*
     axes["loss.norm_mode"]["order"] = 1
-    assert list(_points([base, _write(tmp_path, {"sweep": {"runs": None, "grid": {"axes": axes}}})]))[0] == \
-        "n4-fashion-0-01-token"
+    last = _write(tmp_path, {"sweep": {"runs": None, "grid": {"axes": axes}}})
+    assert list(_points([base, last])) == ["n4-fashion-0-01-token", "n4-mnist-0-01-token"]
 
 
 @pytest.mark.parametrize("section,old", [

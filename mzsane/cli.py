@@ -201,6 +201,17 @@ def _cmd_sweep_status(args: argparse.Namespace) -> None:
     cluster.status_cli(args)
 
 
+def _add_sweep_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--values", action="append", default=[], help="values file in the list format, after the "
+                   "files it is stacked on, e.g. -f jobs/X.yaml -f my-overlay.yaml")
+
+
+def _cmd_sweep_convert(args: argparse.Namespace) -> None:
+    from mzsane.sweep import overlay
+
+    overlay.convert_cli(args)
+
+
 def _add_sweep_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="storage URL of a sweep: {storage}/sweeps/{sweep}")
     p.add_argument("--out", default="", help="where to write the table and plot (default: the sweep URL)")
@@ -309,6 +320,8 @@ COMMANDS: dict[str, dict[str, tuple[Callable, Callable, str]]] = {
         "status": (_add_sweep_status, _cmd_sweep_status, "RayJobs of a sweep: point, status, duration"),
         "report": (_add_sweep_report, _cmd_sweep_report, "collect sweep results into a table, CSV and plot"),
         "run": (_add_sweep_run, _cmd_sweep_run, "run the sweep's rendered points on local Ray (or --address)"),
+        "convert": (_add_sweep_convert, _cmd_sweep_convert, "print values files whose runs, compositions or axes "
+                    "are lists keyed by name, so that the stack renders the same points"),
     },
     "bench": {"tokens": (_add_bench_config, _bench("tokens"), "throughput figures of the tokens stage as JSON "
                          "(at the config's tokens.tokensize)")}

@@ -4,7 +4,8 @@ One module per noun: ``chart`` (render through Helm), ``cluster`` (the Kubernete
 importing the ``kubernetes`` client), ``local`` (``sweep run``: the rendered points on local Ray),
 ``results`` (``sweep report``: tables and the Figure-3 plot), ``paired`` (settings compared paired by seed,
 with a test and its p-value), ``point`` (the point record each RayJob
-writes). The names below keep ``from mzsane import sweep; sweep.render(...)`` working; the cluster and
+writes), ``overlay`` (how values files stack: Helm's merge, keyed runs/compositions/axes,
+``sweep convert``). The names below keep ``from mzsane import sweep; sweep.render(...)`` working; the cluster and
 local runners are imported lazily so importing this package loads neither Kubernetes nor Ray.
 """
 from __future__ import annotations

@@ -18,27 +18,24 @@ import yaml
 
 from mzsane.config import read_yaml_file
 from mzsane.errors import ConfigError
+from mzsane.sweep import overlay
 
 CHART_DIR = os.environ.get("MZSANE_CHART", str(Path(__file__).resolve().parents[2] / "helm" / "mzsane"))
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Later values files win; maps merge, lists and scalars replace, ``null`` is kept (Helm drops the key)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def load_values(values_files: list[str], sets: list[str] | None = None) -> dict[str, Any]:
     """Values as ``helm install -f A -f B --set X`` merges them: files in order, then each ``--set`` on top."""
     values: dict[str, Any] = {}
     for path in values_files:
-        data = read_yaml_file(path, "values file", "-f", "a mapping such as 'sweep: {name: ...}'")
-        values = _deep_merge(values, data)
+        values = overlay.merge(values, overlay.refuse_lists(read_values_file(path), path))
     for expression in sets or []:
-        values = _deep_merge(values, parse_set(expression))
+        values = overlay.merge(values, overlay.refuse_lists(parse_set(expression), f"--set '{expression}'"))
     return values
+
+
+def read_values_file(path: str) -> dict[str, Any]:
+    """One values file's mapping, or a one-line error naming the file (the same lines as a config file's)."""
+    return read_yaml_file(path, "values file", "-f", "a mapping such as 'sweep: {name: ...}'")
 
 
 def parse_set(expression: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ CHART_SET_PATHS = (
     "metrics.enabled", "metrics.port", "metrics.host",
 )
 # Chart definitions this module owns; everything else in values.schema.json is hand-written.
-GENERATED = ("config", "configPath", "configSet", "axis", "zooName")
+GENERATED = ("config", "configSet", "axes", "zooName")
 # A grid axis ``path: seed`` sets every per-run seed of a point at once (the zoos are prerequisites shared by
 # all points, so zoo.seed is not among them): seeds of one setting then differ in everything random. The
 # chart's mzsane.points expands it to these paths, and ``sweep report`` averages over it.
@@ -89,24 +89,22 @@ def definitions() -> dict[str, Any]:
     leaves = {p: s for p, s in _leaves(section).items() if p not in CHART_SET_PATHS}
     paths = sorted(leaves)
     items = {**leaves, SEED_AXIS: leaves[SEED_PATHS[0]]}  # an axis's values are checked as its path's values
-    axis_rules = [{"if": {"properties": {"path": {"const": p}}},
-                   "then": {"properties": {"values": {"items": items[p]}}}} for p in [*paths, SEED_AXIS]]
+    axis_entries = {p: {"type": ["object", "null"], "additionalProperties": False, "required": ["values"],
+                        "properties": {"values": {"type": "array", "minItems": 1, "items": items[p]},
+                                       "order": {"$ref": "#/definitions/axisOrder"}}}
+                    for p in [*paths, SEED_AXIS]}
+    axis_entries[SEED_AXIS]["description"] = "every seed of the point: " + ", ".join(SEED_PATHS)
     return {
         "config": {
             "description": "config overrides shared by every point (mzsane/config.py sections; the chart "
                            "sets " + ", ".join(CHART_SET_PATHS) + " itself)",
             **_without(section, CHART_SET_PATHS),
         },
-        "configPath": {"description": "a dotted mzsane config path such as loss.norm_mode", "type": "string",
-                       "enum": paths},
         "configSet": {"description": "dotted config path -> value", "type": "object",
                       "additionalProperties": False, "properties": leaves},
-        "axis": {"type": "object", "additionalProperties": False, "required": ["path", "values"],
-                 "properties": {"path": {"anyOf": [{"$ref": "#/definitions/configPath"},
-                                                   {"const": SEED_AXIS, "description": "every seed of the point: "
-                                                    + ", ".join(SEED_PATHS)}]},
-                                "values": {"type": "array", "minItems": 1}},
-                 "allOf": axis_rules},
+        "axes": {"description": "config path -> {values, order}; null: an axis an overlay deleted; a list (the old "
+                                "format) passes here so that the chart refuses it in one line saying how to convert",
+                 "type": ["object", "null", "array"], "additionalProperties": False, "properties": axis_entries},
         "zooName": {"description": "a zoo mzsane zoo build can make: {dataset}-{architecture}", "type": "string",
                     "pattern": buildable_zoo_pattern()},
     }

@@ -44,7 +44,7 @@ def _build_data(root: str) -> None:
 def _values(tmp_path, root: str) -> str:
     values = {
         "sweep": {"name": "it-sweep", "preset": "tiny", "targetZoo": ZOO, "extraTargetZoos": [OOD],
-                  "grid": {"zooSizes": list(SIZES), "compositions": [{"zoos": [ZOO]}]},
+                  "grid": {"zooSizes": list(SIZES), "compositions": {ZOO: {"zoos": [ZOO]}}},
                   # the tiny preset's 20 steps only prove the loop runs; decodable weights need a (small) fit
                   "config": {"zoo": {"num_models": 6}, "model": {"d_model": 64, "latent_dim": 16},
                              "evaluate": {"hypernet_steps": 0, "finetune_epochs": 0},

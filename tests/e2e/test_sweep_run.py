@@ -31,12 +31,11 @@ LEAN_EVALUATE = {"hypernet_steps": 0, "finetune_epochs": 0}  # the runner is und
 
 def _extra_values(tmp_path: Path) -> str:
     """A second point beside jobs/smoke.yaml's 'smoke': same zoos, a longer fit, killed in the test."""
-    values = {"sweep": {"config": {"evaluate": LEAN_EVALUATE}, "runs": [
-        {"name": "smoke", "zooSize": 2, "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]},
-        {"name": "long", "zooSize": 2, "zoos": ["mnist-cnn_s"],
-         "set": {"train.num_steps": LONG_STEPS, "train.checkpoint_every_n_steps": 100,
-                 "train.eval_every_n_steps": 500}},
-    ]}}
+    values = {"sweep": {"config": {"evaluate": LEAN_EVALUATE}, "runs": {  # merged with smoke.yaml's run
+        "long": {"zooSize": 2, "zoos": ["mnist-cnn_s"],
+                 "set": {"train.num_steps": LONG_STEPS, "train.checkpoint_every_n_steps": 100,
+                         "train.eval_every_n_steps": 500}},
+    }}}
     path = tmp_path / "two-points.yaml"
     path.write_text(yaml.safe_dump(values))
     return str(path)

@@ -41,7 +41,7 @@ def payload(indent: int) -> str:
     return f"x';{touch};echo${{IFS}}'$({touch})`{touch}`\n{pad}hostPID: true\n{pad}hostNetwork: true"
 
 
-RUN = {"name": "smoke", "zooSize": 2, "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]}
+RUN = {"zooSize": 2, "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]}
 # schema path of each free-text value -> values that put the text there
 CASES: dict[str, Any] = {
     "nameOverride": lambda t: {"nameOverride": t},
@@ -49,12 +49,12 @@ CASES: dict[str, Any] = {
     "image.repository": lambda t: {"image": {"repository": t}},
     "image.tag": lambda t: {"image": {"tag": t}},
     "image.pullSecrets[]": lambda t: {"image": {"pullSecrets": [t]}},
-    "sweep.runs[].composition": lambda t: {"sweep": {"runs": [{**RUN, "composition": t}]}},
-    "sweep.runs[].name": lambda t: {"sweep": {"runs": [{**RUN, "name": t}]}},
-    "sweep.grid.compositions[].name": lambda t: {"sweep": {"runs": None, "grid": {
-        "zooSizes": [2], "compositions": [{"name": t, "zoos": ["mnist-cnn_s"]}]}}},
+    "sweep.runs.*.composition": lambda t: {"sweep": {"runs": {"smoke": {"composition": t}}}},
+    "sweep.runs<key>": lambda t: {"sweep": {"runs": {"smoke": None, t: RUN}}},  # the smoke run renamed
+    "sweep.grid.compositions<key>": lambda t: {"sweep": {"runs": None, "grid": {
+        "zooSizes": [2], "compositions": {t: {"zoos": ["mnist-cnn_s"]}}}}},
     "sweep.config": lambda t: {"sweep": {"config": {"zoo": {"recipe": t}}}},
-    "sweep.runs[].set": lambda t: {"sweep": {"runs": [{**RUN, "set": {"cluster.node_ip": t}}]}},
+    "sweep.runs.*.set": lambda t: {"sweep": {"runs": {"smoke": {"set": {"cluster.node_ip": t}}}}},
     "storage.root": lambda t: {"storage": {"root": f"s3://mzsane/{t}"}},
     "storage.shardsUrl": lambda t: {"storage": {"shardsUrl": f"s3://mzsane/{t}"}},
     "storage.s3.endpoint": lambda t: {"storage": {"s3": {"endpoint": f"http://host/{t}"}}},
@@ -129,7 +129,7 @@ def test_every_free_text_value_of_the_schema_is_probed():
     missing = {leaf for leaf in leaves if leaf not in CASES and not any(
         leaf.endswith(p) for p in probed if p.startswith(".")) and "matchLabels" not in leaf
                and not leaf.startswith(("sweep.grid.axes", "sweep.extraTargetZoos", "sweep.targetZoo",
-                                        "sweep.grid.compositions[].zoos", "sweep.runs[].zoos", "sweep.name",
+                                        "sweep.grid.compositions.*.zoos", "sweep.runs.*.zoos", "sweep.name",
                                         "job.rayVersion", "pod.volumes[].name", "pod.volumeMounts[].name",
                                         "storage.s3.credentialsSecret.name", "head.resources",
                                         "worker.resources"))}

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 from mzsane import sweep  # noqa: E402
 from mzsane.errors import ConfigError  # noqa: E402
+from mzsane.sweep import overlay  # noqa: E402
 from tests.fixtures import operator as kuberay  # noqa: E402
+from tests.fixtures.sweeps import documented_stacks  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +36,9 @@ CHART = ROOT / "helm" / "mzsane"
 JOBS = sorted(glob.glob(str(ROOT / "jobs" / "*.yaml")))
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# The chart's defaults hold no grid (a default composition would merge into every sweep): values tested
+# on their own are merged over this one point.
+ONE_POINT = {"sweep": {"grid": {"zooSizes": [100], "compositions": {"mnist": {"zoos": ["mnist-cnn_s"]}}}}}
 
 
 def _strict(schema):
@@ -56,12 +62,13 @@ def _rayjob_validator():
     return jsonschema.Draft4Validator(_strict(v1["schema"]["openAPIV3Schema"]))
 
 
-def _render(values: dict | None, release: str = "sweep1", api_versions: tuple[str, ...] = ()) -> list[dict]:
+def _render(values: dict | None, release: str = "sweep1", api_versions: tuple[str, ...] = (),
+            chart_dir: Path = CHART) -> list[dict]:
     """helm template; api_versions as with --api-versions (Chart.render has no such argument, the native
     call it wraps does)."""
     from helm_python import _native
 
-    chart = helm_python.Chart.load(str(CHART))
+    chart = helm_python.Chart.load(str(chart_dir))
     opts = {"name": release, "namespace": "mzsane", "api_versions": list(api_versions)}
     out = json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
     return [d for k, t in out.items() if k.endswith(".yaml") for d in yaml.safe_load_all(t) if d]
@@ -132,7 +139,7 @@ def test_grid_renders_sizes_times_compositions_with_resolved_overrides():
         assert overrides["storage"]["root"] == "s3://mzsane/data"
         assert overrides["cluster"]["num_workers"] == values["worker"]["replicas"]
         seen.add((point["zoo_size"], tuple(point["zoos"])))
-    assert seen == {(s, tuple(c["zoos"])) for s in grid["zooSizes"] for c in grid["compositions"]}
+    assert seen == {(s, tuple(c["zoos"])) for s in grid["zooSizes"] for c in grid["compositions"].values()}
     job = jobs[0]
     point = job["metadata"]["labels"]["mzsane.io/point"]
     assert job["spec"]["entrypoint"] == "python -m mzsane.sweep run-point /etc/mzsane/point.json"
@@ -144,21 +151,21 @@ def test_config_axes_multiply_points_and_land_in_the_config():
     values = _values(str(ROOT / "jobs" / "norm-ablation.yaml"))
     objs = _render(values)
     modes = [yaml.safe_load(o["data"]["overrides.yaml"])["loss"]["norm_mode"] for o in objs if o["kind"] == "ConfigMap"]
-    assert sorted(modes) == sorted(values["sweep"]["grid"]["axes"][0]["values"])
+    assert sorted(modes) == sorted(values["sweep"]["grid"]["axes"]["loss.norm_mode"]["values"])
     from mzsane import config, presets
 
     # the resolved overrides load into a real Config (no unknown keys, valid values)
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
     cfg = config.from_dict(yaml.safe_load(cm["data"]["overrides.yaml"]), base=presets.small())
-    assert cfg.data.zoos == values["sweep"]["grid"]["compositions"][0]["zoos"]
+    assert cfg.data.zoos == values["sweep"]["grid"]["compositions"]["mixed"]["zoos"]
 
 
 def test_long_names_are_truncated_dns_safe_and_unique():
     name = "a-very-long-sweep-name-about-zoo-size-and-composition-study-x"
     values = _values(str(ROOT / "jobs" / "grid.yaml"))
     values["sweep"]["name"] = name
-    values["sweep"]["grid"]["compositions"].append(
-        {"zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s", "animal_mnist-cnn_s", "mnist-resnet_mini"]})
+    values["sweep"]["grid"]["compositions"]["mnist+fashion_mnist+animal_mnist+mnist-resnet_mini-all-four"] = {
+        "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s", "animal_mnist-cnn_s", "mnist-resnet_mini"]}
     objs = _render(values, release="a-release-name-that-is-rather-long-too")
     names = [o["metadata"]["name"] for o in objs if o["kind"] == "RayJob"]
     assert len(set(names)) == len(names) == 5 * 4
@@ -227,7 +234,7 @@ def test_podmonitor_only_where_the_api_exists_and_scrapes_what_pods_declare():
 
 @pytest.mark.parametrize("values,needle", [
     ({"sweep": {"grid": {"zooSizes": [-50]}}}, "/sweep/grid/zooSizes/0"),
-    ({"sweep": {"grid": {"compositions": [{"zoos": ["cifar11-cnn_s"]}]}}}, "cifar11-cnn_s"),
+    ({"sweep": {"grid": {"compositions": {"c": {"zoos": ["cifar11-cnn_s"]}}}}}, "cifar11-cnn_s"),
     ({"sweep": {"targetZoo": "mnist-vit"}}, "mnist-vit"),
     ({"worker": {"resources": {"cpu": "1 core"}}}, "1 core"),
     ({"head": {"resources": {"memory": "-8Gi"}}}, "-8Gi"),
@@ -235,8 +242,13 @@ def test_podmonitor_only_where_the_api_exists_and_scrapes_what_pods_declare():
     ({"sweep": {"name": "Bad_Name"}}, "Bad_Name"),
     ({"storage": {"s3": {"credentialsSecret": None}}}, "credentialsSecret"),
     ({"storage": {"s3": {"credentialsSecret": {"name": ""}}}}, "/storage/s3/credentialsSecret/name"),
-    ({"sweep": {"runs": [{"name": "n100-mnist", "zooSize": 5, "zoos": ["mnist-cnn_s"]}]}}, "n100-mnist"),
-    ({"sweep": {"grid": {"zooSizes": [100], "compositions": []}}}, "sweep.grid.zooSizes"),
+    ({"sweep": {"runs": {"n100-mnist": {"zooSize": 5, "zoos": ["mnist-cnn_s"]}}}}, "n100-mnist"),  # = a grid point
+    ({"sweep": {"grid": {"compositions": {"mnist": None}}}}, "sweep.grid.zooSizes [100] is set"),  # all deleted
+    ({"sweep": {"runs": {"Bad_Run": {"zooSize": 5, "zoos": ["mnist-cnn_s"]}}}}, "Bad_Run"),
+    ({"sweep": {"runs": {"typo": {"set": {"train.lr": 0.1}}}}}, "/sweep/runs/typo"),  # an overlay's unknown run
+    ({"sweep": {"grid": {"compositions": {"a b": {"zoos": ["mnist-cnn_s"]}}}}}, "a b"),
+    ({"sweep": {"grid": {"axes": {"seed": {"values": [0], "order": -1}}}}}, "/sweep/grid/axes/seed/order"),
+    ({"sweep": {"runs": [{"name": "r", "zooSize": 5, "zoos": ["mnist-cnn_s"]}]}}, "sweep.runs is a list"),
     ({"sweep": {"gird": {}}}, "gird"),
     ({"head": {"replicas": 2, "resources": {"cpu": "1", "memory": "1Gi"}}}, "replicas"),
     ({"worker": {"resources": {"cpu": "0", "memory": "1Gi"}}}, "/worker/resources/cpu"),
@@ -250,29 +262,74 @@ def test_podmonitor_only_where_the_api_exists_and_scrapes_what_pods_declare():
     ({"sweep": {"config": {"train": {"num_step": 10}}}}, "num_step"),
     ({"sweep": {"config": {"loss": {"norm_mode": "bogus"}}}}, "/sweep/config/loss/norm_mode"),
     ({"sweep": {"config": {"cluster": {"num_workers": 8}}}}, "num_workers"),  # the chart sets it (worker.replicas)
-    ({"sweep": {"runs": [{"name": "r", "zooSize": 5, "zoos": ["mnist-cnn_s"], "set": {"train.num_step": 1}}]}},
+    ({"sweep": {"runs": {"r": {"zooSize": 5, "zoos": ["mnist-cnn_s"], "set": {"train.num_step": 1}}}}},
      "train.num_step"),
-    ({"sweep": {"grid": {"axes": [{"path": "loss.norm_mode", "values": ["bogus"]}]}}}, "/sweep/grid/axes/0/values/0"),
-    ({"sweep": {"grid": {"axes": [{"path": "train.lr", "values": ["fast"]}]}}}, "/sweep/grid/axes/0/values/0"),
+    ({"sweep": {"grid": {"axes": {"loss.norm_mode": {"values": ["bogus"]}}}}},
+     "/sweep/grid/axes/loss.norm_mode/values/0"),
+    ({"sweep": {"grid": {"axes": {"train.lr": {"values": ["fast"]}}}}}, "/sweep/grid/axes/train.lr/values/0"),
+    ({"sweep": {"grid": {"axes": {"loss.norm_mod": {"values": ["token"]}}}}}, "'loss.norm_mod' not allowed"),
     ({"metrics": {"port": 12000}}, "/metrics/port"),  # inside Ray's worker ports 10002-19999
     ({"job": {"rayAuth": True, "rayVersion": "2.50.0"}}, "job.rayAuth needs Ray 2.52.0"),
 ])
 def test_bad_values_are_rejected_naming_the_value(values, needle):
     with pytest.raises(helm_python.HelmError) as err:
-        _render(values)
+        _render(overlay.merge(ONE_POINT, values))
     assert needle in str(err.value)
 
 
 def test_good_values_at_the_schema_edges_render():
     for values in ({"worker": {"replicas": 1, "resources": {"cpu": 0.5, "memory": "1Gi"}}},
                    {"worker": {"replicas": 1, "resources": {"cpu": "500m", "memory": "1.5Gi"}}},
-                   {"sweep": {"config": {"train": {"lr": 0.001}}, "grid": {"zooSizes": [10], "compositions": [
-                       {"zoos": ["mnist-cnn_s"]}], "axes": [{"path": "train.num_steps", "values": [10, 20]}]}}},
+                   {"sweep": {"config": {"train": {"lr": 0.001}}, "grid": {"zooSizes": [10], "compositions": {
+                       "mnist-cnn_s+fashion_mnist-cnn_s": {"zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]}},
+                       "axes": {"train.num_steps": {"values": [10, 20], "order": 999999999}}}}},
                    {"metrics": {"port": 20000}, "job": {"rayAuth": False, "queueName": "q"}}):
-        jobs = _rayjobs(_render(values))
+        jobs = _rayjobs(_render(overlay.merge(ONE_POINT, values)))
         assert jobs
         for job in jobs:
             _check_rayjob(job)
+
+
+STACKS = documented_stacks()
+
+
+def _points(objs: list[dict]) -> list[tuple[str, dict]]:
+    return [(o["metadata"]["name"], o["data"]) for o in objs if o["kind"] == "ConfigMap"]
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=["+".join(Path(f).stem for f in s) for s in STACKS])
+def test_stacked_values_files_give_the_same_points_through_helm_and_sweep_run(stack, tmp_path):
+    """sweep run merges -f files itself (mzsane/sweep/overlay.py, Helm's mergeMaps); here Helm's own value
+    handling stacks them instead: each file but the last is coalesced over the chart's values by Helm and
+    becomes the next layer's chart values, the last is rendered over them. Same points, names and order."""
+    assert len(STACKS) >= 10
+    layered = tmp_path / "mzsane"
+    shutil.copytree(CHART, layered)
+    for path in stack[:-1]:
+        merged = helm_python.Chart.load(str(layered)).merge_values(_values(str(ROOT / path)))
+        (layered / "values.yaml").write_text(yaml.safe_dump(merged))
+    by_helm = _points(_render(_values(str(ROOT / stack[-1])), release="mzsane", chart_dir=layered))
+    by_sweep_run = _points(sweep.render([str(ROOT / p) for p in stack], release="mzsane"))
+    assert [name for name, _ in by_helm] == [name for name, _ in by_sweep_run]
+    assert by_helm == by_sweep_run
+
+
+@pytest.mark.parametrize("section", ["sweep.runs", "sweep.grid.compositions", "sweep.grid.axes"])
+def test_a_list_in_a_keyed_section_is_refused_by_the_chart_in_one_line(section):
+    """helm install -f old.yaml (no mzsane in the way): the chart, not a schema type error, says how to convert."""
+    entry = {"sweep.runs": {"name": "r", "zooSize": 5, "zoos": ["mnist-cnn_s"]},
+             "sweep.grid.compositions": {"name": "c", "zoos": ["mnist-cnn_s"]},
+             "sweep.grid.axes": {"path": "seed", "values": [0]}}[section]
+    values: dict = {}
+    node = values
+    for key in section.split(".")[:-1]:
+        node = node.setdefault(key, {})
+    node[section.rsplit(".", 1)[1]] = [entry]
+    with pytest.raises(helm_python.HelmError) as err:
+        _render(overlay.merge(ONE_POINT, values))
+    message = str(err.value).split("): ", 1)[1]
+    assert message.startswith(f"{section} is a list") and "mzsane sweep convert -f" in message
+    assert "\n" not in message.strip()
 
 
 def test_sweep_render_goes_through_helm(tmp_path):
@@ -331,8 +388,8 @@ def test_dashboard_and_monitoring_read_metrics_the_real_exporter_serves():
 
 def test_sweep_render_rejects_unknown_config_paths(tmp_path):
     bad = tmp_path / "typo.yaml"
-    bad.write_text("sweep: {grid: {axes: [{path: loss.norm_mod, values: [token]}]}}\n")
-    with pytest.raises(ConfigError, match=r"/sweep/grid/axes/0/path"):  # at install time, by the schema
+    bad.write_text("sweep: {grid: {axes: {loss.norm_mod: {values: [token]}}}}\n")
+    with pytest.raises(ConfigError, match=r"/sweep/grid/axes.*'loss.norm_mod' not allowed"):  # by the schema
         sweep.render([str(bad)])
 
 

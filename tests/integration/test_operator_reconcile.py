@@ -27,6 +27,7 @@ from tests.fixtures.operator import (
     restricted_pss_violations,
     run_harness,
 )
+from tests.fixtures.sweeps import stack_of
 
 helm_python = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -42,9 +43,8 @@ QUEUE = "mzsane"
 
 def _sweeps() -> list[tuple[str, list[str]]]:
     out = [(os.path.basename(p), [p]) for p in sorted(glob.glob(str(ROOT / "jobs" / "*.yaml")))]
-    for local in sorted(glob.glob(str(ROOT / "jobs" / "local" / "*.yaml"))):
-        base = ROOT / "jobs" / os.path.basename(local)
-        out.append((f"local/{os.path.basename(local)}", ([str(base)] if base.exists() else []) + [local]))
+    for local in sorted(glob.glob(str(ROOT / "jobs" / "local" / "*.yaml"))):  # on the files its header names
+        out.append((f"local/{os.path.basename(local)}", stack_of(Path(local))))
     return out
 
 

@@ -25,8 +25,7 @@ def _values(tmp_path: Path, zoo_size: int, recipe: str = "demo") -> str:
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump({"sweep": {"name": "huge", "preset": "default", "targetZoo": "mnist-cnn_s",
                                               "grid": None, "config": {"zoo": {"recipe": recipe}},
-                                              "runs": [{"name": "huge", "zooSize": zoo_size,
-                                                        "zoos": ["mnist-cnn_s"]}]},
+                                              "runs": {"huge": {"zooSize": zoo_size, "zoos": ["mnist-cnn_s"]}}},
                                     "metrics": {"enabled": False},
                                     "worker": {"replicas": 1, "resources": {"cpu": "1"}}}))
     return str(path)

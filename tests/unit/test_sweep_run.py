@@ -80,17 +80,16 @@ def test_a_seed_axis_sets_every_per_run_seed_of_the_config_and_is_checked_at_ren
     assert set(SEED_PATHS) == declared - {"zoo.seed"}
     size = [str(ROOT / "jobs" / "zoo-size.yaml"), str(ROOT / "jobs" / "local" / "zoo-size.yaml")]
     points = rendered_points(chart.render(size, sets=["sweep.grid.zooSizes={4}",
-                                                      "sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={0,3}"]))
+                                                      "sweep.grid.axes.seed.values={0,3}"]))
     assert [p.name for p in points] == ["n4-mnist-0", "n4-mnist-3"]
     for point, seed in zip(points, (0, 3)):
         assert {path: point.overrides[path.split(".")[0]]["seed"] for path in SEED_PATHS} == dict.fromkeys(
             SEED_PATHS, seed)
         assert json.loads(point.files["point.json"])["axes"] == dict.fromkeys(SEED_PATHS, seed)
     with pytest.raises(ConfigError, match="appears twice"):
-        chart.render(size, sets=["sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={0,1},"
-                                 "sweep.grid.axes[1].path=sample.seed,sweep.grid.axes[1].values={0,1}"])
+        chart.render(size, sets=[r"sweep.grid.axes.seed.values={0,1},sweep.grid.axes.sample\.seed.values={0,1}"])
     with pytest.raises(ConfigError, match="minimum"):  # the schema checks a seed axis's values as seeds
-        chart.render(size, sets=["sweep.grid.axes[0].path=seed,sweep.grid.axes[0].values={-1}"])
+        chart.render(size, sets=["sweep.grid.axes.seed.values={-1}"])
 
 
 STUB = """#!/bin/sh
@@ -165,10 +164,11 @@ def test_place_changes_only_the_config_mount_and_the_storage_root(tmp_path):
 
 
 def test_prerequisites_size_zoos_for_the_train_models_the_points_select(tmp_path):
-    objects = chart.render([*SMOKE, _write(tmp_path, {"sweep": {"config": {"zoo": {"num_models": 0}}, "runs": [
-        {"name": "a", "zooSize": 2, "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]},
-        {"name": "b", "zooSize": 5, "zoos": ["mnist-cnn_s"]},
-        {"name": "c", "zooSize": 1, "zoos": ["animal_mnist-cnn_s"]}]}})])
+    objects = chart.render([*SMOKE, _write(tmp_path, {"sweep": {"config": {"zoo": {"num_models": 0}}, "runs": {
+        "smoke": None,
+        "a": {"zooSize": 2, "zoos": ["mnist-cnn_s", "fashion_mnist-cnn_s"]},
+        "b": {"zooSize": 5, "zoos": ["mnist-cnn_s"]},
+        "c": {"zooSize": 1, "zoos": ["animal_mnist-cnn_s"]}}}})])
     configs = {p.name: local.place(p, str(tmp_path / "data"), str(tmp_path / "s")).cfg
                for p in rendered_points(objects)}
     zoos_url, shards_url, needs = prerequisites.needs(configs)

@@ -122,21 +122,24 @@ Checks that the schema cannot express; each failure names the offending value an
 {{- fail (printf "storage.s3.credentialsSecret.name is empty: S3 credentials for %q come only from a Secret; create one (deploy/README.md) and set its name" $v.storage.root) -}}
 {{- end -}}
 {{- $grid := default dict $v.sweep.grid -}}
-{{- if and (not (empty $grid.compositions)) (empty $grid.zooSizes) -}}
+{{- include "mzsane.refuseLists" . -}}
+{{- $compositions := 0 -}}
+{{- range $grid.compositions }}{{ if . }}{{ $compositions = add1 $compositions }}{{ end }}{{ end -}}
+{{- if and (gt $compositions 0) (empty $grid.zooSizes) -}}
 {{- fail "sweep.grid.compositions is set but sweep.grid.zooSizes is empty: give at least one zoo size, e.g. zooSizes: [100]" -}}
 {{- end -}}
-{{- if and (not (empty $grid.zooSizes)) (empty $grid.compositions) -}}
-{{- fail (printf "sweep.grid.zooSizes %v is set but sweep.grid.compositions is empty: give at least one composition, e.g. [{zoos: [%s]}]" $grid.zooSizes $v.sweep.targetZoo) -}}
+{{- if and (not (empty $grid.zooSizes)) (eq $compositions 0) -}}
+{{- fail (printf "sweep.grid.zooSizes %v is set but sweep.grid.compositions is empty: give at least one composition, e.g. {NAME: {zoos: [%s]}}" $grid.zooSizes $v.sweep.targetZoo) -}}
 {{- end -}}
 {{- if has $v.sweep.targetZoo (default list $v.sweep.extraTargetZoos) -}}
 {{- fail (printf "sweep.extraTargetZoos lists %q, which is already sweep.targetZoo; drop it from extraTargetZoos" $v.sweep.targetZoo) -}}
 {{- end -}}
 {{- $paths := list -}}
-{{- range $grid.axes -}}
-{{- $axisPaths := ternary (include "mzsane.seedPaths" . | fromJsonArray) (list .path) (eq .path "seed") -}}
+{{- range $axisPath := include "mzsane.axisPaths" . | fromJsonArray -}}
+{{- $axisPaths := ternary (include "mzsane.seedPaths" $ | fromJsonArray) (list $axisPath) (eq $axisPath "seed") -}}
 {{- range $path := $axisPaths -}}
 {{- if has $path $paths -}}
-{{- fail (printf "sweep.grid.axes: path %q appears twice (the seed axis sets %s); merge its values into one axis" $path (include "mzsane.seedPaths" . | fromJsonArray | join ", ")) -}}
+{{- fail (printf "sweep.grid.axes: path %q appears twice (the seed axis sets %s); drop one of the two axes" $path (include "mzsane.seedPaths" . | fromJsonArray | join ", ")) -}}
 {{- end -}}
 {{- $paths = append $paths $path -}}
 {{- end -}}
@@ -182,30 +185,61 @@ Checks that the schema cannot express; each failure names the offending value an
 {{- list "data.seed" "train.seed" "sample.seed" "evaluate.seed" | toJson -}}
 {{- end -}}
 
+{{/* The grid's axis paths in the order they are crossed: by order (default 0), then path; deleted (null) axes left out. */}}
+{{- define "mzsane.axisPaths" -}}
+{{- $keys := list -}}
+{{- range $path, $axis := (default dict .Values.sweep.grid).axes -}}
+{{- if $axis }}{{ $keys = append $keys (printf "%09d %s" (int (default 0 $axis.order)) $path) }}{{ end -}}
+{{- end -}}
+{{- $paths := list -}}
+{{- range sortAlpha $keys }}{{ $paths = append $paths (splitList " " . | last) }}{{ end -}}
+{{- toJson $paths -}}
+{{- end -}}
+
+{{/*
+runs, compositions and axes were lists before they were keyed by name; such a file is refused in one line
+(the schema lets a list through so that this message, not a type error, is what Helm prints).
+*/}}
+{{- define "mzsane.refuseLists" -}}
+{{- $grid := default dict .Values.sweep.grid -}}
+{{- $examples := dict "sweep.runs" "runs: {NAME: {zooSize: 100, zoos: [mnist-cnn_s], set: {PATH: VALUE}}}" "sweep.grid.compositions" "compositions: {NAME: {zoos: [mnist-cnn_s]}}" "sweep.grid.axes" "axes: {PATH: {values: [A, B]}}" -}}
+{{- range $key, $section := dict "sweep.runs" .Values.sweep.runs "sweep.grid.compositions" $grid.compositions "sweep.grid.axes" $grid.axes -}}
+{{- if kindIs "slice" $section -}}
+{{- fail (printf "%s is a list, the format before entries were keyed by name so that overlays merge; key it (%s): print a values file keyed with `mzsane sweep convert -f FILE` (after the -f files it is stacked on, if any)" $key (get $examples $key)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 Every point of the sweep as a JSON list: the grid (zoo sizes x compositions x axes, in that order) then
-the explicit runs. Each point: name (DNS-1123, <= 40 characters, also its results folder), job (the
+the explicit runs. Compositions and runs are maps keyed by name, axes by config path, so that overlays merge
+them (helm/mzsane/README.md, "Overlays"): a null entry is one an overlay deleted. Maps are walked in key
+order: compositions and runs by name, axes by (order, path), which is also the order their values join in
+a point's name. Each point: name (DNS-1123, <= 40 characters, also its results folder), job (the
 RayJob/ConfigMap name, DNS-1035, <= 47 characters as KubeRay requires), zooSize, zoos, composition,
 axes ({path: value}) and overrides (the nested config overrides the point runs with).
 */}}
 {{- define "mzsane.points" -}}
 {{- $v := .Values -}}
 {{- $grid := default dict $v.sweep.grid -}}
+{{- include "mzsane.validate" . -}}{{/* first: its messages are more precise than "no points" */}}
 {{- $raw := list -}}
 {{- range $size := $grid.zooSizes -}}
-{{- range $ci, $comp := $grid.compositions -}}
-{{- $cname := include "mzsane.slug" (default (join "-" $comp.zoos) $comp.name) -}}
-{{- $raw = append $raw (dict "base" (printf "n%d-%s" (int $size) $cname) "zooSize" (int $size) "zoos" $comp.zoos "composition" (default (join "+" $comp.zoos) $comp.name) "set" dict) -}}
+{{- range $cname, $comp := $grid.compositions -}}
+{{- if $comp -}}
+{{- $raw = append $raw (dict "base" (printf "n%d-%s" (int $size) (include "mzsane.slug" $cname)) "zooSize" (int $size) "zoos" $comp.zoos "composition" $cname "set" dict) -}}
 {{- end -}}
 {{- end -}}
-{{- range $axis := $grid.axes -}}
+{{- end -}}
+{{- range $path := include "mzsane.axisPaths" . | fromJsonArray -}}
+{{- $axis := get $grid.axes $path -}}
 {{- $next := list -}}
 {{- range $p := $raw -}}
 {{- range $value := $axis.values -}}
-{{- $axisSet := dict $axis.path $value -}}
-{{- if eq $axis.path "seed" -}}{{/* one axis for every seed of the point (mzsane/sweep/schema.py SEED_PATHS) */}}
+{{- $axisSet := dict $path $value -}}
+{{- if eq $path "seed" -}}{{/* one axis for every seed of the point (mzsane/sweep/schema.py SEED_PATHS) */}}
 {{- $axisSet = dict -}}
-{{- range $path := include "mzsane.seedPaths" $ | fromJsonArray }}{{ $_ := set $axisSet $path $value }}{{ end -}}
+{{- range $seedPath := include "mzsane.seedPaths" $ | fromJsonArray }}{{ $_ := set $axisSet $seedPath $value }}{{ end -}}
 {{- end -}}
 {{- $set := merge $axisSet (deepCopy $p.set) -}}
 {{- $next = append $next (merge (dict "base" (printf "%s-%s" $p.base (include "mzsane.slug" $value)) "set" $set) (deepCopy $p)) -}}
@@ -213,8 +247,10 @@ axes ({path: value}) and overrides (the nested config overrides the point runs w
 {{- end -}}
 {{- $raw = $next -}}
 {{- end -}}
-{{- range $run := $v.sweep.runs -}}
-{{- $raw = append $raw (dict "base" (include "mzsane.slug" $run.name) "zooSize" (int $run.zooSize) "zoos" $run.zoos "composition" (default (join "+" $run.zoos) $run.composition) "set" (default dict $run.set)) -}}
+{{- range $rname, $run := $v.sweep.runs -}}
+{{- if $run -}}
+{{- $raw = append $raw (dict "base" (include "mzsane.slug" $rname) "zooSize" (int $run.zooSize) "zoos" $run.zoos "composition" (default (join "+" $run.zoos) $run.composition) "set" (default dict $run.set)) -}}
+{{- end -}}
 {{- end -}}
 {{- $numWorkers := int (include "mzsane.numWorkers" .) -}}
 {{- $points := list -}}

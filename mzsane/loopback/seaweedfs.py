@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 
+from mzsane.loopback import child
+
 _LISTENERS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port")
 
 
@@ -136,13 +138,7 @@ class SeaweedFS:
         return self.start(timeout_s, keep_ports=True)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        child.stop(self.process, grace_s=15)
         self.process = None
         if getattr(self, "_log", None) is not None:
             self._log.close()

@@ -123,7 +123,7 @@ install_apiserver() {
     mkdir -p "$bin/.tmp"
     say "building etcd and kube-apiserver for the harness (first build: about 5.5 min on 2 cores)"
     (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin/.tmp/" ./etcd ./kube-apiserver \
-        && mv "$bin/.tmp/etcd" "$bin/.tmp/kube-apiserver" "$bin/")
+        && mv "$bin/.tmp/etcd" "$bin/.tmp/kube-apiserver" "$bin/" && rmdir "$bin/.tmp")
 }
 
 install_harness() {

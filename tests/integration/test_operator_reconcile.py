@@ -1,8 +1,9 @@
 """Every RayJob of every sweep through KubeRay's own reconcilers (ray-operator v1.6.2; tests/operator harness).
 
 For each ``jobs/*.yaml`` (and ``jobs/local/*.yaml`` over its base), plain and with ``job.queueName`` set (the
-harness then plays Kueue's admission), the RayJob and RayCluster reconcilers run until the operator has made
-the RayCluster, head and worker Pods, Services and the submitter Job. The tests check those objects, not a
+harness then plays Kueue's admission), the RayJob and RayCluster reconcilers run against a real kube-apiserver
+(Pod Security "restricted" on every namespace) until the operator has made the RayCluster, head and worker Pods,
+Services and the submitter Job, each accepted by that server. The tests check those objects, not a
 description of them: restricted Pod Security on every container the operator wrote (injected ones too),
 unique port names and numbers, Services that select the head pod, schema validity, the submitter's command
 carrying the point's entrypoint as one command, and a Kueue ClusterQueue that covers every resource any of

@@ -46,9 +46,10 @@ def _validate(obj: dict) -> None:
     kubernetes_validate.validate(obj, K8S, strict=True)
 
 
-def test_contract_catches_a_duplicate_metrics_port(made):
+def test_contract_catches_a_duplicate_metrics_port(made, kuberay_harness, tmp_path):
     """The v1.5.0 review's failure 1: a head port on 8080 not named "metrics" makes KubeRay add its own
-    metrics: 8080, so the head Service carries 8080/TCP twice and the API server rejects it."""
+    metrics: 8080, so the head Service carries 8080/TCP twice and the API server rejects it (its own
+    refusal ends the harness; our second look, service_problems, names it too)."""
     job = _rayjobs([str(ROOT / "jobs" / "smoke.yaml")])[0]
     assert admission_problems(made(job), _validate) == []
     broken = copy.deepcopy(job)
@@ -56,8 +57,11 @@ def test_contract_catches_a_duplicate_metrics_port(made):
         for port in tpl["spec"]["containers"][0]["ports"]:
             if port["containerPort"] == 8080:
                 port["name"] = "ray-metrics"
-    problems = admission_problems(made(broken), _validate)
-    assert any("duplicate port" in p and "8080" in p for p in problems), problems
+    result = kuberay.run_harness(kuberay_harness, "reconcile", [broken], tmp_path / "broken")
+    assert result["returncode"] != 0, result["log"][-2000:]
+    refusal = result["log"].strip().splitlines()[-1]
+    assert "FailedToCreateService" in refusal and "is invalid: spec.ports" in refusal, refusal
+    assert "Duplicate value" in refusal and '"Port":8080' in refusal, refusal
 
 
 def test_kuberay_port_names_and_one_port_per_local_rank(made):
@@ -111,13 +115,18 @@ def test_gpu_sweeps_run_the_driver_on_a_gpu_head_and_never_on_a_worker(made):
         _render_values({"worker": {"replicas": 1, "resources": {"cpu": "4", "memory": "8Gi", "gpu": 1}}})
 
 
-def test_kueue_queue_suspends_and_labels_and_deadlines_default(made):
+def test_kueue_queue_suspends_and_labels_and_deadlines_default(kuberay_harness, tmp_path):
     job = _render_values({"job": {"queueName": "team-a"}, "pod": {"priorityClassName": "batch-low"}})
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job["spec"]["suspend"] is True
-    ours = made(job)  # the operator's own validation passes: it made the cluster once admitted
+    # the cluster's PriorityClass: without it the API server's Priority admission refuses every pod
+    priority = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "batch-low"},
+                "value": 100}
+    result = kuberay.run_harness(kuberay_harness, "reconcile", [priority, job], tmp_path, admit=True)
+    assert result["returncode"] == 0, result["log"][-3000:]
+    ours = kuberay.made_for(result, job["metadata"]["name"])  # made once "Kueue" admitted it
     for pod in ours["pods"] + [ours["submitter_pod"]]:
-        assert pod["spec"]["priorityClassName"] == "batch-low"
+        assert pod["spec"]["priorityClassName"] == "batch-low" and pod["spec"]["priority"] == 100
     plain = _rayjobs([str(ROOT / "jobs" / "grid.yaml")])[0]
     assert "suspend" not in plain["spec"] and "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
     assert plain["spec"]["activeDeadlineSeconds"] > 0 and plain["spec"]["preRunningDeadlineSeconds"] > 0
@@ -268,3 +277,24 @@ def test_kueue_example_quota_admits_four_grid_points_at_a_time(made):
              for r in queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"]}
     fits = min(int(quota[res] // need[res]) for res in need)
     assert fits == 4, (need, quota)
+
+
+@pytest.mark.parametrize("container", ["head", "submitter"])
+def test_the_api_server_enforces_restricted_pod_security(kuberay_harness, tmp_path, container):
+    """Pod Security admission is live on the real API server: a pod whose container may run as root and
+    keeps its capabilities is refused with PodSecurity's own message, whether the RayCluster reconciler
+    made it (head) or the Job controller's part made it from the submitter Job (submitter). The unbroken
+    point passes in every other test of this module."""
+    job = copy.deepcopy(_rayjobs([str(ROOT / "jobs" / "smoke.yaml")])[0])
+    spec = job["spec"]
+    template = (spec["rayClusterSpec"]["headGroupSpec"]["template"] if container == "head"
+                else spec["submitterPodTemplate"])
+    for scope in [template["spec"], *template["spec"]["containers"]]:
+        scope.get("securityContext", {}).pop("runAsNonRoot", None)
+        scope.get("securityContext", {}).pop("capabilities", None)
+    result = kuberay.run_harness(kuberay_harness, "reconcile", [job], tmp_path)
+    assert result["returncode"] != 0, result["log"][-2000:]
+    refusal = result["log"].strip().splitlines()[-1]
+    assert 'violates PodSecurity "restricted:latest"' in refusal, result["log"][-2000:]
+    assert "runAsNonRoot != true" in refusal and 'must set securityContext.capabilities.drop=["ALL"]' in refusal
+    assert ("FailedToCreateHeadPod" if container == "head" else "pod of Job") in refusal

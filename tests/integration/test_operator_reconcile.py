@@ -1,8 +1,9 @@
 """Every RayJob of every sweep through KubeRay's own reconcilers (ray-operator v1.6.2; tests/operator harness).
 
 For each ``jobs/*.yaml`` (and ``jobs/local/*.yaml`` over its base), plain and with ``job.queueName`` set (the
-harness then plays Kueue's admission), the RayJob and RayCluster reconcilers run until the operator has made
-the RayCluster, head and worker Pods, Services and the submitter Job. The tests check those objects, not a
+harness then plays Kueue's admission), the RayJob and RayCluster reconcilers run against a real kube-apiserver
+(Pod Security "restricted" on every namespace) until the operator has made the RayCluster, head and worker Pods,
+Services and the submitter Job, each accepted by that server. The tests check those objects, not a
 description of them: restricted Pod Security on every container the operator wrote (injected ones too),
 unique port names and numbers, Services that select the head pod, schema validity, the submitter's command
 carrying the point's entrypoint as one command, and a Kueue ClusterQueue that covers every resource any of
@@ -13,7 +14,6 @@ from __future__ import annotations
 import glob
 import os
 import shlex
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -52,21 +52,29 @@ SWEEPS = _sweeps()
 CASES = [(i, f, q) for i, f in SWEEPS for q in (False, True)]
 
 
-@cache
-def _reconciled(binary: Path, files: tuple[str, ...], queued: bool, tmp: Path) -> dict:
-    sets = [f"job.queueName={QUEUE}"] if queued else []
-    docs = render(list(files), release="sweep1", namespace="mzsane", sets=sets)
-    folder = tmp / f"{abs(hash((files, queued)))}"
-    result = run_harness(binary, "reconcile", docs, folder, admit=queued)
-    assert result["returncode"] == 0, result["log"][-3000:]
-    result["rendered"] = docs
-    return result
-
-
 @pytest.fixture(scope="module")
 def reconciled(kuberay_harness, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reconciled")
-    return lambda files, queued=False: _reconciled(kuberay_harness, tuple(files), queued, tmp)
+    """Every case in one harness run (one API server start), each case in a namespace of its own; returns
+    ``(files, queued) -> result`` with that namespace's objects and status sequences, keyed ``mzsane/NAME``.
+    Queued cases get "Kueue"'s admission; the others are never suspended, so admission does not touch them."""
+    cases, docs = {}, []
+    for k, (_, files, queued) in enumerate(CASES):
+        namespace = f"mzsane-{k}"
+        rendered = render(list(files), release="sweep1", namespace=namespace,
+                          sets=[f"job.queueName={QUEUE}"] if queued else [])
+        cases[(tuple(files), queued)] = (namespace, rendered)
+        docs += rendered
+    result = run_harness(kuberay_harness, "reconcile", docs, tmp_path_factory.mktemp("reconciled"), admit=True,
+                         timeout_s=900)
+    assert result["returncode"] == 0, result["log"][-3000:]
+
+    def view(files, queued=False) -> dict:
+        namespace, rendered = cases[(tuple(files), queued)]
+        return {"rendered": rendered,
+                "objects": [o for o in result["objects"] if o["metadata"].get("namespace") == namespace],
+                "status": {f"mzsane/{key.split('/', 1)[1]}": seq for key, seq in result["status"].items()
+                           if key.startswith(namespace + "/")}}
+    return view
 
 
 def _rayjob_names(result: dict) -> list[str]:

@@ -10,7 +10,11 @@
 #   scripts/install.sh harness  the tests' Go harness (tests/operator: KubeRay's reconcilers) built into
 #                               .mzsane/bin/kuberay-harness with the machine's Go, modules from the Go module
 #                               proxy; skipped when the binary is newer than its sources. Only `make test`
-#                               needs it (exit 3: no Go on this machine)
+#                               needs it (exit 3: no Go on this machine). Builds `apiserver` first
+#   scripts/install.sh apiserver  the real etcd and kube-apiserver the harness runs against (tests/apiserver:
+#                               Kubernetes' and etcd's own Go modules, wrapper mains only), built beside the
+#                               harness binary; skipped when both are newer than their sources. The first
+#                               build is the long one (about 5.5 min on 2 cores from an empty build cache)
 #
 # Settings (environment):
 #   PYTHON=python3       interpreter; with VENV set, the one that creates the venv
@@ -23,7 +27,8 @@
 #                        6.3 GB venv, which also runs on CPUs)
 #   DEB_ROOT=.mzsane/deb where the Debian packages are unpacked without root
 #   GO=go                the Go command (else `go` on PATH, else /usr/local/go/bin/go)
-#   MZSANE_HARNESS=.mzsane/bin/kuberay-harness   where the harness binary goes (the tests read the same)
+#   MZSANE_HARNESS=.mzsane/bin/kuberay-harness   where the harness binary goes (the tests read the same);
+#                        etcd and kube-apiserver go into the same folder
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -95,14 +100,37 @@ install_system() {
     for deb in "$DEB_ROOT"/pkgs/*.deb; do dpkg -x "$deb" "$DEB_ROOT"; done
 }
 
-install_harness() {
+go_command() {
     local go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
-    local src="$SRC/tests/operator" bin=${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}
     if [ ! -x "$go" ] && ! command -v "$go" >/dev/null; then
-        say "no Go at '$go': install Go 1.26 (or set GO=/path/to/go), then re-run \`scripts/install.sh harness\`"
+        say "no Go at '$go': install Go 1.26 (or set GO=/path/to/go), then re-run \`scripts/install.sh $1\`"
         exit 3
     fi
-    if [ -x "$bin" ] && [ -z "$(find "$src" -newer "$bin" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | head -1)" ]; then
+    echo "$go"
+}
+
+# newer_than BIN SRC: BIN exists and no Go source, go.mod or go.sum under SRC is newer
+newer_than() {
+    [ -x "$1" ] && [ -z "$(find "$2" -newer "$1" -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) | head -1)" ]
+}
+
+install_apiserver() {
+    local go; go=$(go_command apiserver)
+    local src="$SRC/tests/apiserver" bin; bin=$(dirname "${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}")
+    if newer_than "$bin/kube-apiserver" "$src" && newer_than "$bin/etcd" "$src"; then
+        return 0
+    fi
+    mkdir -p "$bin/.tmp"
+    say "building etcd and kube-apiserver for the harness (first build: about 5.5 min on 2 cores)"
+    (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin/.tmp/" ./etcd ./kube-apiserver \
+        && mv "$bin/.tmp/etcd" "$bin/.tmp/kube-apiserver" "$bin/")
+}
+
+install_harness() {
+    install_apiserver
+    local go; go=$(go_command harness)
+    local src="$SRC/tests/operator" bin=${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}
+    if newer_than "$bin" "$src"; then
         return 0
     fi
     mkdir -p "$(dirname "$bin")"
@@ -114,5 +142,6 @@ case "${1:-}" in
     python) install_python ;;
     system) install_system ;;
     harness) install_harness ;;
-    *) echo "usage: scripts/install.sh python|system|harness   (settings: see the top of this file)" >&2; exit 2 ;;
+    apiserver) install_apiserver ;;
+    *) echo "usage: scripts/install.sh python|system|harness|apiserver   (settings: see the top of this file)" >&2; exit 2 ;;
 esac

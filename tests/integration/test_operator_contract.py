@@ -268,3 +268,24 @@ def test_kueue_example_quota_admits_four_grid_points_at_a_time(made):
              for r in queue["spec"]["resourceGroups"][0]["flavors"][0]["resources"]}
     fits = min(int(quota[res] // need[res]) for res in need)
     assert fits == 4, (need, quota)
+
+
+@pytest.mark.parametrize("container", ["head", "submitter"])
+def test_the_api_server_enforces_restricted_pod_security(kuberay_harness, tmp_path, container):
+    """Pod Security admission is live on the real API server: a pod whose container may run as root and
+    keeps its capabilities is refused with PodSecurity's own message, whether the RayCluster reconciler
+    made it (head) or the Job controller's part made it from the submitter Job (submitter). The unbroken
+    point passes in every other test of this module."""
+    job = copy.deepcopy(_rayjobs([str(ROOT / "jobs" / "smoke.yaml")])[0])
+    spec = job["spec"]
+    template = (spec["rayClusterSpec"]["headGroupSpec"]["template"] if container == "head"
+                else spec["submitterPodTemplate"])
+    for scope in [template["spec"], *template["spec"]["containers"]]:
+        scope.get("securityContext", {}).pop("runAsNonRoot", None)
+        scope.get("securityContext", {}).pop("capabilities", None)
+    result = kuberay.run_harness(kuberay_harness, "reconcile", [job], tmp_path)
+    assert result["returncode"] != 0, result["log"][-2000:]
+    refusal = result["log"].strip().splitlines()[-1]
+    assert 'violates PodSecurity "restricted:latest"' in refusal, result["log"][-2000:]
+    assert "runAsNonRoot != true" in refusal and 'must set securityContext.capabilities.drop=["ALL"]' in refusal
+    assert ("FailedToCreateHeadPod" if container == "head" else "pod of Job") in refusal

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 import shlex
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -52,21 +51,29 @@ SWEEPS = _sweeps()
 CASES = [(i, f, q) for i, f in SWEEPS for q in (False, True)]
 
 
-@cache
-def _reconciled(binary: Path, files: tuple[str, ...], queued: bool, tmp: Path) -> dict:
-    sets = [f"job.queueName={QUEUE}"] if queued else []
-    docs = render(list(files), release="sweep1", namespace="mzsane", sets=sets)
-    folder = tmp / f"{abs(hash((files, queued)))}"
-    result = run_harness(binary, "reconcile", docs, folder, admit=queued)
-    assert result["returncode"] == 0, result["log"][-3000:]
-    result["rendered"] = docs
-    return result
-
-
 @pytest.fixture(scope="module")
 def reconciled(kuberay_harness, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reconciled")
-    return lambda files, queued=False: _reconciled(kuberay_harness, tuple(files), queued, tmp)
+    """Every case in one harness run (one API server start), each case in a namespace of its own; returns
+    ``(files, queued) -> result`` with that namespace's objects and status sequences, keyed ``mzsane/NAME``.
+    Queued cases get "Kueue"'s admission; the others are never suspended, so admission does not touch them."""
+    cases, docs = {}, []
+    for k, (_, files, queued) in enumerate(CASES):
+        namespace = f"mzsane-{k}"
+        rendered = render(list(files), release="sweep1", namespace=namespace,
+                          sets=[f"job.queueName={QUEUE}"] if queued else [])
+        cases[(tuple(files), queued)] = (namespace, rendered)
+        docs += rendered
+    result = run_harness(kuberay_harness, "reconcile", docs, tmp_path_factory.mktemp("reconciled"), admit=True,
+                         timeout_s=900)
+    assert result["returncode"] == 0, result["log"][-3000:]
+
+    def view(files, queued=False) -> dict:
+        namespace, rendered = cases[(tuple(files), queued)]
+        return {"rendered": rendered,
+                "objects": [o for o in result["objects"] if o["metadata"].get("namespace") == namespace],
+                "status": {f"mzsane/{key.split('/', 1)[1]}": seq for key, seq in result["status"].items()
+                           if key.startswith(namespace + "/")}}
+    return view
 
 
 def _rayjob_names(result: dict) -> list[str]:

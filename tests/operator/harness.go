@@ -5,14 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"k8s.io/apimachinery/pkg/api/meta"
-
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -24,17 +23,20 @@ import (
 	"go.uber.org/zap/zapcore"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	toolscache "k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/client/apiutil"
-	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/yaml"
 )
 
@@ -42,35 +44,49 @@ import (
 // hook Pod) no controller of KubeRay reads, and a Pod in the input would be mistaken for an operator's.
 var loaded = map[string]bool{"ConfigMap": true, "Secret": true, "RayJob": true}
 
-// mgrShim is the part of a controller-runtime Manager that KubeRay's constructors read (client, scheme,
-// event recorder); the fake client stands in for the API server and its informer cache.
-type mgrShim struct {
+// recordingManager is the controller-runtime Manager KubeRay's reconcilers run in, with one addition: a
+// Warning event whose reason starts "FailedToCreate" (the API server refused what the operator made, e.g.
+// Pod Security refused a head pod) ends the harness with the event's message, instead of a retry loop
+// that would only end at the timeout.
+type recordingManager struct {
 	manager.Manager
-	c client.Client
-	s *runtime.Scheme
+	refused chan string
 }
 
-func (m mgrShim) GetClient() client.Client    { return m.c }
-func (m mgrShim) GetAPIReader() client.Reader { return m.c }
-func (m mgrShim) GetScheme() *runtime.Scheme  { return m.s }
-
-// GetEventRecorderFor is what ray-operator v1.6.2's reconcilers ask for; a nil Events channel drops events.
-func (m mgrShim) GetEventRecorderFor(name string) record.EventRecorder { return &record.FakeRecorder{} }
-
-// GetFieldIndexer: v1.6.2's RayCluster reconciler registers a Pod index on metadata.uid when it is made;
-// the fake client gets the same index when it is built (podUIDIndex), so registering here is a no-op.
-func (m mgrShim) GetFieldIndexer() client.FieldIndexer { return noIndexer{} }
-
-type noIndexer struct{}
-
-func (noIndexer) IndexField(context.Context, client.Object, string, client.IndexerFunc) error {
-	return nil
+func (m recordingManager) GetEventRecorderFor(name string) record.EventRecorder {
+	return refusalRecorder{EventRecorder: m.Manager.GetEventRecorderFor(name), refused: m.refused}
 }
 
-func podUIDIndex(o client.Object) []string { return []string{string(o.GetUID())} }
+type refusalRecorder struct {
+	record.EventRecorder
+	refused chan string
+}
 
-// kubelet plays the node's part between reconcile passes: it gives Pods and Jobs the status a real
-// kubelet and Job controller would.
+func (r refusalRecorder) Event(obj runtime.Object, eventtype, reason, message string) {
+	r.EventRecorder.Event(obj, eventtype, reason, message)
+	r.check(eventtype, reason, message)
+}
+
+func (r refusalRecorder) Eventf(obj runtime.Object, eventtype, reason, format string, args ...any) {
+	r.EventRecorder.Eventf(obj, eventtype, reason, format, args...)
+	r.check(eventtype, reason, fmt.Sprintf(format, args...))
+}
+
+func (r refusalRecorder) check(eventtype, reason, message string) {
+	if eventtype != corev1.EventTypeWarning {
+		return
+	}
+	progress("event %s: %s", reason, message)
+	if strings.HasPrefix(reason, "FailedToCreate") {
+		select {
+		case r.refused <- reason + ": " + message:
+		default:
+		}
+	}
+}
+
+// kubelet plays the node's part between passes: it gives Pods and Jobs the status a real kubelet and Job
+// controller would (there is no kube-controller-manager beside the API server).
 type kubelet interface {
 	sync(ctx context.Context, c client.Client) error
 }
@@ -83,15 +99,15 @@ type statusStep struct {
 }
 
 type harness struct {
-	scheme   *runtime.Scheme
-	client   client.Client
-	jobs     *raycontrollers.RayJobReconciler
-	clusters *raycontrollers.RayClusterReconciler
-	kubelet  kubelet
-	admit    bool
-	input    map[string]bool // kind/namespace/name of what the input held
-	seq      map[string][]statusStep
-	order    []string
+	scheme  *runtime.Scheme
+	client  client.Client // uncached: reads what the API server holds now
+	mgr     recordingManager
+	kubelet kubelet
+	admit   bool
+	input   map[string]bool // kind/namespace/name of what the input held
+	mu      sync.Mutex
+	seq     map[string][]statusStep
+	order   []string
 }
 
 func newScheme() (*runtime.Scheme, error) {
@@ -106,15 +122,15 @@ func key(kind string, o client.Object) string {
 	return kind + "/" + o.GetNamespace() + "/" + o.GetName()
 }
 
-// readObjects decodes every document strictly: a field the Go types do not know is an error, as it
-// would be for the API server's structural schema (pruning aside).
-func readObjects(path string, s *runtime.Scheme) ([]client.Object, error) {
+// readObjects decodes every document of the kinds the harness loads, as they were rendered: the API server
+// sees them unchanged (created with strict field validation, an unknown field is its error).
+func readObjects(path string) ([]*unstructured.Unstructured, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(raw), 4096)
-	var objs []client.Object
+	var objs []*unstructured.Unstructured
 	for {
 		u := &unstructured.Unstructured{}
 		if err := dec.Decode(&u.Object); err != nil {
@@ -126,70 +142,89 @@ func readObjects(path string, s *runtime.Scheme) ([]client.Object, error) {
 		if len(u.Object) == 0 || !loaded[u.GetKind()] {
 			continue
 		}
-		typed, err := s.New(u.GroupVersionKind())
-		if err != nil {
-			return nil, fmt.Errorf("%s: %s %s: %w", path, u.GetKind(), u.GetName(), err)
+		if u.GetNamespace() == "" {
+			u.SetNamespace("default")
 		}
-		if err := runtime.DefaultUnstructuredConverter.FromUnstructuredWithValidation(u.Object, typed, true); err != nil {
-			return nil, fmt.Errorf("%s: %s %s does not fit the %s types: %w", path, u.GetKind(), u.GetName(), u.GetAPIVersion(), err)
-		}
-		objs = append(objs, typed.(client.Object))
+		objs = append(objs, u)
 	}
 	return objs, nil
 }
 
-func newHarness(ctx context.Context, in, crds string, provider utils.ClientProvider) (*harness, error) {
+// newHarness creates the input on the API server (each namespace Pod Security "restricted" first) and
+// sets KubeRay's RayJob and RayCluster reconcilers up in a manager, as the operator's main does.
+func newHarness(ctx context.Context, cp *controlPlane, in string, provider utils.ClientProvider) (*harness, error) {
 	s, err := newScheme()
 	if err != nil {
 		return nil, err
 	}
-	schemas, err := loadCRDs(crds)
+	objs, err := readObjects(in)
 	if err != nil {
 		return nil, err
 	}
-	objs, err := readObjects(in, s)
+	c, err := client.New(cp.cfg, client.Options{Scheme: s})
 	if err != nil {
 		return nil, err
 	}
-	c := fake.NewClientBuilder().WithScheme(s).
-		WithStatusSubresource(&rayv1.RayJob{}, &rayv1.RayCluster{}, &corev1.Pod{}, &batchv1.Job{}).
-		WithIndex(&corev1.Pod{}, "metadata.uid", podUIDIndex).
-		WithInterceptorFuncs(schemas.interceptors()).Build()
 	h := &harness{scheme: s, client: c, input: map[string]bool{}, seq: map[string][]statusStep{}}
+	namespaces := map[string]bool{}
 	for _, o := range objs {
-		gvk, _ := apiutil.GVKForObject(o, s)
-		if o.GetNamespace() == "" {
-			o.SetNamespace("default")
+		if !namespaces[o.GetNamespace()] {
+			if err := prepareNamespace(ctx, c, o.GetNamespace()); err != nil {
+				return nil, err
+			}
+			namespaces[o.GetNamespace()] = true
 		}
-		if err := c.Create(ctx, o); err != nil {
-			return nil, fmt.Errorf("create %s %s: %w", gvk.Kind, o.GetName(), err)
+		if err := c.Create(ctx, o, client.FieldValidation("Strict")); err != nil {
+			return nil, fmt.Errorf("the API server refused %s %s: %w", o.GetKind(), o.GetName(), err)
 		}
-		h.input[key(gvk.Kind, o)] = true
-		if gvk.Kind == "RayJob" {
+		h.input[key(o.GetKind(), o)] = true
+		if o.GetKind() == "RayJob" {
 			h.order = append(h.order, o.GetNamespace()+"/"+o.GetName())
 		}
 	}
 	if len(h.order) == 0 {
 		return nil, fmt.Errorf("%s holds no RayJob", in)
 	}
-	mgr := mgrShim{c: c, s: s}
-	h.jobs = raycontrollers.NewRayJobReconciler(ctx, mgr, raycontrollers.RayJobReconcilerOptions{}, provider)
-	h.clusters = raycontrollers.NewReconciler(ctx, mgr, raycontrollers.RayClusterReconcilerOptions{})
-	return h, nil
+	mgr, err := ctrl.NewManager(cp.cfg, manager.Options{Scheme: s, Metrics: metricsserver.Options{BindAddress: "0"},
+		HealthProbeBindAddress: "0", LeaderElection: false})
+	if err != nil {
+		return nil, err
+	}
+	h.mgr = recordingManager{Manager: mgr, refused: make(chan string, 1)}
+	jobs := raycontrollers.NewRayJobReconciler(ctx, h.mgr, raycontrollers.RayJobReconcilerOptions{}, provider)
+	if err := jobs.SetupWithManager(h.mgr, 1); err != nil {
+		return nil, err
+	}
+	clusters := raycontrollers.NewReconciler(ctx, h.mgr, raycontrollers.RayClusterReconcilerOptions{})
+	if err := clusters.SetupWithManager(h.mgr, 1); err != nil {
+		return nil, err
+	}
+	// every RayJob status the watch delivers, in order: the sequence the operator wrote
+	informer, err := mgr.GetCache().GetInformer(ctx, &rayv1.RayJob{})
+	if err != nil {
+		return nil, err
+	}
+	_, err = informer.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { h.record(obj) },
+		UpdateFunc: func(_, obj any) { h.record(obj) },
+	})
+	return h, err
 }
 
-// loop reconciles until every RayJob reached the mode's goal: its submitter Job exists (reconcile) or it
-// is Complete/Failed (run). Requeue delays are ignored: each pass reconciles everything once.
+// loop runs the manager until every RayJob reached the mode's goal: its submitter Job exists (reconcile) or
+// it is Complete/Failed (run). Each pass plays the kubelet and Kueue; the reconcilers run on the watches
+// and their own requeues, as in a cluster.
 func (h *harness) loop(ctx context.Context, mode string) error {
-	for _, nn := range h.order { // the status each RayJob was created with (New)
-		ns, name, _ := strings.Cut(nn, "/")
-		if err := h.record(ctx, types.NamespacedName{Namespace: ns, Name: name}); err != nil {
-			return err
-		}
-	}
+	mgrCtx, stopMgr := context.WithCancel(ctx)
+	mgrDone := make(chan error, 1)
+	go func() { mgrDone <- h.mgr.Start(mgrCtx) }()
+	defer func() { stopMgr(); <-mgrDone }()
 	settle := 0
 	for pass := 1; ; pass++ {
-		if err := h.pass(ctx); err != nil {
+		if err := h.kubelet.sync(ctx, h.client); err != nil {
+			return err
+		}
+		if err := h.admitSuspended(ctx); err != nil {
 			return err
 		}
 		done, err := h.done(ctx, mode)
@@ -205,6 +240,11 @@ func (h *harness) loop(ctx context.Context, mode string) error {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("gave up after %d passes: %s", pass, h.summary())
+		case err := <-mgrDone:
+			mgrDone <- err
+			return fmt.Errorf("the operator's manager stopped: %v", err)
+		case msg := <-h.mgr.refused:
+			return fmt.Errorf("the API server refused what the operator made: %s", msg)
 		case <-time.After(passDelay(mode)):
 		}
 	}
@@ -214,50 +254,49 @@ func passDelay(mode string) time.Duration {
 	if mode == "run" {
 		return time.Second
 	}
-	return 10 * time.Millisecond
+	return 100 * time.Millisecond
 }
 
-func (h *harness) pass(ctx context.Context) error {
-	for _, nn := range h.order {
-		ns, name, _ := strings.Cut(nn, "/")
-		req := ctrl.Request{NamespacedName: types.NamespacedName{Namespace: ns, Name: name}}
-		if _, err := h.jobs.Reconcile(ctx, req); err != nil {
-			progress("rayjob %s: requeue: %v", name, err)
-		}
-		if err := h.record(ctx, req.NamespacedName); err != nil {
-			return err
-		}
-	}
-	var clusters rayv1.RayClusterList
-	if err := h.client.List(ctx, &clusters); err != nil {
-		return err
-	}
-	for _, rc := range clusters.Items {
-		req := ctrl.Request{NamespacedName: types.NamespacedName{Namespace: rc.Namespace, Name: rc.Name}}
-		if _, err := h.clusters.Reconcile(ctx, req); err != nil {
-			progress("raycluster %s: requeue: %v", rc.Name, err)
-		}
-	}
-	return h.kubelet.sync(ctx, h.client)
-}
-
-// record appends the RayJob's status to its sequence when it changed, and plays Kueue when asked.
-func (h *harness) record(ctx context.Context, nn types.NamespacedName) error {
-	var job rayv1.RayJob
-	if err := h.client.Get(ctx, nn, &job); err != nil {
-		return fmt.Errorf("rayjob %s: %w", nn.Name, err)
+// record appends a RayJob's status to its sequence when it changed.
+func (h *harness) record(obj any) {
+	job, ok := obj.(*rayv1.RayJob)
+	if !ok {
+		return
 	}
 	step := statusStep{string(job.Status.JobDeploymentStatus), string(job.Status.JobStatus),
 		string(job.Status.Reason), job.Status.Message}
-	seq := h.seq[nn.String()]
+	nn := job.Namespace + "/" + job.Name
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	seq := h.seq[nn]
 	if len(seq) == 0 || seq[len(seq)-1] != step {
-		h.seq[nn.String()] = append(seq, step)
-		progress("rayjob %s: jobDeploymentStatus=%q jobStatus=%q %s", nn.Name, step.JobDeploymentStatus, step.JobStatus, step.Message)
+		h.seq[nn] = append(seq, step)
+		progress("rayjob %s: jobDeploymentStatus=%q jobStatus=%q %s", job.Name, step.JobDeploymentStatus, step.JobStatus, step.Message)
 	}
-	if h.admit && job.Spec.Suspend && job.Status.JobDeploymentStatus == rayv1.JobDeploymentStatusSuspended {
+}
+
+// admitSuspended plays Kueue when asked: a RayJob the operator reported Suspended gets spec.suspend=false.
+func (h *harness) admitSuspended(ctx context.Context) error {
+	if !h.admit {
+		return nil
+	}
+	for _, nn := range h.order {
+		ns, name, _ := strings.Cut(nn, "/")
+		var job rayv1.RayJob
+		if err := h.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &job); err != nil {
+			return fmt.Errorf("rayjob %s: %w", name, err)
+		}
+		if !job.Spec.Suspend || job.Status.JobDeploymentStatus != rayv1.JobDeploymentStatusSuspended {
+			continue
+		}
 		job.Spec.Suspend = false
-		progress("rayjob %s: admitted (spec.suspend=false, as Kueue does)", nn.Name)
-		return h.client.Update(ctx, &job)
+		if err := h.client.Update(ctx, &job); err != nil {
+			if apierrors.IsConflict(err) {
+				continue // the operator wrote it meanwhile: next pass
+			}
+			return fmt.Errorf("rayjob %s: %w", name, err)
+		}
+		progress("rayjob %s: admitted (spec.suspend=false, as Kueue does)", name)
 	}
 	return nil
 }
@@ -288,6 +327,8 @@ func (h *harness) done(ctx context.Context, mode string) (bool, error) {
 }
 
 func (h *harness) summary() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	var parts []string
 	for _, nn := range h.order {
 		seq := h.seq[nn]
@@ -325,7 +366,11 @@ func (h *harness) write(out string) error {
 			if h.input[key(gvk.Kind, o)] && gvk.Kind != "RayJob" { // RayJobs: written with their status
 				continue
 			}
+			if o.GetLabels()["provider"] == "kubernetes" { // the API server's own "kubernetes" Service
+				continue
+			}
 			o.GetObjectKind().SetGroupVersionKind(gvk)
+			scrub(o)
 			doc, err := yaml.Marshal(o)
 			if err != nil {
 				return err
@@ -337,7 +382,9 @@ func (h *harness) write(out string) error {
 	if err := os.WriteFile(filepath.Join(out, "objects.yaml"), []byte(strings.Join(docs, "---\n")), 0o644); err != nil {
 		return err
 	}
+	h.mu.Lock()
 	status, err := json.MarshalIndent(h.seq, "", "  ")
+	h.mu.Unlock()
 	if err != nil {
 		return err
 	}

@@ -4,31 +4,71 @@ import (
 	"context"
 	"fmt"
 
+	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
 // statusKubelet (reconcile mode) runs nothing: it reports every new Pod Running and Ready on its own
 // loopback address (127.0.0.2, .3, ... in creation order), which is all the RayCluster reconciler waits for
-// before the RayJob reconciler creates the submitter Job.
+// before the RayJob reconciler creates the submitter Job. It also plays the Job controller's first step:
+// each Job gets its Pod, created on the API server, so admission sees the submitter's pod too.
 type statusKubelet struct{}
 
 func (statusKubelet) sync(ctx context.Context, c client.Client) error {
+	var jobs batchv1.JobList
+	if err := c.List(ctx, &jobs); err != nil {
+		return err
+	}
+	for i := range jobs.Items {
+		if err := ensureJobPod(ctx, c, &jobs.Items[i]); err != nil {
+			return err
+		}
+	}
 	var pods corev1.PodList
 	if err := c.List(ctx, &pods); err != nil {
 		return err
 	}
 	for i := range pods.Items {
 		pod := &pods.Items[i]
-		if pod.Status.Phase != "" {
+		if pod.Status.PodIP != "" { // the API server makes every pod Pending: an address says a kubelet took it
 			continue
 		}
 		markRunning(pod, nextIP(ctx, c))
-		if err := c.Status().Update(ctx, pod); err != nil {
+		if err := c.Status().Update(ctx, pod); apierrors.IsConflict(err) {
+			continue // written meanwhile: the next pass sees it again
+		} else if err != nil {
 			return fmt.Errorf("pod %s status: %w", pod.Name, err)
 		}
 	}
+	return nil
+}
+
+// ensureJobPod makes the Pod the Job controller would make of a Job's template (once: this Job
+// controller never retries), named and labelled as the real one names them.
+func ensureJobPod(ctx context.Context, c client.Client, job *batchv1.Job) error {
+	var pods corev1.PodList
+	if err := c.List(ctx, &pods, client.InNamespace(job.Namespace),
+		client.MatchingLabels{batchv1.JobNameLabel: job.Name}); err != nil {
+		return err
+	}
+	if len(pods.Items) > 0 {
+		return nil
+	}
+	tmpl := job.Spec.Template
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: job.Name + "-", Namespace: job.Namespace,
+		Labels: map[string]string{batchv1.JobNameLabel: job.Name}, Annotations: tmpl.Annotations,
+		OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(job, batchv1.SchemeGroupVersion.WithKind("Job"))}},
+		Spec: *tmpl.Spec.DeepCopy()}
+	for k, v := range tmpl.Labels { // the API server put the job-name and controller-uid labels here
+		pod.Labels[k] = v
+	}
+	if err := c.Create(ctx, pod); err != nil {
+		return fmt.Errorf("the API server refused the pod of Job %s: %w", job.Name, err)
+	}
+	progress("job %s: made pod %s", job.Name, pod.Name)
 	return nil
 }
 

@@ -1,19 +1,26 @@
 // Command harness runs KubeRay's own RayJob and RayCluster reconcilers (the ray-operator Go module named
-// in go.mod, unmodified) on the objects mzsane's chart renders, against controller-runtime's fake client.
+// in go.mod, unmodified, in a controller-runtime manager as the operator's main sets them up) on the
+// objects mzsane's chart renders, against a real kube-apiserver and etcd (tests/apiserver).
 //
 // Why: two hand-written emulations of the operator missed what it does (a duplicate port, an entrypoint
-// the submitter breaks); running the operator's code leaves nothing to emulate but the kubelet.
+// the submitter breaks); running the operator's code against the API server's own validation, defaulting,
+// CRD schema pruning, admission and watches leaves nothing to emulate but the kubelet and the Job controller.
 //
 //	harness reconcile -in rendered.yaml -out DIR -crds DIR [-admit]
 //	    reconcile every RayJob until the operator has made its RayCluster, Pods, Services and submitter
-//	    Job; write them to DIR/objects.yaml and the RayJob status sequences to DIR/status.json.
+//	    Job (and the harness, as the Job controller, its Pod); write them to DIR/objects.yaml and the RayJob
+//	    status sequences to DIR/status.json.
 //	harness run -in rendered.yaml -out DIR -crds DIR -work DIR [-admit] [-timeout 20m]
 //	    also play the kubelet for real: start each container's command as a local process (see kubelet.go)
 //	    and reconcile until every RayJob is Complete or Failed.
 //
-// -crds names the folder of KubeRay's CRDs: ray.io objects are pruned and defaulted by them on every write,
-// as the API server would. -admit plays Kueue's part: a suspended RayJob is admitted (spec.suspend set to false) once the operator
-// has reported it Suspended. Errors print one line and exit 1.
+// The API server: etcd and kube-apiserver from -apiserver-bin (default: this binary's folder, where
+// `scripts/install.sh harness` puts them), started by envtest on loopback ports; -crds names the folder of
+// KubeRay's CRDs it installs. Every namespace of the input gets Pod Security "restricted" (enforce, audit,
+// warn) and its "default" ServiceAccount; the input is created with strict field validation. What it
+// refuses (a rendered object, a pod the operator or the Job controller makes) ends the harness with the
+// server's message. -admit plays Kueue's part: a suspended RayJob is admitted (spec.suspend set to false)
+// once the operator has reported it Suspended. Errors print one line and exit 1.
 package main
 
 import (
@@ -22,6 +29,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -48,6 +56,7 @@ func main() {
 	var forwards multiFlag
 	flags.Var(&forwards, "forward", "run mode: NAME:PORT=HOST:PORT, the pods reach HOST:PORT as NAME:PORT (repeatable)")
 	crds := flags.String("crds", "", "folder of KubeRay's CRD files (ray.io_rayjobs.yaml, ray.io_rayclusters.yaml)")
+	apiserverBin := flags.String("apiserver-bin", "", "folder of the etcd and kube-apiserver binaries (default: beside this binary)")
 	_ = flags.Parse(os.Args[2:])
 	if *in == "" || *out == "" || *crds == "" || (mode == "run" && *work == "") {
 		fail(fmt.Errorf("%s needs -in, -out and -crds%s", mode, map[bool]string{true: " and -work", false: ""}[mode == "run"]))
@@ -59,11 +68,25 @@ func main() {
 	defer stop()
 	ctx, cancel := context.WithTimeout(sigCtx, *timeout)
 	defer cancel()
+	if *apiserverBin == "" {
+		self, err := os.Executable()
+		if err != nil {
+			fail(err)
+		}
+		*apiserverBin = filepath.Dir(self)
+	}
+	// first: the process kubelet below confines the default HTTP transport to pod addresses
+	cp, err := startControlPlane(*apiserverBin, *crds)
+	if err != nil {
+		fail(err)
+	}
+	defer cp.stop()
 	var provider utils.ClientProvider = noDashboard{}
 	var k kubelet = statusKubelet{}
 	if mode == "run" {
 		pk, err := newProcessKubelet(*work, forwards)
 		if err != nil {
+			cp.stop()
 			fail(err)
 		}
 		// KubeRay's default ClientProvider: its real HTTP dashboard client, at the URL the operator builds
@@ -71,16 +94,17 @@ func main() {
 		provider, k = kuberayconfig.Configuration{}, pk
 		defer pk.stopAll()
 	}
-	if err := run(ctx, mode, *in, *out, *crds, *admit, provider, k); err != nil {
+	if err := run(ctx, cp, mode, *in, *out, *admit, provider, k); err != nil {
 		if pk, ok := k.(*processKubelet); ok {
 			pk.stopAll()
 		}
+		cp.stop()
 		fail(err)
 	}
 }
 
-func run(ctx context.Context, mode, in, out, crds string, admit bool, provider utils.ClientProvider, k kubelet) error {
-	h, err := newHarness(ctx, in, crds, provider)
+func run(ctx context.Context, cp *controlPlane, mode, in, out string, admit bool, provider utils.ClientProvider, k kubelet) error {
+	h, err := newHarness(ctx, cp, in, provider)
 	if err != nil {
 		return err
 	}

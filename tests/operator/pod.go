@@ -92,8 +92,9 @@ func (k *processKubelet) start(ctx context.Context, c client.Client, lp *localPo
 					return fmt.Errorf("volume %s: %w", m.Name, err)
 				}
 				files = sec.Data
+			case v.Projected != nil: // the ServiceAccount admission's API token: nothing here talks to the API
 			case v.EmptyDir == nil:
-				return fmt.Errorf("volume %s: only configMap, secret and emptyDir volumes run locally", m.Name)
+				return fmt.Errorf("volume %s: only configMap, secret, projected and emptyDir volumes run locally", m.Name)
 			}
 			for name, data := range files {
 				if err := os.WriteFile(filepath.Join(src, name), data, 0o644); err != nil {

@@ -15,6 +15,7 @@ import (
 
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
@@ -118,7 +119,7 @@ func (k *processKubelet) sync(ctx context.Context, c client.Client) error {
 	for i := range pods.Items {
 		pod := &pods.Items[i]
 		alive[podKey(pod.ObjectMeta)] = true
-		if err := k.syncPod(ctx, c, pod); err != nil {
+		if err := k.syncPod(ctx, c, pod); err != nil && !apierrors.IsConflict(err) { // conflict: next pass
 			return err
 		}
 	}
@@ -137,7 +138,7 @@ func (k *processKubelet) sync(ctx context.Context, c client.Client) error {
 	liveJobs := map[string]bool{}
 	for i := range jobs.Items {
 		liveJobs[podKey(jobs.Items[i].ObjectMeta)] = true
-		if err := k.syncJob(ctx, c, &jobs.Items[i]); err != nil {
+		if err := k.syncJob(ctx, c, &jobs.Items[i]); err != nil && !apierrors.IsConflict(err) {
 			return err
 		}
 	}
@@ -345,5 +346,5 @@ func (k *processKubelet) stopAll() {
 	k.net.close()
 }
 
-// podKey: namespace/name (the fake client sets no UIDs).
+// podKey: namespace/name.
 func podKey(m metav1.ObjectMeta) string { return m.Namespace + "/" + m.Name }

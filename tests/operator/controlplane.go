@@ -37,7 +37,7 @@ var podSecurity = map[string]string{
 }
 
 // binDir: where etcd and kube-apiserver are; -apiserver-bin, else beside the harness binary.
-func startControlPlane(binDir, crds string) (*controlPlane, error) {
+func startControlPlane(binDir string, crds ...string) (*controlPlane, error) {
 	for _, name := range []string{"etcd", "kube-apiserver"} {
 		if _, err := os.Stat(filepath.Join(binDir, name)); err != nil {
 			return nil, fmt.Errorf("no %s in %s: run `scripts/install.sh apiserver` (or pass -apiserver-bin)", name, binDir)
@@ -45,7 +45,7 @@ func startControlPlane(binDir, crds string) (*controlPlane, error) {
 	}
 	env := &envtest.Environment{
 		BinaryAssetsDirectory:    binDir,
-		CRDDirectoryPaths:        []string{crds},
+		CRDDirectoryPaths:        crds,
 		ErrorIfCRDPathMissing:    true,
 		ControlPlaneStartTimeout: 2 * time.Minute,
 		ControlPlaneStopTimeout:  30 * time.Second,

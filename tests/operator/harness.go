@@ -23,7 +23,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -99,15 +98,17 @@ type statusStep struct {
 }
 
 type harness struct {
-	scheme  *runtime.Scheme
-	client  client.Client // uncached: reads what the API server holds now
-	mgr     recordingManager
-	kubelet kubelet
-	admit   bool
-	input   map[string]bool // kind/namespace/name of what the input held
-	mu      sync.Mutex
-	seq     map[string][]statusStep
-	order   []string
+	scheme     *runtime.Scheme
+	client     client.Client // uncached: reads what the API server holds now
+	mgr        recordingManager
+	kubelet    kubelet
+	kueue      *kueueManager // nil: no Kueue runs
+	kueueStart func(context.Context) error
+	settled    time.Time       // with Kueue: since when every RayJob was done
+	input      map[string]bool // kind/namespace/name of what the input held
+	mu         sync.Mutex
+	seq        map[string][]statusStep
+	order      []string
 }
 
 func newScheme() (*runtime.Scheme, error) {
@@ -224,12 +225,24 @@ func (h *harness) loop(ctx context.Context, mode string) error {
 		if err := h.kubelet.sync(ctx, h.client); err != nil {
 			return err
 		}
-		if err := h.admitSuspended(ctx); err != nil {
+		if err := h.startKueueOnceHeld(ctx); err != nil {
 			return err
 		}
 		done, err := h.done(ctx, mode)
 		if err != nil {
 			return err
+		}
+		if h.kueue != nil {
+			if err := h.kueue.exited(); err != nil {
+				return err
+			}
+			// Kueue admits one workload per scheduling cycle: done only once nothing changed for a while
+			if !done {
+				h.settled = time.Time{}
+			} else if h.settled.IsZero() {
+				h.settled = time.Now()
+			}
+			done = done && time.Since(h.settled) > kueueSettle
 		}
 		if done {
 			// two more passes: what the operator makes once a RayJob is Running (its own head Service)
@@ -275,33 +288,11 @@ func (h *harness) record(obj any) {
 	}
 }
 
-// admitSuspended plays Kueue when asked: a RayJob the operator reported Suspended gets spec.suspend=false.
-func (h *harness) admitSuspended(ctx context.Context) error {
-	if !h.admit {
-		return nil
-	}
-	for _, nn := range h.order {
-		ns, name, _ := strings.Cut(nn, "/")
-		var job rayv1.RayJob
-		if err := h.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &job); err != nil {
-			return fmt.Errorf("rayjob %s: %w", name, err)
-		}
-		if !job.Spec.Suspend || job.Status.JobDeploymentStatus != rayv1.JobDeploymentStatusSuspended {
-			continue
-		}
-		job.Spec.Suspend = false
-		if err := h.client.Update(ctx, &job); err != nil {
-			if apierrors.IsConflict(err) {
-				continue // the operator wrote it meanwhile: next pass
-			}
-			return fmt.Errorf("rayjob %s: %w", name, err)
-		}
-		progress("rayjob %s: admitted (spec.suspend=false, as Kueue does)", name)
-	}
-	return nil
-}
-
 func (h *harness) done(ctx context.Context, mode string) (bool, error) {
+	queue, err := h.kueueSnapshot(ctx)
+	if err != nil {
+		return false, err
+	}
 	for _, nn := range h.order {
 		ns, name, _ := strings.Cut(nn, "/")
 		var job rayv1.RayJob
@@ -310,6 +301,9 @@ func (h *harness) done(ctx context.Context, mode string) (bool, error) {
 		}
 		switch mode {
 		case "reconcile":
+			if queue.pending(&job) {
+				continue
+			}
 			var submitter batchv1.Job
 			if err := h.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &submitter); err != nil {
 				return false, client.IgnoreNotFound(err)
@@ -349,6 +343,9 @@ func (h *harness) write(out string) error {
 	ctx := context.Background()
 	lists := []client.ObjectList{&rayv1.RayJobList{}, &rayv1.RayClusterList{}, &corev1.PodList{},
 		&corev1.ServiceList{}, &batchv1.JobList{}, &corev1.SecretList{}, &corev1.ConfigMapList{}}
+	if h.kueue != nil {
+		lists = append(lists, kueueLists()...)
+	}
 	var docs []string
 	for _, list := range lists {
 		if err := h.client.List(ctx, list); err != nil {

@@ -39,7 +39,7 @@ def _rayjobs(files: list[str], release: str = "sweep1") -> list[dict]:
 @pytest.fixture
 def made(kuberay_harness, tmp_path):
     """What the operator makes of one rendered RayJob."""
-    return lambda job: reconcile_one(kuberay_harness, job, tmp_path)
+    return lambda job, *cluster: reconcile_one(kuberay_harness, job, tmp_path, list(cluster))
 
 
 def _validate(obj: dict) -> None:
@@ -112,10 +112,14 @@ def test_gpu_sweeps_run_the_driver_on_a_gpu_head_and_never_on_a_worker(made):
 
 
 def test_kueue_queue_suspends_and_labels_and_deadlines_default(made):
-    job = _render_values({"job": {"queueName": "team-a"}, "pod": {"priorityClassName": "batch-low"}})
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    job = _render_values({"job": {"queueName": "mzsane"}, "pod": {"priorityClassName": "batch-low"}})
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "mzsane"
     assert job["spec"]["suspend"] is True
-    ours = made(job)  # the operator's own validation passes: it made the cluster once admitted
+    # Kueue admits it through deploy/kueue/queues.yaml (its LocalQueue is "mzsane"); the cluster has the
+    # PriorityClass the pods name (Kueue reads it for the Workload's priority, the API server for the pods')
+    batch_low = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "batch-low"},
+                 "value": 100}
+    ours = made(job, batch_low)  # the operator's own validation passes: it made the cluster once admitted
     for pod in ours["pods"] + [ours["submitter_pod"]]:
         assert pod["spec"]["priorityClassName"] == "batch-low"
     plain = _rayjobs([str(ROOT / "jobs" / "grid.yaml")])[0]

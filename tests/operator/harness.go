@@ -41,7 +41,9 @@ import (
 
 // loaded: the kinds the harness takes from the rendered file; the rest (NetworkPolicy, the Helm test
 // hook Pod) no controller of KubeRay reads, and a Pod in the input would be mistaken for an operator's.
-var loaded = map[string]bool{"ConfigMap": true, "Secret": true, "RayJob": true}
+// A PriorityClass (cluster-scoped) is what the cluster already holds when a point's pods name one: the
+// API server's Priority admission and Kueue's Workload priority both look it up.
+var loaded = map[string]bool{"ConfigMap": true, "Secret": true, "RayJob": true, "PriorityClass": true}
 
 // recordingManager is the controller-runtime Manager KubeRay's reconcilers run in, with one addition: a
 // Warning event whose reason starts "FailedToCreate" (the API server refused what the operator made, e.g.
@@ -143,7 +145,7 @@ func readObjects(path string) ([]*unstructured.Unstructured, error) {
 		if len(u.Object) == 0 || !loaded[u.GetKind()] {
 			continue
 		}
-		if u.GetNamespace() == "" {
+		if u.GetNamespace() == "" && u.GetKind() != "PriorityClass" {
 			u.SetNamespace("default")
 		}
 		objs = append(objs, u)
@@ -169,7 +171,7 @@ func newHarness(ctx context.Context, cp *controlPlane, in string, provider utils
 	h := &harness{scheme: s, client: c, input: map[string]bool{}, seq: map[string][]statusStep{}}
 	namespaces := map[string]bool{}
 	for _, o := range objs {
-		if !namespaces[o.GetNamespace()] {
+		if ns := o.GetNamespace(); ns != "" && !namespaces[ns] {
 			if err := prepareNamespace(ctx, c, o.GetNamespace()); err != nil {
 				return nil, err
 			}

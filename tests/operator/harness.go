@@ -26,7 +26,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/types"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	toolscache "k8s.io/client-go/tools/cache"
@@ -41,14 +40,16 @@ import (
 
 // loaded: the kinds the harness takes from the rendered file; the rest (NetworkPolicy, the Helm test
 // hook Pod) no controller of KubeRay reads, and a Pod in the input would be mistaken for an operator's.
-// A PriorityClass (cluster-scoped) is what the cluster already holds when a point's pods name one: the
-// API server's Priority admission and Kueue's Workload priority both look it up.
+// A PriorityClass is the cluster's set-up a value may name (Priority admission refuses a pod naming none).
 var loaded = map[string]bool{"ConfigMap": true, "Secret": true, "RayJob": true, "PriorityClass": true}
 
+var clusterScoped = map[string]bool{"PriorityClass": true}
+
 // recordingManager is the controller-runtime Manager KubeRay's reconcilers run in, with one addition: a
-// Warning event whose reason starts "FailedToCreate" (the API server refused what the operator made, e.g.
-// Pod Security refused a head pod) ends the harness with the event's message, instead of a retry loop
-// that would only end at the timeout.
+// Warning event whose reason starts "FailedToCreate" and whose message is the API server's refusal
+// (Forbidden, e.g. Pod Security refused a head pod, or Invalid) ends the harness with that message,
+// instead of a retry loop that would only end at the timeout. Other failures (a stale cache's conflict,
+// shutdown) stay the operator's to retry.
 type recordingManager struct {
 	manager.Manager
 	refused chan string
@@ -78,7 +79,7 @@ func (r refusalRecorder) check(eventtype, reason, message string) {
 		return
 	}
 	progress("event %s: %s", reason, message)
-	if strings.HasPrefix(reason, "FailedToCreate") {
+	if strings.HasPrefix(reason, "FailedToCreate") && (strings.Contains(message, " is forbidden: ") || strings.Contains(message, " is invalid: ")) {
 		select {
 		case r.refused <- reason + ": " + message:
 		default:
@@ -104,7 +105,7 @@ type harness struct {
 	client     client.Client // uncached: reads what the API server holds now
 	mgr        recordingManager
 	kubelet    kubelet
-	kueue      *kueueManager // nil: no Kueue runs
+	kueue      *kueueManager // nil: no Kueue runs (yet)
 	kueueStart func(context.Context) error
 	settled    time.Time       // with Kueue: since when every RayJob was done
 	input      map[string]bool // kind/namespace/name of what the input held
@@ -145,7 +146,7 @@ func readObjects(path string) ([]*unstructured.Unstructured, error) {
 		if len(u.Object) == 0 || !loaded[u.GetKind()] {
 			continue
 		}
-		if u.GetNamespace() == "" && u.GetKind() != "PriorityClass" {
+		if u.GetNamespace() == "" && !clusterScoped[u.GetKind()] {
 			u.SetNamespace("default")
 		}
 		objs = append(objs, u)
@@ -172,10 +173,10 @@ func newHarness(ctx context.Context, cp *controlPlane, in string, provider utils
 	namespaces := map[string]bool{}
 	for _, o := range objs {
 		if ns := o.GetNamespace(); ns != "" && !namespaces[ns] {
-			if err := prepareNamespace(ctx, c, o.GetNamespace()); err != nil {
+			if err := prepareNamespace(ctx, c, ns); err != nil {
 				return nil, err
 			}
-			namespaces[o.GetNamespace()] = true
+			namespaces[ns] = true
 		}
 		if err := c.Create(ctx, o, client.FieldValidation("Strict")); err != nil {
 			return nil, fmt.Errorf("the API server refused %s %s: %w", o.GetKind(), o.GetName(), err)
@@ -227,10 +228,14 @@ func (h *harness) loop(ctx context.Context, mode string) error {
 		if err := h.kubelet.sync(ctx, h.client); err != nil {
 			return err
 		}
-		if err := h.startKueueOnceHeld(ctx); err != nil {
+		var jobs rayv1.RayJobList // the input's RayJobs: the only ones there are
+		if err := h.client.List(ctx, &jobs); err != nil {
 			return err
 		}
-		done, err := h.done(ctx, mode)
+		if err := h.startKueueOnceHeld(ctx, jobs.Items); err != nil {
+			return err
+		}
+		done, err := h.done(ctx, mode, jobs.Items)
 		if err != nil {
 			return err
 		}
@@ -290,31 +295,33 @@ func (h *harness) record(obj any) {
 	}
 }
 
-func (h *harness) done(ctx context.Context, mode string) (bool, error) {
+// done: every RayJob reached the mode's goal.
+func (h *harness) done(ctx context.Context, mode string, jobs []rayv1.RayJob) (bool, error) {
 	queue, err := h.kueueSnapshot(ctx)
 	if err != nil {
 		return false, err
 	}
-	for _, nn := range h.order {
-		ns, name, _ := strings.Cut(nn, "/")
-		var job rayv1.RayJob
-		if err := h.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &job); err != nil {
+	submitters := map[string]bool{}
+	if mode == "reconcile" {
+		var list batchv1.JobList
+		if err := h.client.List(ctx, &list); err != nil {
 			return false, err
 		}
-		switch mode {
+		for _, j := range list.Items {
+			submitters[j.Namespace+"/"+j.Name] = true
+		}
+	}
+	for _, job := range jobs {
+		switch s := job.Status.JobDeploymentStatus; mode {
 		case "reconcile":
 			if queue.pending(&job) {
 				continue
 			}
-			var submitter batchv1.Job
-			if err := h.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &submitter); err != nil {
-				return false, client.IgnoreNotFound(err)
-			}
-			if job.Status.JobDeploymentStatus != rayv1.JobDeploymentStatusRunning {
+			if !submitters[job.Namespace+"/"+job.Name] || s != rayv1.JobDeploymentStatusRunning {
 				return false, nil
 			}
 		case "run":
-			if s := job.Status.JobDeploymentStatus; s != rayv1.JobDeploymentStatusComplete && s != rayv1.JobDeploymentStatusFailed {
+			if s != rayv1.JobDeploymentStatusComplete && s != rayv1.JobDeploymentStatusFailed {
 				return false, nil
 			}
 		}

@@ -12,23 +12,17 @@ import (
 )
 
 // statusKubelet (reconcile mode) runs nothing: it reports every new Pod Running and Ready on its own
-// loopback address (127.0.0.2, .3, ... in creation order), which is all the RayCluster reconciler waits for
+// loopback address (127.0.0.3, .4, ... in creation order), which is all the RayCluster reconciler waits for
 // before the RayJob reconciler creates the submitter Job. It also plays the Job controller's first step:
 // each Job gets its Pod, created on the API server, so admission sees the submitter's pod too.
 type statusKubelet struct{}
 
 func (statusKubelet) sync(ctx context.Context, c client.Client) error {
-	var jobs batchv1.JobList
-	if err := c.List(ctx, &jobs); err != nil {
-		return err
-	}
-	for i := range jobs.Items {
-		if err := ensureJobPod(ctx, c, &jobs.Items[i]); err != nil {
-			return err
-		}
-	}
 	var pods corev1.PodList
 	if err := c.List(ctx, &pods); err != nil {
+		return err
+	}
+	if err := makeJobPods(ctx, c, pods.Items); err != nil {
 		return err
 	}
 	for i := range pods.Items {
@@ -46,17 +40,28 @@ func (statusKubelet) sync(ctx context.Context, c client.Client) error {
 	return nil
 }
 
-// ensureJobPod makes the Pod the Job controller would make of a Job's template (once: this Job
-// controller never retries), named and labelled as the real one names them.
-func ensureJobPod(ctx context.Context, c client.Client, job *batchv1.Job) error {
-	var pods corev1.PodList
-	if err := c.List(ctx, &pods, client.InNamespace(job.Namespace),
-		client.MatchingLabels{batchv1.JobNameLabel: job.Name}); err != nil {
+// makeJobPods makes the Pod the Job controller would make of each Job's template that has none yet
+// (once: this Job controller never retries), named and labelled as the real one does.
+func makeJobPods(ctx context.Context, c client.Client, pods []corev1.Pod) error {
+	var jobs batchv1.JobList
+	if err := c.List(ctx, &jobs); err != nil {
 		return err
 	}
-	if len(pods.Items) > 0 {
-		return nil
+	hasPod := map[string]bool{}
+	for _, pod := range pods {
+		hasPod[pod.Namespace+"/"+pod.Labels[batchv1.JobNameLabel]] = true
 	}
+	for i := range jobs.Items {
+		if job := &jobs.Items[i]; !hasPod[job.Namespace+"/"+job.Name] {
+			if err := makeJobPod(ctx, c, job); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func makeJobPod(ctx context.Context, c client.Client, job *batchv1.Job) error {
 	tmpl := job.Spec.Template
 	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{GenerateName: job.Name + "-", Namespace: job.Namespace,
 		Labels: map[string]string{batchv1.JobNameLabel: job.Name}, Annotations: tmpl.Annotations,
@@ -76,7 +81,7 @@ var ipCounter = 1
 
 func nextIP(context.Context, client.Client) string {
 	ipCounter++
-	return fmt.Sprintf("127.0.0.%d", ipCounter)
+	return fmt.Sprintf("127.0.%d.%d", ipCounter/250, ipCounter%250+2)
 }
 
 func markRunning(pod *corev1.Pod, ip string) {

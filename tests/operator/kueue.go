@@ -436,16 +436,11 @@ func (h *harness) rayJobNamespaces() []string {
 // Suspended, so each status sequence shows the operator holding the job until Kueue admits it. In a
 // cluster both controllers run all along and which one sees a new RayJob first is a race; the reconcilers
 // handle either order (a RayJob unsuspended before the operator saw it goes straight to Initializing).
-func (h *harness) startKueueOnceHeld(ctx context.Context) error {
+func (h *harness) startKueueOnceHeld(ctx context.Context, jobs []rayv1.RayJob) error {
 	if h.kueueStart == nil {
 		return nil
 	}
-	for _, nn := range h.order {
-		ns, name, _ := strings.Cut(nn, "/")
-		var job rayv1.RayJob
-		if err := h.client.Get(ctx, client.ObjectKey{Namespace: ns, Name: name}, &job); err != nil {
-			return err
-		}
+	for _, job := range jobs {
 		if job.Spec.Suspend && job.Status.JobDeploymentStatus != rayv1.JobDeploymentStatusSuspended {
 			return nil
 		}

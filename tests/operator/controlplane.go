@@ -49,6 +49,9 @@ func startControlPlane(binDir string, crds ...string) (*controlPlane, error) {
 		ErrorIfCRDPathMissing:    true,
 		ControlPlaneStartTimeout: 2 * time.Minute,
 		ControlPlaneStopTimeout:  30 * time.Second,
+		// envtest waits 10 s by default for the CRDs to be served; Kueue's eleven beside KubeRay's two
+		// take longer than that on a loaded 2-core machine
+		CRDInstallOptions: envtest.CRDInstallOptions{MaxTime: 2 * time.Minute},
 	}
 	env.ControlPlane.GetAPIServer().Configure().Disable("disable-admission-plugins")
 	start := time.Now()

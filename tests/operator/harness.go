@@ -106,7 +106,7 @@ type harness struct {
 	mgr        recordingManager
 	kubelet    kubelet
 	kueue      *kueueManager // nil: no Kueue runs (yet)
-	kueueStart func(context.Context) error
+	kueueStart func(ctx context.Context, namespaces []string) error
 	settled    time.Time       // with Kueue: since when every RayJob was done
 	input      map[string]bool // kind/namespace/name of what the input held
 	mu         sync.Mutex

@@ -179,7 +179,7 @@ func (k *kueueManager) logTail(n int) string {
 }
 
 // applyQueues creates the objects of a Kueue queue file (deploy/kueue/queues.yaml: ResourceFlavor,
-// ClusterQueue, LocalQueue) for each namespace of the input, then waits until Kueue reports every
+// ClusterQueue, LocalQueue) for each namespace whose RayJobs name a queue, then waits until Kueue reports every
 // ClusterQueue Active: from then on its scheduler admits into it. Each namespace is one case of the tests,
 // as if alone on its cluster, so it gets a ClusterQueue of its own: NAME-NAMESPACE, selecting only that
 // namespace, with the file's resource groups and quota unchanged; the file's LocalQueues are made in that
@@ -418,20 +418,6 @@ func kueueLists() []client.ObjectList {
 	return lists
 }
 
-// rayJobNamespaces: the namespaces of the input's RayJobs, in input order.
-func (h *harness) rayJobNamespaces() []string {
-	var out []string
-	seen := map[string]bool{}
-	for _, nn := range h.order {
-		ns, _, _ := strings.Cut(nn, "/")
-		if !seen[ns] {
-			seen[ns] = true
-			out = append(out, ns)
-		}
-	}
-	return out
-}
-
 // startKueueOnceHeld starts Kueue (h.kueueStart) once the operator reports every suspended RayJob
 // Suspended, so each status sequence shows the operator holding the job until Kueue admits it. In a
 // cluster both controllers run all along and which one sees a new RayJob first is a race; the reconcilers
@@ -440,12 +426,18 @@ func (h *harness) startKueueOnceHeld(ctx context.Context, jobs []rayv1.RayJob) e
 	if h.kueueStart == nil {
 		return nil
 	}
+	var queued []string // the namespaces whose RayJobs name a queue, each once
+	seen := map[string]bool{}
 	for _, job := range jobs {
 		if job.Spec.Suspend && job.Status.JobDeploymentStatus != rayv1.JobDeploymentStatusSuspended {
 			return nil
 		}
+		if _, ok := job.Labels["kueue.x-k8s.io/queue-name"]; ok && !seen[job.Namespace] {
+			seen[job.Namespace] = true
+			queued = append(queued, job.Namespace)
+		}
 	}
 	start := h.kueueStart
 	h.kueueStart = nil
-	return start(ctx)
+	return start(ctx, queued)
 }

@@ -124,12 +124,12 @@ func run(ctx context.Context, cp *controlPlane, mode, in, out, kueueBin, queues 
 	}
 	h.kubelet = k
 	if kueueBin != "" {
-		h.kueueStart = func(ctx context.Context) error {
+		h.kueueStart = func(ctx context.Context, namespaces []string) error {
 			var err error
 			if h.kueue, err = startKueue(kueueBin, filepath.Join(out, "kueue"), cp.cfg); err != nil {
 				return err
 			}
-			return h.kueue.applyQueues(ctx, h.client, queues, h.rayJobNamespaces())
+			return h.kueue.applyQueues(ctx, h.client, queues, namespaces)
 		}
 		defer func() { h.kueue.stop() }()
 	}

@@ -1,3 +1,6 @@
+// Kueue's own manager for the operator tests: `scripts/install.sh kueue` runs
+// `go build sigs.k8s.io/kueue/cmd/kueue` in this module (the tool line below), so the binary is the
+// released module whose checksum go.sum pins; nothing of Kueue's source is copied into the project.
 module mzsane.test/kueue
 
 go 1.26.0

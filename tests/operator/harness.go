@@ -216,8 +216,9 @@ func newHarness(ctx context.Context, cp *controlPlane, in string, provider utils
 }
 
 // loop runs the manager until every RayJob reached the mode's goal: its submitter Job exists (reconcile) or
-// it is Complete/Failed (run). Each pass plays the kubelet and Kueue; the reconcilers run on the watches
-// and their own requeues, as in a cluster.
+// it is Complete/Failed (run), or Kueue keeps it waiting (reconcile, with -kueue). Each pass plays the
+// kubelet and starts Kueue once every queued RayJob is held; the reconcilers run on the watches and their
+// own requeues, as in a cluster.
 func (h *harness) loop(ctx context.Context, mode string) error {
 	mgrCtx, stopMgr := context.WithCancel(ctx)
 	mgrDone := make(chan error, 1)

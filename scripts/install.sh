@@ -134,7 +134,7 @@ install_apiserver() {
     local version="-X k8s.io/component-base/version.gitVersion=$release"
     version+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
     (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -ldflags "$version" -o "$bin/.tmp/" ./etcd ./kube-apiserver \
-        && mv "$bin/.tmp/etcd" "$bin/.tmp/kube-apiserver" "$bin/")
+        && mv "$bin/.tmp/etcd" "$bin/.tmp/kube-apiserver" "$bin/" && rmdir "$bin/.tmp")
 }
 
 install_kueue() {
@@ -149,7 +149,7 @@ install_kueue() {
     local module; module=$(cd "$src" && GOFLAGS=-mod=readonly "$go" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
     rm -rf "$bin/kueue-crds" && mkdir -p "$bin/kueue-crds"
     cp "$module"/config/components/crd/bases/*.yaml "$bin/kueue-crds/" && chmod -R u+w "$bin/kueue-crds"
-    mv "$bin/.tmp/kueue-manager" "$bin/"
+    mv "$bin/.tmp/kueue-manager" "$bin/" && rmdir "$bin/.tmp"
 }
 
 install_harness() {

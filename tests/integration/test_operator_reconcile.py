@@ -2,8 +2,9 @@
 and every queued one through Kueue's own controllers (sigs.k8s.io/kueue v0.19.1; tests/kueue).
 
 For each ``jobs/*.yaml`` (and ``jobs/local/*.yaml`` over its base), plain and with ``job.queueName`` set, the
-RayJob and RayCluster reconcilers run until the operator has made the RayCluster, head and worker Pods,
-Services and the submitter Job. Queued, each RayJob is created suspended and Kueue's manager, running beside
+RayJob and RayCluster reconcilers run against a real kube-apiserver (Pod Security "restricted" on every
+namespace) until the operator has made the RayCluster, head and worker Pods, Services and the submitter Job,
+each accepted by that server. Queued, each RayJob is created suspended and Kueue's manager, running beside
 the reconcilers with deploy/kueue/queues.yaml applied, makes its Workload and admits (unsuspends) as many
 points as the ClusterQueue's quota holds; the rest stay suspended with Kueue's own reason. The tests check
 those objects, not a description of them: restricted Pod Security on every container the operator wrote

@@ -311,6 +311,10 @@ func (k *processKubelet) syncJob(ctx context.Context, c client.Client, job *batc
 		return fmt.Errorf("job %s: %w", job.Name, err)
 	}
 	job.Status.Active = 1
+	if job.Status.StartTime == nil { // the API server refuses a finished Job without one
+		now := metav1.Now()
+		job.Status.StartTime = &now
+	}
 	return c.Status().Update(ctx, job)
 }
 

@@ -29,8 +29,8 @@ system-deps:
 
 setup: $(VENV)/.installed system-deps
 
-# The tests' Go harness (KubeRay's reconcilers, tests/operator) and the etcd and kube-apiserver it runs them
-# against (tests/apiserver): only `make test` needs Go, `make demo` does not.
+# The tests' Go harness (KubeRay's reconcilers, tests/operator), the etcd and kube-apiserver it runs them
+# against (tests/apiserver) and Kueue's manager (tests/kueue): only `make test` needs Go, `make demo` does not.
 harness:
 	$(INSTALL) harness || echo "make: the KubeRay harness was not built; its tests skip (and fail under CI=true)"
 

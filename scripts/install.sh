@@ -14,7 +14,13 @@
 #   scripts/install.sh apiserver  the real etcd and kube-apiserver the harness runs against (tests/apiserver:
 #                               Kubernetes' and etcd's own Go modules, wrapper mains only), built beside the
 #                               harness binary; skipped when both are newer than their sources. The first
-#                               build is the long one (about 5.5 min on 2 cores from an empty build cache)
+#                               build is the long one (about 5.5 min on 2 cores from an empty build cache).
+#                               The binary carries its release (-ldflags, from go.mod): Kueue reads the
+#                               server's version and stops on the bare "v0.0.0-master" of a plain go build
+#   scripts/install.sh kueue    Kueue's own manager (sigs.k8s.io/kueue's cmd/kueue, unmodified; tests/kueue
+#                               pins the release) into kueue-manager beside the harness binary, and Kueue's
+#                               CRDs from that module into kueue-crds/ beside it; skipped unless
+#                               tests/kueue/go.mod or go.sum changed. `harness` builds it too
 #
 # Settings (environment):
 #   PYTHON=python3       interpreter; with VENV set, the one that creates the venv
@@ -28,7 +34,7 @@
 #   DEB_ROOT=.mzsane/deb where the Debian packages are unpacked without root
 #   GO=go                the Go command (else `go` on PATH, else /usr/local/go/bin/go)
 #   MZSANE_HARNESS=.mzsane/bin/kuberay-harness   where the harness binary goes (the tests read the same);
-#                        etcd and kube-apiserver go into the same folder
+#                        etcd, kube-apiserver, kueue-manager and kueue-crds/ go into the same folder
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
@@ -117,17 +123,38 @@ newer_than() {
 install_apiserver() {
     local go; go=$(go_command apiserver)
     local src="$SRC/tests/apiserver" bin; bin=$(dirname "${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}")
-    if newer_than "$bin/kube-apiserver" "$src" && newer_than "$bin/etcd" "$src"; then
+    local release; release=$(awk '$1 == "k8s.io/kubernetes" {print $2}' "$src/go.mod")
+    if newer_than "$bin/kube-apiserver" "$src" && newer_than "$bin/etcd" "$src" \
+        && "$bin/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $release"; then
         return 0
     fi
     mkdir -p "$bin/.tmp"
-    say "building etcd and kube-apiserver for the harness (first build: about 5.5 min on 2 cores)"
-    (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin/.tmp/" ./etcd ./kube-apiserver \
+    say "building etcd and kube-apiserver $release for the harness (first build: about 5.5 min on 2 cores)"
+    local minor=${release#v1.}; minor=${minor%%.*}
+    local version="-X k8s.io/component-base/version.gitVersion=$release"
+    version+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+    (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -ldflags "$version" -o "$bin/.tmp/" ./etcd ./kube-apiserver \
         && mv "$bin/.tmp/etcd" "$bin/.tmp/kube-apiserver" "$bin/" && rmdir "$bin/.tmp")
+}
+
+install_kueue() {
+    local go; go=$(go_command kueue)
+    local src="$SRC/tests/kueue" bin; bin=$(dirname "${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}")
+    if newer_than "$bin/kueue-manager" "$src" && [ -f "$bin/kueue-crds/kueue.x-k8s.io_workloads.yaml" ]; then
+        return 0
+    fi
+    mkdir -p "$bin/.tmp"
+    say "building Kueue's manager for the harness (first build: about 3 min on 2 cores, 2.2 GiB of memory)"
+    (cd "$src" && GOFLAGS=-mod=readonly "$go" build -trimpath -o "$bin/.tmp/kueue-manager" sigs.k8s.io/kueue/cmd/kueue)
+    local module; module=$(cd "$src" && GOFLAGS=-mod=readonly "$go" list -m -f '{{.Dir}}' sigs.k8s.io/kueue)
+    rm -rf "$bin/kueue-crds" && mkdir -p "$bin/kueue-crds"
+    cp "$module"/config/components/crd/bases/*.yaml "$bin/kueue-crds/" && chmod -R u+w "$bin/kueue-crds"
+    mv "$bin/.tmp/kueue-manager" "$bin/" && rmdir "$bin/.tmp"
 }
 
 install_harness() {
     install_apiserver
+    install_kueue
     local go; go=$(go_command harness)
     local src="$SRC/tests/operator" bin=${MZSANE_HARNESS:-$SRC/.mzsane/bin/kuberay-harness}
     if newer_than "$bin" "$src"; then
@@ -143,5 +170,6 @@ case "${1:-}" in
     system) install_system ;;
     harness) install_harness ;;
     apiserver) install_apiserver ;;
-    *) echo "usage: scripts/install.sh python|system|harness|apiserver   (settings: see the top of this file)" >&2; exit 2 ;;
+    kueue) install_kueue ;;
+    *) echo "usage: scripts/install.sh python|system|harness|apiserver|kueue   (settings: see the top of this file)" >&2; exit 2 ;;
 esac

@@ -116,15 +116,18 @@ def test_gpu_sweeps_run_the_driver_on_a_gpu_head_and_never_on_a_worker(made):
 
 
 def test_kueue_queue_suspends_and_labels_and_deadlines_default(kuberay_harness, tmp_path):
-    job = _render_values({"job": {"queueName": "team-a"}, "pod": {"priorityClassName": "batch-low"}})
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    job = _render_values({"job": {"queueName": "mzsane"}, "pod": {"priorityClassName": "batch-low"}})
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "mzsane"
     assert job["spec"]["suspend"] is True
-    # the cluster's PriorityClass: without it the API server's Priority admission refuses every pod
+    # the cluster's PriorityClass: without it the API server's Priority admission refuses every pod, and
+    # Kueue cannot give the Workload its priority
     priority = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "batch-low"},
                 "value": 100}
-    result = kuberay.run_harness(kuberay_harness, "reconcile", [priority, job], tmp_path, admit=True)
+    result = kuberay.run_harness(kuberay_harness, "reconcile", [priority, job], tmp_path, queues=kuberay.QUEUES)
     assert result["returncode"] == 0, result["log"][-3000:]
-    ours = kuberay.made_for(result, job["metadata"]["name"])  # made once "Kueue" admitted it
+    ours = kuberay.made_for(result, job["metadata"]["name"])  # made once Kueue admitted it (queues.yaml's "mzsane")
+    workload = kuberay.workload_of(result, job["metadata"]["name"])
+    assert workload["spec"]["priority"] == 100 and workload["spec"]["priorityClassRef"]["name"] == "batch-low"
     for pod in ours["pods"] + [ours["submitter_pod"]]:
         assert pod["spec"]["priorityClassName"] == "batch-low" and pod["spec"]["priority"] == 100
     plain = _rayjobs([str(ROOT / "jobs" / "grid.yaml")])[0]

@@ -37,7 +37,7 @@ var podSecurity = map[string]string{
 }
 
 // binDir: where etcd and kube-apiserver are; -apiserver-bin, else beside the harness binary.
-func startControlPlane(binDir, crds string) (*controlPlane, error) {
+func startControlPlane(binDir string, crds ...string) (*controlPlane, error) {
 	for _, name := range []string{"etcd", "kube-apiserver"} {
 		if _, err := os.Stat(filepath.Join(binDir, name)); err != nil {
 			return nil, fmt.Errorf("no %s in %s: run `scripts/install.sh apiserver` (or pass -apiserver-bin)", name, binDir)
@@ -45,10 +45,13 @@ func startControlPlane(binDir, crds string) (*controlPlane, error) {
 	}
 	env := &envtest.Environment{
 		BinaryAssetsDirectory:    binDir,
-		CRDDirectoryPaths:        []string{crds},
+		CRDDirectoryPaths:        crds,
 		ErrorIfCRDPathMissing:    true,
 		ControlPlaneStartTimeout: 2 * time.Minute,
 		ControlPlaneStopTimeout:  30 * time.Second,
+		// envtest waits 10 s by default for the CRDs to be served; Kueue's eleven beside KubeRay's two
+		// take longer than that on a loaded 2-core machine
+		CRDInstallOptions: envtest.CRDInstallOptions{MaxTime: 2 * time.Minute},
 	}
 	env.ControlPlane.GetAPIServer().Configure().Disable("disable-admission-plugins")
 	start := time.Now()

@@ -23,7 +23,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -59,15 +58,17 @@ type statusStep struct {
 }
 
 type harness struct {
-	scheme  *runtime.Scheme
-	client  client.Client // uncached: reads what the API server holds now
-	mgr     recordingManager
-	kubelet kubelet
-	admit   bool
-	input   map[string]bool // kind/namespace/name of what the input held
-	mu      sync.Mutex
-	seq     map[string][]statusStep
-	order   []string
+	scheme     *runtime.Scheme
+	client     client.Client // uncached: reads what the API server holds now
+	mgr        recordingManager
+	kubelet    kubelet
+	kueue      *kueueManager // nil: no Kueue runs (yet)
+	kueueStart func(ctx context.Context, namespaces []string) error
+	settled    time.Time       // with Kueue: since when every RayJob was done
+	input      map[string]bool // kind/namespace/name of what the input held
+	mu         sync.Mutex
+	seq        map[string][]statusStep
+	order      []string
 }
 
 func newScheme() (*runtime.Scheme, error) {
@@ -172,8 +173,9 @@ func newHarness(ctx context.Context, cp *controlPlane, in string, provider utils
 }
 
 // loop runs the manager until every RayJob reached the mode's goal: its submitter Job exists (reconcile) or
-// it is Complete/Failed (run). Each pass plays the kubelet and Kueue; the reconcilers run on the watches
-// and their own requeues, as in a cluster.
+// it is Complete/Failed (run), or Kueue keeps it waiting (reconcile, with -kueue). Each pass plays the
+// kubelet and starts Kueue once every queued RayJob is held; the reconcilers run on the watches and their
+// own requeues, as in a cluster.
 func (h *harness) loop(ctx context.Context, mode string) error {
 	mgrCtx, stopMgr := context.WithCancel(ctx)
 	mgrDone := make(chan error, 1)
@@ -188,12 +190,24 @@ func (h *harness) loop(ctx context.Context, mode string) error {
 		if err := h.client.List(ctx, &jobs); err != nil {
 			return err
 		}
-		if err := h.admitSuspended(ctx, jobs.Items); err != nil {
+		if err := h.startKueueOnceHeld(ctx, jobs.Items); err != nil {
 			return err
 		}
 		done, err := h.done(ctx, mode, jobs.Items)
 		if err != nil {
 			return err
+		}
+		if h.kueue != nil {
+			if err := h.kueue.exited(); err != nil {
+				return err
+			}
+			// Kueue admits one workload per scheduling cycle: done only once nothing changed for a while
+			if !done {
+				h.settled = time.Time{}
+			} else if h.settled.IsZero() {
+				h.settled = time.Now()
+			}
+			done = done && time.Since(h.settled) > kueueSettle
 		}
 		if done {
 			// two more passes: what the operator makes once a RayJob is Running (its own head Service)
@@ -239,30 +253,12 @@ func (h *harness) record(obj any) {
 	}
 }
 
-// admitSuspended plays Kueue when asked: a RayJob the operator reported Suspended gets spec.suspend=false.
-func (h *harness) admitSuspended(ctx context.Context, jobs []rayv1.RayJob) error {
-	if !h.admit {
-		return nil
-	}
-	for i := range jobs {
-		job := &jobs[i]
-		if !job.Spec.Suspend || job.Status.JobDeploymentStatus != rayv1.JobDeploymentStatusSuspended {
-			continue
-		}
-		job.Spec.Suspend = false
-		if err := h.client.Update(ctx, job); err != nil {
-			if apierrors.IsConflict(err) {
-				continue // the operator wrote it meanwhile: next pass
-			}
-			return fmt.Errorf("rayjob %s: %w", job.Name, err)
-		}
-		progress("rayjob %s: admitted (spec.suspend=false, as Kueue does)", job.Name)
-	}
-	return nil
-}
-
 // done: every RayJob reached the mode's goal.
 func (h *harness) done(ctx context.Context, mode string, jobs []rayv1.RayJob) (bool, error) {
+	queue, err := h.kueueSnapshot(ctx)
+	if err != nil {
+		return false, err
+	}
 	submitters := map[string]bool{}
 	if mode == "reconcile" {
 		var list batchv1.JobList
@@ -276,6 +272,9 @@ func (h *harness) done(ctx context.Context, mode string, jobs []rayv1.RayJob) (b
 	for _, job := range jobs {
 		switch s := job.Status.JobDeploymentStatus; mode {
 		case "reconcile":
+			if queue.pending(&job) {
+				continue
+			}
 			if !submitters[job.Namespace+"/"+job.Name] || s != rayv1.JobDeploymentStatusRunning {
 				return false, nil
 			}
@@ -311,6 +310,9 @@ func (h *harness) write(out string) error {
 	ctx := context.Background()
 	lists := []client.ObjectList{&rayv1.RayJobList{}, &rayv1.RayClusterList{}, &corev1.PodList{},
 		&corev1.ServiceList{}, &batchv1.JobList{}, &corev1.SecretList{}, &corev1.ConfigMapList{}}
+	if h.kueue != nil {
+		lists = append(lists, kueueLists()...)
+	}
 	var docs []string
 	for _, list := range lists {
 		if err := h.client.List(ctx, list); err != nil {

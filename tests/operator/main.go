@@ -6,11 +6,11 @@
 // the submitter breaks); running the operator's code against the API server's own validation, defaulting,
 // CRD schema pruning, admission and watches leaves nothing to emulate but the kubelet and the Job controller.
 //
-//	harness reconcile -in rendered.yaml -out DIR -crds DIR [-admit]
+//	harness reconcile -in rendered.yaml -out DIR -crds DIR [-kueue BIN -queues FILE]
 //	    reconcile every RayJob until the operator has made its RayCluster, Pods, Services and submitter
 //	    Job (and the harness, as the Job controller, its Pod); write them to DIR/objects.yaml and the RayJob
 //	    status sequences to DIR/status.json.
-//	harness run -in rendered.yaml -out DIR -crds DIR -work DIR [-admit] [-timeout 20m]
+//	harness run -in rendered.yaml -out DIR -crds DIR -work DIR [-kueue BIN -queues FILE] [-timeout 20m]
 //	    also play the kubelet for real: start each container's command as a local process (see kubelet.go)
 //	    and reconcile until every RayJob is Complete or Failed.
 //
@@ -19,8 +19,14 @@
 // KubeRay's CRDs it installs. Every namespace of the input gets Pod Security "restricted" (enforce, audit,
 // warn) and its "default" ServiceAccount; the input is created with strict field validation. What it
 // refuses (a rendered object, a pod the operator or the Job controller makes) ends the harness with the
-// server's message. -admit plays Kueue's part: a suspended RayJob is admitted (spec.suspend set to false)
-// once the operator has reported it Suspended. Errors print one line and exit 1.
+// server's message.
+//
+// Kueue: with -kueue (Kueue's own manager, sigs.k8s.io/kueue's cmd/kueue built by `scripts/install.sh
+// kueue`; its CRDs from kueue-crds/ beside it go into the API server too) and -queues (a queue file such as
+// deploy/kueue/queues.yaml), Kueue's controllers and scheduler run beside the reconcilers and admit a
+// queued (suspended) RayJob by clearing spec.suspend when its ClusterQueue has quota (kueue.go). A RayJob
+// Kueue does not admit stays Suspended; reconcile mode ends once each RayJob runs or Kueue has reported its
+// Workload pending. Without -kueue nothing admits a suspended RayJob. Errors print one line and exit 1.
 package main
 
 import (
@@ -43,23 +49,27 @@ import (
 
 func main() {
 	if len(os.Args) < 2 || (os.Args[1] != "reconcile" && os.Args[1] != "run") {
-		fail(fmt.Errorf("usage: harness reconcile|run -in FILE -out DIR -crds DIR [-work DIR] [-admit] [-timeout D]"))
+		fail(fmt.Errorf("usage: harness reconcile|run -in FILE -out DIR -crds DIR [-work DIR] [-kueue BIN -queues FILE] [-timeout D]"))
 	}
 	mode := os.Args[1]
 	flags := flag.NewFlagSet(mode, flag.ExitOnError)
 	in := flags.String("in", "", "multi-document YAML the chart rendered (ConfigMaps, Secrets, RayJobs)")
 	out := flags.String("out", "", "folder for objects.yaml and status.json")
 	work := flags.String("work", "", "run mode: folder for the pods' files and logs")
-	admit := flags.Bool("admit", false, "play Kueue: admit a suspended RayJob once it is Suspended")
 	timeout := flags.Duration("timeout", 2*time.Minute, "give up after this long")
 	verbose := flags.Bool("v", false, "print the operator's own log lines")
 	var forwards multiFlag
 	flags.Var(&forwards, "forward", "run mode: NAME:PORT=HOST:PORT, the pods reach HOST:PORT as NAME:PORT (repeatable)")
 	crds := flags.String("crds", "", "folder of KubeRay's CRD files (ray.io_rayjobs.yaml, ray.io_rayclusters.yaml)")
+	kueueBin := flags.String("kueue", "", "Kueue's manager binary: Kueue admits queued RayJobs (its CRDs: kueue-crds/ beside it)")
+	queues := flags.String("queues", "", "with -kueue: the Kueue queue file to apply (ResourceFlavor, ClusterQueue, LocalQueue)")
 	apiserverBin := flags.String("apiserver-bin", "", "folder of the etcd and kube-apiserver binaries (default: beside this binary)")
 	_ = flags.Parse(os.Args[2:])
 	if *in == "" || *out == "" || *crds == "" || (mode == "run" && *work == "") {
 		fail(fmt.Errorf("%s needs -in, -out and -crds%s", mode, map[bool]string{true: " and -work", false: ""}[mode == "run"]))
+	}
+	if (*kueueBin == "") != (*queues == "") {
+		fail(fmt.Errorf("-kueue and -queues go together: Kueue's manager binary and the queue file it admits into"))
 	}
 	setupLogging(*verbose)
 
@@ -76,7 +86,11 @@ func main() {
 		*apiserverBin = filepath.Dir(self)
 	}
 	// first: the process kubelet below confines the default HTTP transport to pod addresses
-	cp, err := startControlPlane(*apiserverBin, *crds)
+	crdDirs := []string{*crds}
+	if *kueueBin != "" {
+		crdDirs = append(crdDirs, filepath.Join(filepath.Dir(*kueueBin), "kueue-crds"))
+	}
+	cp, err := startControlPlane(*apiserverBin, crdDirs...)
 	if err != nil {
 		fail(err)
 	}
@@ -94,7 +108,7 @@ func main() {
 		provider, k = kuberayconfig.Configuration{}, pk
 		defer pk.stopAll()
 	}
-	if err := run(ctx, cp, mode, *in, *out, *admit, provider, k); err != nil {
+	if err := run(ctx, cp, mode, *in, *out, *kueueBin, *queues, provider, k); err != nil {
 		if pk, ok := k.(*processKubelet); ok {
 			pk.stopAll()
 		}
@@ -103,12 +117,22 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, cp *controlPlane, mode, in, out string, admit bool, provider utils.ClientProvider, k kubelet) error {
+func run(ctx context.Context, cp *controlPlane, mode, in, out, kueueBin, queues string, provider utils.ClientProvider, k kubelet) error {
 	h, err := newHarness(ctx, cp, in, provider)
 	if err != nil {
 		return err
 	}
-	h.admit, h.kubelet = admit, k
+	h.kubelet = k
+	if kueueBin != "" {
+		h.kueueStart = func(ctx context.Context, namespaces []string) error {
+			var err error
+			if h.kueue, err = startKueue(kueueBin, filepath.Join(out, "kueue"), cp.cfg); err != nil {
+				return err
+			}
+			return h.kueue.applyQueues(ctx, h.client, queues, namespaces)
+		}
+		defer func() { h.kueue.stop() }()
+	}
 	runErr := h.loop(ctx, mode)
 	if err := h.write(out); err != nil {
 		return err

@@ -86,21 +86,13 @@ func key(kind string, o client.Object) string {
 // readObjects decodes every document of the kinds the harness loads, as they were rendered: the API server
 // sees them unchanged (created with strict field validation, an unknown field is its error).
 func readObjects(path string) ([]*unstructured.Unstructured, error) {
-	raw, err := os.ReadFile(path)
+	docs, err := readDocuments(path)
 	if err != nil {
 		return nil, err
 	}
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(raw), 4096)
 	var objs []*unstructured.Unstructured
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		if len(u.Object) == 0 || !loaded[u.GetKind()] {
+	for _, u := range docs {
+		if !loaded[u.GetKind()] {
 			continue
 		}
 		if u.GetNamespace() == "" && !clusterScoped[u.GetKind()] {
@@ -109,6 +101,28 @@ func readObjects(path string) ([]*unstructured.Unstructured, error) {
 		objs = append(objs, u)
 	}
 	return objs, nil
+}
+
+// readDocuments decodes every non-empty document of a multi-document YAML (or JSON) file, in order.
+func readDocuments(path string) ([]*unstructured.Unstructured, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(raw), 4096)
+	var docs []*unstructured.Unstructured
+	for {
+		u := &unstructured.Unstructured{}
+		if err := dec.Decode(&u.Object); err != nil {
+			if errors.Is(err, io.EOF) {
+				return docs, nil
+			}
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		if len(u.Object) != 0 {
+			docs = append(docs, u)
+		}
+	}
 }
 
 // newHarness creates the input on the API server (each namespace Pod Security "restricted" first) and

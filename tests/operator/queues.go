@@ -1,18 +1,13 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
-	"os"
 	"time"
 
 	rayv1 "github.com/ray-project/kuberay/ray-operator/apis/ray/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
@@ -31,23 +26,9 @@ var (
 // namespace, with the file's resource groups and quota unchanged; the file's LocalQueues are made in that
 // namespace pointing at it. Other cluster-scoped objects (ResourceFlavors) are created once, as written.
 func (k *kueueManager) applyQueues(ctx context.Context, c client.Client, path string, namespaces []string) error {
-	raw, err := os.ReadFile(path)
+	objs, err := readDocuments(path)
 	if err != nil {
 		return fmt.Errorf("Kueue queues: %w", err)
-	}
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(raw), 4096)
-	var objs []*unstructured.Unstructured
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				break
-			}
-			return fmt.Errorf("%s: %w", path, err)
-		}
-		if len(u.Object) != 0 {
-			objs = append(objs, u)
-		}
 	}
 	var queues []string
 	create := func(u *unstructured.Unstructured) error {

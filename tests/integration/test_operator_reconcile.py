@@ -80,7 +80,7 @@ def reconciled(kuberay_harness, tmp_path_factory):
         namespace, rendered = cases[(tuple(files), queued)]
         return {"rendered": rendered, "namespace": namespace,
                 "objects": [o for o in result["objects"] if o["metadata"].get("namespace") == namespace
-                            or o["kind"] == "ClusterQueue" and o["metadata"]["name"] == f"{QUEUE}-{namespace}"],
+                            or (o["kind"] == "ClusterQueue" and o["metadata"]["name"] == f"{QUEUE}-{namespace}")],
                 "status": {f"mzsane/{key.split('/', 1)[1]}": seq for key, seq in result["status"].items()
                            if key.startswith(namespace + "/")}}
     return view
@@ -280,8 +280,9 @@ def _quota_under_one_point(group: dict) -> None:
                 r["nominalQuota"] = 2  # the smoke point needs 2.5 CPUs (head 1, worker 1, submitter 0.5)
 
 
-@pytest.mark.parametrize("edit,message", [(_drop_ephemeral_storage, "resource ephemeral-storage unavailable in ClusterQueue"),
-                                          (_quota_under_one_point, "insufficient quota for cpu")],
+@pytest.mark.parametrize("edit,message", [
+    (_drop_ephemeral_storage, "resource ephemeral-storage unavailable in ClusterQueue"),
+    (_quota_under_one_point, "insufficient quota for cpu")],
                          ids=["uncovered-ephemeral-storage", "quota-under-one-point"])
 def test_kueue_admits_nothing_from_a_queue_that_cannot_hold_a_point(kuberay_harness, tmp_path, edit, message):
     """The failures the queue must not have, shown by Kueue itself: a ClusterQueue that does not cover a

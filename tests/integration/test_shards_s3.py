@@ -17,7 +17,7 @@ from mzsane.shards.reader import ShardReader
 from mzsane.shards.select import select
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.store import open_zoo
-from tests.fixtures.zoos import build_shards, make_zoo, shards_cfg
+from tests.fixtures.zoos import build_shards, interrupt_tokenize, make_zoo, shards_cfg
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +58,7 @@ def test_resume_interrupted_build_on_s3(s3_server, prefix, monkeypatch, tmp_path
     zoos = [make_zoo(str(tmp_path / "zoos"), z, num_models=3, seed=i, epochs=(0, 1))
             for i, z in enumerate(("za", "zb"))]
     out = storage.join(prefix, "shards")
-    calls = []
-    real = writer.tokenize
-
-    def flaky(state_dict, layout):
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt
-        return real(state_dict, layout)
-
-    monkeypatch.setattr(writer, "tokenize", flaky)
+    calls = interrupt_tokenize(monkeypatch, at_call=9)
     with pytest.raises(KeyboardInterrupt):
         build_shards(zoos, out, shards_cfg(rows_per_file=2))
     assert not storage.exists(storage.join(out, "manifest.json"))

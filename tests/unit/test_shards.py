@@ -23,7 +23,7 @@ from mzsane.zoo.architectures import build_model
 from mzsane.zoo.modelzoos import write_modelzoos_model
 from mzsane.zoo.records import ModelRecord
 from mzsane.zoo.store import ZooWriter, open_zoo
-from tests.fixtures.zoos import build_shards, make_zoo, shards_cfg
+from tests.fixtures.zoos import build_shards, interrupt_tokenize, make_zoo, shards_cfg
 
 
 @pytest.fixture
@@ -156,16 +156,7 @@ def test_all_encodings_decode_identically():
 def test_resume_after_interrupted_build_skips_done_zoos(two_zoos, monkeypatch):
     root, zoos = two_zoos
     out = storage.join(root, "shards")
-    calls = []
-    real = writer.tokenize
-
-    def flaky(state_dict, layout):
-        calls.append(layout.layout_id)
-        if len(calls) == 30:  # in the middle of the second zoo
-            raise KeyboardInterrupt
-        return real(state_dict, layout)
-
-    monkeypatch.setattr(writer, "tokenize", flaky)
+    calls = interrupt_tokenize(monkeypatch, at_call=30)  # in the middle of the second zoo
     with pytest.raises(KeyboardInterrupt):
         build_shards(zoos, out, shards_cfg(rows_per_file=4))
     assert not storage.exists(storage.join(out, "manifest.json"))

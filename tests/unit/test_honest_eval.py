@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from mzsane import presets, storage
 from mzsane.config import EvaluateConfig, SampleConfig
@@ -23,16 +22,9 @@ from mzsane.shards.manifest import read_manifest
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import Split
 from mzsane.zoo.synthetic import SyntheticZoo
+from tests.fixtures.backbones import IdentityBackbone
 
 NUM_MODELS = 20
-
-
-class IdentityBackbone(nn.Module):
-    def encode(self, tokens_BTD, positions_BTP, valid_BT):
-        return tokens_BTD.clone()
-
-    def decode(self, z_BTL, positions_BTP, valid_BT):
-        return z_BTL.clone()
 
 
 class Images:

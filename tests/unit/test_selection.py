@@ -15,16 +15,7 @@ from mzsane.tokens.layout import layout_from_state_dict
 from mzsane.tokens.tokenize import tokenize
 from mzsane.zoo.architectures import build_model
 from mzsane.zoo.datasets import Split
-
-
-class IdentityBackbone(nn.Module):
-    """z = tokens: generated models are then anchors plus token-space noise (checkable by hand)."""
-
-    def encode(self, tokens_BTD, positions_BTP, valid_BT):
-        return tokens_BTD.clone()
-
-    def decode(self, z_BTL, positions_BTP, valid_BT):
-        return z_BTL.clone()
+from tests.fixtures.backbones import IdentityBackbone
 
 
 class NoTestDataset:

@@ -177,25 +177,31 @@ def resnet_shards(root: str, tokensize: int, num_models: int, arch: str = "resne
 
 def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
     """The demo's CNN config (default preset, the demo's settings) in each layout, and the default and small
-    presets on a ResNet zoo, all interleaved; plus packing vs trimming at the demo's sizes."""
+    presets on a ResNet zoo, all interleaved; the ``_fp32`` cases pin ``train.precision=fp32`` where the others
+    take the config's ``auto`` (bf16 on a CPU with native bf16); plus packing vs trimming at the demo's sizes."""
     from mzsane.bench import trainstep
 
     demo = presets.demo()
     cnn = synthetic_shards(scratch, demo.tokens.tokensize)
     resnet = resnet_shards(scratch, demo.tokens.tokensize, 8)
-    padded = copy.deepcopy(demo)
+    padded, fp32 = copy.deepcopy(demo), copy.deepcopy(demo)
     padded.data.pad_windows = True
-    small = presets.small()
+    padded.train.precision = fp32.train.precision = "fp32"  # the step before issue 29, and without bf16
+    small, small_fp32 = presets.small(), presets.small()
+    small_fp32.train.precision = "fp32"
     case = trainstep.case_config
     cases = {
         "cnn_ray_2x1_padded": (case(padded, scratch, cnn, steps, 2, 1, 16), 2, 1),  # before issue 29
-        "cnn_ray_2x1": (case(demo, scratch, cnn, steps, 2, 1, 16), 2, 1),
+        "cnn_ray_2x1_fp32": (case(fp32, scratch, cnn, steps, 2, 1, 16), 2, 1),
+        "cnn_ray_2x1": (case(demo, scratch, cnn, steps, 2, 1, 16), 2, 1),  # the demo: precision auto
         "cnn_ray_1x2": (case(demo, scratch, cnn, steps, 1, 2, 16), 1, 2),
         "cnn_no_ray_b16": (case(demo, scratch, cnn, steps, 0, 2, 16), 0, 2),
         # a local sweep point (jobs/local: 1 rank x 1 CPU, two points side by side on 2 cores)
         "cnn_ray_1x1": (case(demo, scratch, cnn, steps, 1, 1, 16), 1, 1),
+        "cnn_ray_1x1_fp32": (case(fp32, scratch, cnn, steps, 1, 1, 16), 1, 1),
         "resnet_default_ray_1x2": (case(demo, scratch, resnet, steps, 1, 2, 16), 1, 2),
         "resnet_small_ray_1x2": (case(small, scratch, resnet, max(steps // 4, 12), 1, 2, 16), 1, 2),
+        "resnet_small_ray_1x2_fp32": (case(small_fp32, scratch, resnet, max(steps // 4, 12), 1, 2, 16), 1, 2),
     }
     out = trainstep.measure(cases, repeats)
     out["packing"] = trainstep.packing(demo, model_tokens=48, window=64, num_windows=32)
@@ -223,7 +229,8 @@ def preset_steps(cfg: config_mod.Config, preset: str, arch: str, steps: int, rep
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     c = cfg.model
     return {"preset": preset, "device": device, "arch": arch, "steps": steps,
-            "precision": "bf16 autocast" if torch.cuda.is_available() else "fp32",
+            "precision": ("bf16 autocast" if torch.cuda.is_available() or trainstep.matmul_dtype(cfg) == torch.bfloat16
+                          else "fp32"),
             "model": {"d_model": c.d_model, "num_heads": c.num_heads, "num_layers": c.num_layers,
                       "latent_dim": c.latent_dim, "window_size": cfg.data.window_size,
                       "batch_size": cfg.train.batch_size}, **result}

@@ -44,8 +44,9 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def peak_flops(threads: int, seconds: float = 0.6) -> tuple[float, str]:
-    """(FLOP/s, how it was obtained) for ``threads`` CPU threads, or the GPU's nominal bf16 peak."""
+def peak_flops(threads: int, seconds: float = 0.6, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """(FLOP/s, how it was obtained) for ``threads`` CPU threads multiplying ``dtype`` (the dtype the case's
+    matmuls run in: bf16 under autocast), or the GPU's nominal bf16 peak."""
     from mzsane.bench.model import _matmul_round
 
     if torch.cuda.is_available():
@@ -58,10 +59,18 @@ def peak_flops(threads: int, seconds: float = 0.6) -> tuple[float, str]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        best = max(_matmul_round(n, torch.device("cpu"), torch.float32, seconds / 2) for n in (1024, 2048))
+        best = max(_matmul_round(n, torch.device("cpu"), dtype, seconds / 2) for n in (1024, 2048))
     finally:
         torch.set_num_threads(before)
-    return best, f"fp32 square matmul, {threads} threads, measured"
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return best, f"{name} square matmul, {threads} threads, measured"
+
+
+def matmul_dtype(cfg: Config) -> torch.dtype:
+    """The dtype a CPU case's matmuls run in (``train.precision`` on this CPU): its peak is that dtype's."""
+    from mzsane.model.precision import autocast_dtype
+
+    return autocast_dtype(cfg.train.precision, torch.device("cpu")) or torch.float32
 
 
 def case_config(base: Config, root: str, shards_url: str, steps: int, workers: int, threads: int,
@@ -135,18 +144,20 @@ def measure(cases: dict[str, tuple[Config, int, int]], repeats: int) -> dict[str
     Each case's figures are from its run with the median ``real_tokens_per_s``; every run is listed with the
     load average it ran under."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
-    peaks: dict[int, float] = {}  # total threads -> best matmul FLOP/s seen in the whole measurement
+    peaks: dict[tuple[str, int], float] = {}  # (dtype, total threads) -> best matmul FLOP/s of the measurement
     for _ in range(repeats):
         for name, (cfg, workers, threads) in cases.items():
             total = max(workers, 1) * threads
-            peak, how = peak_flops(total)
-            peaks[total] = max(peaks.get(total, 0.0), peak)
+            dtype = matmul_dtype(cfg)
+            peak, how = peak_flops(total, dtype=dtype)
+            key = (str(dtype).replace("torch.", ""), total)
+            peaks[key] = max(peaks.get(key, 0.0), peak)
             load_before = load()
             t0 = time.perf_counter()
             run_url = run_case(cfg, workers, threads)
             row = figures(run_url, cfg, max(workers, 1), peak)
             row.update({"load_avg": load_before, "wall_s": round(time.perf_counter() - t0, 1),
-                        "threads_total": total, "peak": how})
+                        "threads_total": total, "matmul_dtype": key[0], "peak": how})
             runs[name].append(row)
     renormalize(runs, peaks)
     out: dict[str, Any] = {}
@@ -160,14 +171,16 @@ def measure(cases: dict[str, tuple[Config, int, int]], repeats: int) -> dict[str
     return out
 
 
-def renormalize(runs: dict[str, list[dict[str, Any]]], peaks: dict[int, float]) -> None:
+def renormalize(runs: dict[str, list[dict[str, Any]]], peaks: dict[tuple[str, int], float]) -> None:
     """Every fraction against the best peak per thread seen in the whole measurement, times the run's threads: a
     peak round that another process slowed down would otherwise inflate the fraction of the run after it (single
     rounds here ranged 27-200 GFLOP/s at load 5-25), and a thread count measured only under load would too."""
-    per_thread = max(flops / threads for threads, flops in peaks.items())
+    per_thread = {}
+    for (dtype, threads), flops in peaks.items():
+        per_thread[dtype] = max(per_thread.get(dtype, 0.0), flops / threads)
     for rows in runs.values():
         for row in rows:
-            best = per_thread * row["threads_total"]
+            best = per_thread[row["matmul_dtype"]] * row["threads_total"]
             row.update({"peak_gflops": round(best / 1e9, 1), "mfu": round(row["achieved_gflops"] * 1e9 / best, 3),
                         "mfu_real": round(row["achieved_real_gflops"] * 1e9 / best, 3)})
 

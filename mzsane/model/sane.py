@@ -85,8 +85,16 @@ class Block(nn.Module):
         B, T, H = x_BTH.shape
         # one fused projection; q, k, v are strided views of it (no copies)
         q, k, v = self.qkv(self.ln_1(x_BTH)).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # the CPU's bf16 flash-attention backward is ~7x slower than its fp32 one, while bf16 matmuls are
+            # ~3.7x faster (model/precision.py): under CPU autocast only the projections and MLPs run in bf16
+            # (and a bf16 backbone, as sampling loads it, gets its attention output back in bf16)
+            q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=attn_mask, dropout_p=dropout).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         x_BTH = x_BTH + self.drop(self.attn_proj(y.transpose(1, 2).reshape(B, T, H)))
         return x_BTH + self.drop(self.mlp_proj(F.gelu(self.mlp_fc(self.ln_2(x_BTH)))))
 

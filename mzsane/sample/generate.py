@@ -39,6 +39,7 @@ from mzsane import storage
 from mzsane.errors import DataError
 from mzsane.model import halo
 from mzsane.model.backbone import condition_bn, load_backbone
+from mzsane.model.precision import compute_dtype
 from mzsane.sample.anchors import Anchors, load_anchors
 from mzsane.sample.latent import sample_latents
 
@@ -112,23 +113,6 @@ def score_candidates(kwargs: dict[str, Any], state_dicts: list[dict], val_split:
 
 
 # ---------------------------------------------------------------------------------------- core
-
-
-def compute_dtype(precision: str, device: str) -> torch.dtype:
-    """Backbone dtype for encode/decode. ``auto``: bfloat16 on GPUs and on CPUs with native bf16 matmuls
-    (AVX512-BF16/AMX, about 1.5-2x faster there), else float32. Decoded weights differ by ~0.5% relative,
-    far below the sampling noise."""
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        fast = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        fast = False
-    return torch.bfloat16 if fast else torch.float32
 
 
 @dataclass(order=True)

@@ -33,6 +33,7 @@ from mzsane import metrics as metrics_mod
 from mzsane import storage
 from mzsane.config import Config, TrainConfig
 from mzsane.errors import CheckpointError, ConfigError, DivergedError
+from mzsane.model.precision import autocast_dtype
 from mzsane.train import checkpoint as ckpt
 from mzsane.train.context import TrainContext
 from mzsane.train.data import RankStream
@@ -67,15 +68,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig) -> torch.o
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=tc.lr, total_steps=max(tc.num_steps, 1), pct_start=tc.pct_start, anneal_strategy="cos",
         div_factor=25.0, final_div_factor=1e4, cycle_momentum=True, base_momentum=0.85, max_momentum=0.95)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it (else fp16 with a GradScaler); fp32 on CPU: CPU autocast is slower here."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def _every(n: int, done: int, last: int) -> bool:

@@ -3,6 +3,8 @@ between the settings a comparison pairs (rendered with the chart, placed locally
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -96,9 +98,8 @@ def test_the_cause_table_changes_one_thing_per_row_against_the_baseline(tmp_path
     changed.pop("n32-mnist")
     assert {row: {tuple(sorted(d)) for d in diffs} for row, diffs in changed.items()} == {
         "latent128": {("model.latent_dim",)}, "dmodel256": {("model.d_model",)},
-        "norm-unmasked": {("loss.norm_mode",)}, "anchors10": {("sample.num_anchors",)},
-        "bw0-1": {("sample.bandwidth",)}, "bw0-4": {("sample.bandwidth",)},
-        "cand500": {("sample.num_candidates",)}}
+        "norm-unmasked": {("loss.norm_mode",)}, "bf16": {("train.precision",)}, "fp32": {("train.precision",)}}
+    assert {c.train.precision for n, c in cfgs.items() if n[:4] in ("bf16", "fp32")} == {"bf16", "fp32"}
     prerequisites.check_anchor_pools(cfgs)
     aligned = _configs(tmp_path, "causes.yaml", "local/causes.yaml", "local/causes-aligned.yaml")
     assert sorted(aligned) == ["n32-mnist-0", "n32-mnist-1", "n32-mnist-2"]
@@ -140,3 +141,41 @@ def test_the_gpu_paper_recipe_trains_at_tiny_scale_on_a_cpu(tmp_path):
     run = train(cfg, no_ray=True)
     assert storage.exists(storage.join(run, "config.json"))
     assert any(name.startswith("checkpoint_") for name in storage.listdir(run))
+
+
+def _knobs_script():
+    spec = importlib.util.spec_from_file_location("causes_knobs", ROOT / "docs" / "results" / "causes_knobs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sampling_causes_sample_the_baselines_backbones_with_one_knob_changed(tmp_path):
+    """The cause table's sampling rows reuse each seed's baseline backbone and its files; each changes one
+    ``sample.*`` path, recorded in its axes so the report pairs it by seed with that baseline."""
+    knobs = _knobs_script()
+    sweep_dir = tmp_path / "data" / "sweeps" / "causes"
+    for seed in (0, 1):
+        point = {"point": f"n32-mnist-{seed}", "preset": "default", "target_zoo": "mnist-cnn_s",
+                 "extra_target_zoos": ["digits-cnn_s"], "axes": {"train.seed": seed, "sample.seed": seed},
+                 "overrides": {"run_name": f"causes-n32-mnist-{seed}"}}
+        (sweep_dir / point["point"]).mkdir(parents=True)
+        (sweep_dir / point["point"] / "point.json").write_text(json.dumps(point))
+    done = sweep_dir / "bw0-1-1" / "targets" / "digits-cnn_s" / "evaluate"
+    done.mkdir(parents=True)
+    (done / "results.json").write_text("{}")
+    commands = knobs.tasks(str(sweep_dir), [0, 1])
+    assert len(commands) == 2 * (2 * len(knobs.KNOBS) * 2 - 1)  # sample + evaluate per target; one finished
+    assert {tuple(k) for k in knobs.KNOBS.values()} == {("sample.num_anchors", 10), ("sample.bandwidth", 0.1),
+                                                         ("sample.bandwidth", 0.4), ("sample.num_candidates", 500)}
+    for argv in commands:
+        where = Path(argv[argv.index("--out" if argv[3] == "sample" else "--samples") + 1])
+        point = where.parents[1].name if where.parent.name == "targets" else where.name
+        seed = point[-1]
+        assert argv[argv.index("--config") + 1].endswith(f".run/causes/n32-mnist-{seed}/etc/overrides.yaml")
+        assert argv[argv.index("--set") + 1] == "{}={}".format(*knobs.KNOBS[point[:-2]])
+        if argv[3] == "sample":
+            assert argv[argv.index("--backbone") + 1] == str(tmp_path / "data" / "runs" / f"causes-n32-mnist-{seed}")
+    record = json.loads((sweep_dir / "cand500-1" / "point.json").read_text())
+    assert record["point"] == "cand500-1"
+    assert record["axes"] == {"train.seed": 1, "sample.seed": 1, "sample.num_candidates": 500}

@@ -214,7 +214,9 @@ def _ddp_rank(rank: int, world: int, port: int, run: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = _cfg(num_steps=6, batch_size=3, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0)
+        # fp32: the exact match below is DDP's arithmetic, which bf16 autocast (auto on a bf16 CPU) would round
+        cfg = _cfg(num_steps=6, batch_size=3, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0,
+                   precision="fp32")
         train_loop(cfg, LocalContext(run), run, _parts(cfg, rank, world, noise=0.0))
     finally:
         dist.destroy_process_group()
@@ -227,7 +229,8 @@ def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(tmp_path):
 
     two = str(tmp_path / "two")
     mp.start_processes(_ddp_rank, args=(2, _free_port(), two), nprocs=2, join=True, start_method="spawn")
-    cfg = _cfg(num_steps=6, batch_size=6, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0)
+    cfg = _cfg(num_steps=6, batch_size=6, checkpoint_every_n_steps=6, eval_every_n_steps=-1, grad_clip=0.0,
+               precision="fp32")
     one = str(tmp_path / "one")
     train_loop(cfg, LocalContext(one), one, _parts(cfg, noise=0.0))
     w2, s2, _ = ckpt.load(ckpt.latest_checkpoint_url(two))

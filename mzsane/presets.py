@@ -50,7 +50,7 @@ def small() -> Config:
     cfg = Config()
     # one wide block (head dim 64) beats two narrow ones on CPU: 2048-token steps keep matmuls >= 85% of a
     # square matmul's FLOP/s (d_model 128 reached ~25%), at ~1-2 steps/s on 2 cores (mzsane bench model)
-    cfg.model = ModelConfig(d_model=512, num_heads=8, num_layers=1, latent_dim=32)
+    cfg.model = ModelConfig(d_model=512, num_heads=8, num_layers=1, latent_dim=128)
     cfg.train.num_steps = 300
     cfg.train.batch_size = 16
     cfg.train.lr = 3e-4

@@ -273,6 +273,8 @@ def _add_bench_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=0, help="interleaved runs of every case (default 2; --quick 1)")
     p.add_argument("--arch", default="", help="--preset runs: zoo architecture (resnet_mini, default; cnn_s)")
     p.add_argument("--steps-only", action="store_true", help="only the whole-step figures, not the I/O ones")
+    p.add_argument("--cases", default="", help="comma-separated whole-step cases to run (default: all), e.g. "
+                                              "cnn_ray_2x1,cnn_ray_2x1_fp32")
     p.add_argument("--out", default="", help="also write the JSON here (e.g. docs/results/bench-train.json)")
 
 

@@ -28,6 +28,7 @@ import torch
 
 from mzsane import config as config_mod
 from mzsane import presets, storage
+from mzsane.errors import ConfigError
 
 NUM_MODELS = 24
 EPOCHS = (0, 1, 2, 3)
@@ -175,7 +176,7 @@ def resnet_shards(root: str, tokensize: int, num_models: int, arch: str = "resne
     return _shard(zoo_url, storage.join(root, "shards", arch), tokensize)
 
 
-def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
+def demo_steps(scratch: str, steps: int, repeats: int, only: str = "") -> dict[str, Any]:
     """The demo's CNN config (default preset, the demo's settings) in each layout, and the default and small
     presets on a ResNet zoo, all interleaved; the ``_fp32`` cases pin ``train.precision=fp32`` where the others
     take the config's ``auto`` (bf16 on a CPU with native bf16); plus packing vs trimming at the demo's sizes."""
@@ -203,6 +204,13 @@ def demo_steps(scratch: str, steps: int, repeats: int) -> dict[str, Any]:
         "resnet_small_ray_1x2": (case(small, scratch, resnet, max(steps // 4, 12), 1, 2, 16), 1, 2),
         "resnet_small_ray_1x2_fp32": (case(small_fp32, scratch, resnet, max(steps // 4, 12), 1, 2, 16), 1, 2),
     }
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(cases))
+        if unknown:
+            raise ConfigError(f"bench train --cases: unknown case(s) {', '.join(unknown)}; the cases are "
+                              f"{', '.join(cases)}")
+        return trainstep.measure({n: cases[n] for n in names}, repeats)
     out = trainstep.measure(cases, repeats)
     out["packing"] = trainstep.packing(demo, model_tokens=48, window=64, num_windows=32)
     return out
@@ -255,7 +263,7 @@ def run(args: Any) -> dict[str, Any]:
     server = SeaweedFS(os.path.join(scratch, "s3"), bucket="bench")
     try:
         result["demo_steps"] = demo_steps(os.path.join(scratch, "steps"), step_count or (40 if quick else 200),
-                                          repeats)
+                                          repeats, getattr(args, "cases", "") or "")
         if getattr(args, "steps_only", False):
             return _save(args, result)
         local_root = os.path.join(scratch, "local")

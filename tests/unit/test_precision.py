@@ -91,3 +91,21 @@ def test_a_bf16_step_is_measured_against_the_bf16_peak():
     assert trainstep.matmul_dtype(cfg) == torch.bfloat16
     cfg.train.precision = "fp32"
     assert trainstep.matmul_dtype(cfg) == torch.float32
+
+
+def test_bench_train_runs_only_the_cases_asked_for(monkeypatch, tmp_path):
+    import pytest
+
+    from mzsane.bench import train
+    from mzsane.errors import ConfigError
+
+    seen = {}
+    monkeypatch.setattr(train, "synthetic_shards", lambda *a, **k: str(tmp_path / "cnn"))
+    monkeypatch.setattr(train, "resnet_shards", lambda *a, **k: str(tmp_path / "resnet"))
+    monkeypatch.setattr(trainstep, "measure", lambda cases, repeats: seen.update(cases) or {n: {} for n in cases})
+    out = train.demo_steps(str(tmp_path), 10, 1, only="cnn_ray_2x1, cnn_ray_2x1_fp32")
+    assert sorted(out) == sorted(seen) == ["cnn_ray_2x1", "cnn_ray_2x1_fp32"]
+    assert seen["cnn_ray_2x1_fp32"][0].train.precision == "fp32"
+    assert seen["cnn_ray_2x1"][0].train.precision == "auto" and seen["cnn_ray_2x1"][1:] == (2, 1)
+    with pytest.raises(ConfigError, match="unknown case.*cnn_ray_9x9.*the cases are cnn_ray_2x1_padded"):
+        train.demo_steps(str(tmp_path), 10, 1, only="cnn_ray_9x9")

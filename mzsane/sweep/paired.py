@@ -114,17 +114,20 @@ def compare_settings(rows: list[dict[str, Any]], method: str = "generated", base
     """Every setting against the baseline setting, per target, paired by seed, on ``method``'s accuracy.
 
     ``rows`` are ``sweep report``'s per-point rows. ``baseline`` is a substring of one setting's label (e.g.
-    ``"mnist n=8"`` or ``"loss.token_weight_alpha=1"``); empty = the first setting in label order. A target
-    without the baseline, or with a single setting, gives no comparison.
+    ``"mnist n=8"`` or ``"loss.token_weight_alpha=1"``); empty = the first setting in label order. Settings are
+    compared within one anchor pool (seen anchors against the baseline's seen anchors, held-out against held-out):
+    a seen-anchor figure against a held-out baseline would credit the setting with the protocol's gap. A target
+    and pool without the baseline, or with a single setting, gives no comparison.
     """
-    values: dict[str, dict[str, dict[Any, float]]] = {}
+    values: dict[tuple[str, str], dict[str, dict[Any, float]]] = {}
     for row in rows:
         if row["method"] != method or not math.isfinite(row["test_acc_mean"]):
             continue
         seed = row["seed"] if row["seed"] != "" else row["point"]
-        values.setdefault(row["target_zoo"], {}).setdefault(setting_label(row), {})[seed] = row["test_acc_mean"]
+        pool = (row["target_zoo"], row.get("anchor_pool", "held_out"))  # seen with seen, held-out with held-out
+        values.setdefault(pool, {}).setdefault(setting_label(row), {})[seed] = row["test_acc_mean"]
     out = []
-    for target, settings in sorted(values.items()):
+    for (target, _), settings in sorted(values.items(), key=lambda kv: (kv[0][0], kv[0][1] != "held_out", kv[0][1])):
         labels = sorted(settings)
         matches = [s for s in labels if baseline in s] if baseline else labels[:1]
         if len(labels) < 2 or not matches:

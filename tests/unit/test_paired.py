@@ -96,3 +96,19 @@ def test_report_pairs_settings_by_seed_against_the_baseline(tmp_path, capsys):
 def test_identical_nonzero_differences_have_no_spread():
     c = paired.compare({0: 0.7, 1: 0.8}, {0: 0.5, 1: 0.6}, label_a="A", label_b="B")
     assert c.t_stat == math.inf and c.p_t == 0.0 and c.verdict == "A higher"
+
+
+def test_settings_are_compared_within_one_anchor_pool():
+    """Seen anchors against the baseline's seen anchors, held-out against held-out: never across pools."""
+    def rows(axes: str, pool: str, accs: dict[int, float]) -> list[dict]:
+        return [{"method": "generated", "test_acc_mean": a, "seed": s, "point": f"{axes}-{s}", "target_zoo": "z",
+                 "composition": "mnist", "zoo_size": 32, "axes": axes, "anchor_pool": pool} for s, a in accs.items()]
+
+    table = (rows("", "held_out", {0: 0.70, 1: 0.75, 2: 0.72}) + rows("", "seen", {0: 0.92, 1: 0.93, 2: 0.91})
+             + rows("model.latent_dim=128", "held_out", {0: 0.80, 1: 0.86, 2: 0.83})
+             + rows("model.latent_dim=128", "seen", {0: 0.93, 1: 0.94, 2: 0.92}))
+    got = {(c.a, c.b): c for c in paired.compare_settings(table, baseline="mnist n=32")}
+    assert sorted(got) == [("mnist n=32 model.latent_dim=128", "mnist n=32"),
+                           ("mnist n=32 model.latent_dim=128 [seen anchors]", "mnist n=32 [seen anchors]")]
+    assert got[("mnist n=32 model.latent_dim=128 [seen anchors]", "mnist n=32 [seen anchors]")].mean_diff == \
+        pytest.approx(0.01)

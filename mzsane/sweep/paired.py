@@ -116,8 +116,9 @@ def compare_settings(rows: list[dict[str, Any]], method: str = "generated", base
     ``rows`` are ``sweep report``'s per-point rows. ``baseline`` is a substring of one setting's label (e.g.
     ``"mnist n=8"`` or ``"loss.token_weight_alpha=1"``); empty = the first setting in label order. Settings are
     compared within one anchor pool (seen anchors against the baseline's seen anchors, held-out against held-out):
-    a seen-anchor figure against a held-out baseline would credit the setting with the protocol's gap. A target
-    and pool without the baseline, or with a single setting, gives no comparison.
+    a seen-anchor figure against a held-out baseline would credit the setting with the protocol's gap, which is
+    compared once, on the baseline's own backbones (its seen against its held-out anchors). A target and pool
+    without the baseline, or with a single setting, gives no comparison.
     """
     values: dict[tuple[str, str], dict[str, dict[Any, float]]] = {}
     for row in rows:
@@ -126,17 +127,24 @@ def compare_settings(rows: list[dict[str, Any]], method: str = "generated", base
         seed = row["seed"] if row["seed"] != "" else row["point"]
         pool = (row["target_zoo"], row.get("anchor_pool", "held_out"))  # seen with seen, held-out with held-out
         values.setdefault(pool, {}).setdefault(setting_label(row), {})[seed] = row["test_acc_mean"]
-    out = []
-    for (target, _), settings in sorted(values.items(), key=lambda kv: (kv[0][0], kv[0][1] != "held_out", kv[0][1])):
+    out, bases = [], {}
+    for (target, pool), settings in sorted(values.items(), key=lambda kv: (kv[0][0], kv[0][1] != "held_out", kv[0][1])):
         labels = sorted(settings)
         matches = [s for s in labels if baseline in s] if baseline else labels[:1]
-        if len(labels) < 2 or not matches:
+        if not matches:
             continue
         base = min(matches, key=len)  # "alpha=1" matches alpha=1 before alpha=1.5 would
+        bases.setdefault(target, []).append((pool, base, settings[base]))
         for label in labels:
             if label != base:
                 out.append(compare(settings[label], settings[base], label_a=label, label_b=base,
                                    target_zoo=target, method=method, alpha=alpha))
+    for target, found in bases.items():  # the protocols' gap on the same backbones: baseline seen - held-out
+        held = [b for b in found if b[0] == "held_out"]
+        for _, label, accs in (b for b in found if b[0] != "held_out"):
+            if held:
+                out.append(compare(accs, held[0][2], label_a=label, label_b=held[0][1], target_zoo=target,
+                                   method=method, alpha=alpha))
     return out
 
 

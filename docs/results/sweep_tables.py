@@ -1,6 +1,8 @@
 """Markdown tables for docs/results.md from finished sweeps (``mzsane sweep run`` or a cluster's results).
 
 Usage: .venv/bin/python docs/results/sweep_tables.py mzsane-data/sweeps/zoo-size [more sweep folders]
+       .venv/bin/python docs/results/sweep_tables.py --causes mzsane-data/sweeps/causes \
+           mzsane-data/sweeps/causes-aligned
 
 Per sweep: the per-setting table of ``mzsane sweep report`` (mean ± 95% t half-width over seeds) for each
 target (held-out anchors; seen anchors, the paper's protocol, in a table of their own), every setting against
@@ -124,13 +126,58 @@ def details(url: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _by_seed(rows: list[dict], ood: bool, pool: str, method: str) -> dict[str, dict]:
+    """{setting label: {seed: accuracy}} of one target kind, anchor pool and method."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["method"] == method and r.get("anchor_pool", "held_out") == pool and (not r["in_distribution"]) == ood:
+            out.setdefault(r["axes"] or "-", {})[r["seed"]] = r["test_acc_mean"]
+    return out
+
+
+def cause_table(urls: list[str]) -> str:
+    """One row per cause (a setting of the first sweep's axes, or a whole other sweep, e.g. the aligned one),
+    each against the baseline (the first sweep's setting without axes) paired by seed: held-out generation in and
+    out of distribution, its ceiling, the seen-anchor protocol, each difference with its paired t-test p."""
+    rows = []
+    for i, url in enumerate(urls):
+        found, _ = sweep.collect(url)
+        name = os.path.basename(url.rstrip("/"))
+        rows += [{**r, "axes": r["axes"] or (name if i else "")} for r in found]
+    cols = [("ID held-out generated", False, "held_out", "generated"),
+            ("ID held-out ceiling", False, "held_out", "reconstruction"),
+            ("ID seen generated (paper's protocol)", False, "seen", "generated"),
+            ("OOD held-out generated", True, "held_out", "generated")]
+    data = [_by_seed(rows, ood, pool, method) for _, ood, pool, method in cols]
+    head = ["cause (changed alone)", "seeds", *(c[0] for c in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in sorted(data[0], key=lambda k: (k != "-", k)):
+        cells = []
+        for col in data:
+            accs, base = col.get(label, {}), col.get("-", {})
+            cell = _ci(list(accs.values()))
+            if label != "-" and accs and base:
+                c = paired.compare(accs, base)
+                p = "-" if math.isnan(c.p_t) else f"{c.p_t:.2f}"
+                cell += f" ({c.mean_diff:+.3f}, p {p})"
+            cells.append(cell)
+        lines.append("| " + " | ".join([label if label != "-" else "baseline", str(len(data[0][label])), *cells])
+                     + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweeps", nargs="+", help="sweep result folders, {storage.root}/sweeps/{sweep}")
     ap.add_argument("--baseline", default="", help="setting the others are compared with, paired by seed (a "
                     "substring of its label, e.g. 'mnist n=8'; default: the first)")
     ap.add_argument("--method", default="generated", help="the row the paired comparison compares")
+    ap.add_argument("--causes", action="store_true", help="one cause table over the sweeps (issue 26): each setting "
+                    "of the first, and each further sweep, against the first's setting without axes, paired by seed")
     args = ap.parse_args()
+    if args.causes:
+        print(cause_table(args.sweeps))
+        return
     for url in args.sweeps:
         rows, pending = sweep.collect(url)
         seen, rows = _pool(rows, "seen"), _pool(rows, "held_out")

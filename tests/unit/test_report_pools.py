@@ -87,3 +87,35 @@ def test_the_hypernetwork_row_states_its_budget(tmp_path):
     # the anchors' own start sits beside the generated one (it can beat it)
     head, line = table.splitlines()
     assert head.index("finetuned_generated") < head.index("finetuned_anchors") and "0.930" in line
+
+
+def test_the_cause_table_pairs_each_cause_and_each_further_sweep_with_the_baseline_by_seed(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "results" / "sweep_tables.py"
+    spec = importlib.util.spec_from_file_location("sweep_tables", path)
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+
+    def point(sweep_name: str, name: str, seed: int, axes: dict, held: float, seen: float) -> None:
+        url = storage.join(str(tmp_path), "sweeps", sweep_name, name)
+        storage.write_json(storage.join(url, "point.json"), {
+            "composition": "mnist", "zoo_size": 32, "zoos": ["mnist-cnn_s"],
+            "axes": {**dict.fromkeys(sweep.schema.SEED_PATHS, seed), **axes}})
+        storage.write_json(storage.join(url, "evaluate", "results.json"), _results("held_out", held, [held - 0.1]))
+        storage.write_json(storage.join(url, "anchors-seen", "evaluate", "results.json"),
+                           _results("seen", seen, [seen]))
+
+    for seed in (0, 1, 2):
+        point("causes", f"n32-{seed}", seed, {}, 0.70 + 0.05 * seed, 0.90)
+        point("causes", f"latent-{seed}", seed, {"model.latent_dim": 128}, 0.80 + 0.05 * seed, 0.92)
+        point("causes-aligned", f"n32-{seed}", seed, {}, 0.69 + 0.05 * seed, 0.90)
+    table = tables.cause_table([storage.join(str(tmp_path), "sweeps", s) for s in ("causes", "causes-aligned")])
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert list(lines) == ["baseline", "causes-aligned", "model.latent_dim=128"]
+    assert "0.750 ± 0.124" in lines["baseline"] and "(" not in lines["baseline"]
+    # held-out against held-out (+0.10 on every seed), seen against seen (+0.02, not the +0.2 across pools)
+    assert "0.850 ± 0.124 (+0.100, p " in lines["model.latent_dim=128"]
+    assert "0.920 ± 0.000 (+0.020, p " in lines["model.latent_dim=128"]
+    assert "(-0.010, p " in lines["causes-aligned"]

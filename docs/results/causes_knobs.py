@@ -29,7 +29,7 @@ KNOBS = {  # row name -> (config path, value): jobs/causes.yaml's sampling cause
 BASELINE = "n32-mnist-{seed}"
 
 
-def tasks(sweep_dir: str, seeds: list[int]) -> list[list[str]]:
+def tasks(sweep_dir: str, seeds: list[int], first_target_only: bool = False) -> list[list[str]]:
     """The ``mzsane sample`` + ``evaluate`` commands still to run, writing each knob point's point.json."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(sweep_dir)))
     sweep = os.path.basename(os.path.abspath(sweep_dir))
@@ -49,7 +49,8 @@ def tasks(sweep_dir: str, seeds: list[int]) -> list[list[str]]:
             with open(os.path.join(point, "point.json"), "w", encoding="utf-8") as fh:
                 json.dump(knob_record, fh, indent=2, sort_keys=True)
             cfg = ["--preset", record["preset"], "--config", overrides, "--set", f"{path}={value}"]
-            for zoo in [record["target_zoo"], *record.get("extra_target_zoos", [])]:
+            extra = [] if first_target_only else list(record.get("extra_target_zoos", []))
+            for zoo in [record["target_zoo"], *extra]:
                 where = point if zoo == record["target_zoo"] else os.path.join(point, "targets", zoo)
                 if os.path.exists(os.path.join(where, "evaluate", "results.json")):
                     continue
@@ -73,10 +74,12 @@ def main() -> int:
     parser.add_argument("sweep_dir", help="{storage.root}/sweeps/causes, after `mzsane sweep run` of jobs/causes.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="targets sampled at once (one core each)")
+    parser.add_argument("--first-target-only", action="store_true",
+                        help="only the sweep's target zoo (in distribution), not its extra target zoos")
     args = parser.parse_args()
     if args.parallel > 1:  # one core per target, as a local sweep point has
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    commands = tasks(args.sweep_dir, args.seeds)
+    commands = tasks(args.sweep_dir, args.seeds, args.first_target_only)
     pairs = [commands[i:i + 2] for i in range(0, len(commands), 2)]  # sample, then evaluate, per target
     with ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
         failed = sum(1 for rc in pool.map(_run_pair, pairs) if rc)

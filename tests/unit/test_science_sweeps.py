@@ -177,6 +177,8 @@ def test_the_sampling_causes_sample_the_baselines_backbones_with_one_knob_change
         assert argv[argv.index("--set") + 1] == "{}={}".format(*knobs.KNOBS[point[:-2]])
         if argv[3] == "sample":
             assert argv[argv.index("--backbone") + 1] == str(tmp_path / "data" / "runs" / f"causes-n32-mnist-{seed}")
+    first = knobs.tasks(str(sweep_dir), [0, 1], first_target_only=True)
+    assert len(first) == 2 * 2 * len(knobs.KNOBS) and not any("targets" in " ".join(a) for a in first)
     record = json.loads((sweep_dir / "cand500-1" / "point.json").read_text())
     assert record["point"] == "cand500-1"
     assert record["axes"] == {"train.seed": 1, "sample.seed": 1, "sample.num_candidates": 500}

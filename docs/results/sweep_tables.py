@@ -158,7 +158,7 @@ def cause_table(urls: list[str]) -> str:
             cell = _ci(list(accs.values()))
             if label != "-" and accs and base:
                 c = paired.compare(accs, base)
-                p = "-" if math.isnan(c.p_t) else f"{c.p_t:.2f}"
+                p = "-" if math.isnan(c.p_t) else f"{c.p_t:.2f}" if c.p_t >= 0.01 else f"{c.p_t:.1g}"
                 cell += f" ({c.mean_diff:+.3f}, p {p})"
             cells.append(cell)
         lines.append("| " + " | ".join([label if label != "-" else "baseline", str(len(data[0][label])), *cells])

@@ -85,9 +85,9 @@ def demo() -> Config:
     Chosen by measurement (issue 29, ``mzsane bench train``, docs/results/bench-train.json): against 1 worker x 2
     threads at batch 16, 2 x 1 was faster in 4 of 5 interleaved pairs on the shared 2-core machine (e.g. 6,027 vs
     4,956 real tokens/s). Budget by exposure (issue 13): 150 passes over each backbone's selected rows (the trained
-    tail, epochs 2-3), so single (44 rows: 413 steps) and multi (100 rows: 938 steps) see every zoo equally often; at
-    equal *steps* the multi-zoo backbone saw each zoo less than half as often and lost for that reason
-    (docs/results.md).
+    tail, epochs 2-3), so single (44 rows: 413 steps) and multi (100 rows, a ResNet row 8 windows: 1,725 steps)
+    see every zoo equally often; at equal *steps* the multi-zoo backbone saw each zoo less than half as often and
+    lost for that reason (docs/results.md).
     """
     cfg = Config()
     cfg.zoo.num_threads = 2

@@ -125,8 +125,8 @@ def compare_settings(rows: list[dict[str, Any]], method: str = "generated", base
         if row["method"] != method or not math.isfinite(row["test_acc_mean"]):
             continue
         seed = row["seed"] if row["seed"] != "" else row["point"]
-        pool = (row["target_zoo"], row.get("anchor_pool", "held_out"))  # seen with seen, held-out with held-out
-        values.setdefault(pool, {}).setdefault(setting_label(row), {})[seed] = row["test_acc_mean"]
+        key = (row["target_zoo"], row.get("anchor_pool", "held_out"))  # seen with seen, held-out with held-out
+        values.setdefault(key, {}).setdefault(setting_label(row), {})[seed] = row["test_acc_mean"]
     out, bases = [], {}
     for (target, pool), settings in sorted(values.items(), key=lambda kv: (kv[0][0], kv[0][1] != "held_out", kv[0][1])):
         labels = sorted(settings)

@@ -157,14 +157,17 @@ def demo(cfg: Config, quick: bool = False, out_url: str = "") -> dict:
 
 
 def _seen_anchors(stages: Stages, cfg: Config, run_url: str, zoo_url: str, out: str, name: str) -> dict:
-    """Sample and evaluate ``name`` again from seen anchors (``sample.anchor_pool=seen``, the paper's protocol)
-    into ``{out}/anchors-seen``, without the fine-tuning and HyperNetwork arms (they start from the held-out run)."""
+    """Sample and evaluate ``name`` again under the paper's protocol (``mzsane.sample.protocol``: seen anchors,
+    no fine-tuning or HyperNetwork arms) into ``{out}/anchors-seen``."""
     from mzsane.evaluate.report import evaluate
     from mzsane.sample.generate import sample
+    from mzsane.sample.protocol import SEEN_ANCHORS_FOLDER, seen_overrides
 
-    seen, ev = copy.deepcopy(cfg.sample), copy.deepcopy(cfg.evaluate)
-    seen.anchor_pool, ev.finetune_epochs, ev.hypernet_steps = "seen", 0, 0
-    seen_out = storage.join(out, "anchors-seen")
+    seen_cfg = copy.deepcopy(cfg)
+    for key, value in seen_overrides(cfg.sample.num_anchors, cfg.data.num_models_per_zoo).items():
+        config_mod.apply_override(seen_cfg, f"{key}={value}")
+    seen, ev = seen_cfg.sample, seen_cfg.evaluate
+    seen_out = storage.join(out, SEEN_ANCHORS_FOLDER)
     settings = {"run": run_url, "sample": config_mod.to_dict(seen)}
     stages.run(f"sample-seen-{name}", settings,
                lambda: _brief(sample(run_url, zoo_url, seen_out, seen, progress=False)))

@@ -26,11 +26,11 @@ import yaml
 
 from mzsane import storage
 from mzsane.errors import ConfigError, MzsaneError
+from mzsane.sample.protocol import SEEN_ANCHORS_FOLDER, section_overrides, seen_overrides
 
 SWEEP_LABEL, POINT_LABEL, RESULTS_ANNOTATION = "mzsane.io/sweep", "mzsane.io/point", "mzsane.io/results"
 OVERRIDES_FILE, POINT_FILE = "overrides.yaml", "point.json"
 RUN_POINT = ("python", "-m", "mzsane.sweep", "run-point")
-SEEN_ANCHORS_FOLDER = "anchors-seen"  # sweep/results.py reads it as the seen-anchor evaluation of a target
 PROGRESS_FILE = "run-point.json"  # {results}/: the stages an earlier attempt of this point finished
 
 
@@ -79,23 +79,25 @@ def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stag
     cfg = ["--preset", _text(record, "preset"), "--config", os.path.join(os.path.dirname(point_file), OVERRIDES_FILE)]
     mz = [python, "-m", "mzsane"]
     trained_on = {str(z) for z in (record.get("zoos") or [])}
-    seen_anchors = min(_num_anchors(record), int(record.get("zoo_size") or 0))
+    zoo_size = int(record.get("zoo_size") or 0)
+    seen = seen_overrides(_num_anchors(record), zoo_size) if zoo_size > 0 else {}
+
+    def sets(section: str) -> list[str]:
+        return [arg for k, v in section_overrides(seen, section).items() for arg in ("--set", f"{k}={v}")]
 
     def target_stages(zoo_name: str, zoo_out: str) -> list[Stage]:
-        """Held-out anchors (ours), then, for a zoo the backbone trained on, seen anchors (the paper's protocol:
-        prompts the backbone saw) into ``anchors-seen/``, without the fine-tuning and HyperNetwork arms."""
+        """Held-out anchors (ours), then, for a zoo the backbone trained on, seen anchors (the paper's protocol,
+        ``mzsane.sample.protocol``) into ``anchors-seen/``."""
         zoo = storage.join(root, "zoos", zoo_name)
         held_out = [Stage("sample", [*mz, "sample", *cfg, "--backbone", run, "--zoo", zoo, "--out", zoo_out]),
                     Stage("evaluate", [*mz, "evaluate", *cfg, "--samples", zoo_out, "--zoo", zoo])]
-        if zoo_name not in trained_on or seen_anchors < 1:
+        if zoo_name not in trained_on or not seen:
             return held_out
         seen_out = storage.join(zoo_out, SEEN_ANCHORS_FOLDER)
         return [*held_out,
-                Stage("sample-seen", [*mz, "sample", *cfg, "--set", "sample.anchor_pool=seen", "--set",
-                                      f"sample.num_anchors={seen_anchors}", "--backbone", run, "--zoo", zoo,
+                Stage("sample-seen", [*mz, "sample", *cfg, *sets("sample"), "--backbone", run, "--zoo", zoo,
                                       "--out", seen_out]),
-                Stage("evaluate-seen", [*mz, "evaluate", *cfg, "--set", "evaluate.finetune_epochs=0", "--set",
-                                        "evaluate.hypernet_steps=0", "--samples", seen_out, "--zoo", zoo])]
+                Stage("evaluate-seen", [*mz, "evaluate", *cfg, *sets("evaluate"), "--samples", seen_out, "--zoo", zoo])]
 
     stages = [
         Stage("record-point", [python, "-m", "mzsane.sweep", "record-point", point_file, out]),
@@ -109,8 +111,8 @@ def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stag
 
 
 def _num_anchors(record: dict[str, Any]) -> int:
-    """The point's ``sample.num_anchors`` (its overrides over its preset): the seen pool is only the zoo's
-    train models the backbone read, so seen-anchor sampling takes at most the zoo size."""
+    """The point's ``sample.num_anchors`` (its overrides over its preset), which the seen protocol caps at the
+    zoo size."""
     from mzsane import config, presets
 
     try:

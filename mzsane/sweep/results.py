@@ -22,8 +22,8 @@ import numpy as np
 
 from mzsane import storage
 from mzsane.errors import DataError
+from mzsane.sample.protocol import SEEN_ANCHORS_FOLDER
 from mzsane.sweep import paired
-from mzsane.sweep.point import SEEN_ANCHORS_FOLDER
 from mzsane.sweep.schema import SEED_PATHS
 
 ZERO_SHOT_METHOD = "generated"

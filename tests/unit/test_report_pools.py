@@ -9,6 +9,7 @@ import pytest
 
 from mzsane import storage, sweep
 from mzsane.sweep import results as report_mod
+from tests.fixtures.results_scripts import load_results_script
 
 
 def _results(pool: str | None, generated: float, recon: list[float]) -> dict:
@@ -90,13 +91,7 @@ def test_the_hypernetwork_row_states_its_budget(tmp_path):
 
 
 def test_the_cause_table_pairs_each_cause_and_each_further_sweep_with_the_baseline_by_seed(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "docs" / "results" / "sweep_tables.py"
-    spec = importlib.util.spec_from_file_location("sweep_tables", path)
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_results_script("sweep_tables")
 
     def point(sweep_name: str, name: str, seed: int, axes: dict, held: float, seen: float) -> None:
         url = storage.join(str(tmp_path), "sweeps", sweep_name, name)

@@ -3,7 +3,6 @@ between the settings a comparison pairs (rendered with the chart, placed locally
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ pytest.importorskip("helm_python")
 
 from mzsane.sweep import chart, local, prerequisites
 from mzsane.sweep.point import rendered_points
+from tests.fixtures.results_scripts import load_results_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,17 +144,10 @@ def test_the_gpu_paper_recipe_trains_at_tiny_scale_on_a_cpu(tmp_path):
     assert any(name.startswith("checkpoint_") for name in storage.listdir(run))
 
 
-def _knobs_script():
-    spec = importlib.util.spec_from_file_location("causes_knobs", ROOT / "docs" / "results" / "causes_knobs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_sampling_causes_sample_the_baselines_backbones_with_one_knob_changed(tmp_path):
     """The cause table's sampling rows reuse each seed's baseline backbone and its files; each changes one
     ``sample.*`` path, recorded in its axes so the report pairs it by seed with that baseline."""
-    knobs = _knobs_script()
+    knobs = load_results_script("causes_knobs")
     sweep_dir = tmp_path / "data" / "sweeps" / "causes"
     for seed in (0, 1):
         point = {"point": f"n32-mnist-{seed}", "preset": "default", "target_zoo": "mnist-cnn_s",

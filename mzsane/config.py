@@ -131,6 +131,9 @@ class DataConfig:
     shuffle_initial: int = param(64, min=0)
     num_prefetch: int = param(4, min=1)
     seed: int = param(0, min=0)
+    # the train/val/test split read: -1 = the one the shards were written with (shards.split_seed); n >= 0 draws
+    # split n at read time, so which models are held out can vary without re-sharding (a sweep axis)
+    split_seed: int = param(-1, min=0, sentinels=(-1,))
 
 
 @dataclass

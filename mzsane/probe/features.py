@@ -117,7 +117,8 @@ def zoo_features(backbone: torch.nn.Module, backbone_cfg: Any, manifest: Manifes
     plan = halo.plan(layout.num_tokens, backbone_cfg.sample.halo_window, backbone_cfg.sample.halo_size)
     out = ZooFeatures(zoo)
     for split in ("train", "val", "test"):
-        selection = select(manifest, [zoo], -1, split)
+        selection = select(manifest, [zoo], -1, split, split_seed=int(backbone_cfg.data.split_seed),
+                           split_fractions=backbone_cfg.shards.split_fractions)  # the split the backbone read
         if not selection.models:
             continue
         accs = _train_accs(manifest, {m["file"] for m in selection.models})
@@ -130,7 +131,7 @@ def zoo_features(backbone: torch.nn.Module, backbone_cfg: Any, manifest: Manifes
             out.weight_stats += list(weight_stats(tokens_MND, layout).numpy())
             for s in batch:
                 out.model_ids.append(s.model_id)
-                out.splits.append(s.split)
+                out.splits.append(split)  # the selection's: the shards' own unless data.split_seed re-split
                 out.epochs.append(int(s.epoch))
                 out.test_acc.append(float(s.test_acc))
                 out.train_acc.append(accs.get((s.model_id, int(s.epoch)), float("nan")))

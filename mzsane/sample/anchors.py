@@ -93,7 +93,7 @@ def seen_models(backbone_cfg: Any, zoo: str) -> set[str] | None:
         return None
     if zoo not in manifest.zoos:
         return set()
-    selection = training_selection(manifest, data, "train")
+    selection = training_selection(manifest, data, "train", backbone_cfg.shards.split_fractions)
     return {m["model_id"] for m in selection.models if m["zoo"] == zoo}
 
 
@@ -163,10 +163,11 @@ def choose(model_ids: list[str], num: int, seed: int, pool: str = "any") -> list
 
 def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_cfg: Any, shards_cfg: Any,
                  reader: Any = None, pool: str = "any", seen: set[str] | None = None,
-                 alignment: dict[str, Any] | None = None) -> Anchors:
+                 alignment: dict[str, Any] | None = None, split_seed: int | None = None) -> Anchors:
     """Pick, load and tokenize the anchors from ``pool`` (``seen``: the zoo's models the backbone trained on,
     None = unknown); ``tokens_cfg`` must be the backbone's token settings. With ``alignment`` (see
-    ``alignment_reference``) every anchor is weight-matched to that reference checkpoint first."""
+    ``alignment_reference``) every anchor is weight-matched to that reference checkpoint first. ``split_seed``: the
+    split the backbone read (``effective_split_seed``; None = ``shards_cfg.split_seed``)."""
     from mzsane.tokens.layout import layout_from_state_dict
     from mzsane.tokens.tokenize import tokenize
     from mzsane.zoo.store import open_zoo
@@ -174,7 +175,8 @@ def load_anchors(zoo_url: str, num_anchors: int, epoch: int, seed: int, tokens_c
     reader = reader if reader is not None else open_zoo(zoo_url)
     records = usable_records(reader)
     splittable = [r.model_id for r in reader.models() if r.status != "failed"]  # exactly what the shards split
-    splits = model_splits(splittable, list(shards_cfg.split_fractions), shards_cfg.split_seed, reader.info.zoo)
+    seed_of_split = shards_cfg.split_seed if split_seed is None else split_seed
+    splits = model_splits(splittable, list(shards_cfg.split_fractions), seed_of_split, reader.info.zoo)
     epoch = resolve_epoch([r for r in records if splits[r.model_id] != "test"] or records, epoch)
     have_epoch = [r.model_id for r in records if epoch in _saved_epochs(r)]
     pool_ids = anchor_pool(have_epoch, splits, seen, pool)

@@ -259,13 +259,14 @@ def sample(backbone_url: str, zoo_url: str, out_url: str, sample_cfg: Any = None
     if c.num_keep < 1 or c.num_candidates < c.num_keep:
         raise DataError(f"sample.num_candidates={c.num_candidates} must be >= sample.num_keep={c.num_keep} >= 1")
     from mzsane.sample.anchors import alignment_reference, seen_models
+    from mzsane.shards.select import effective_split_seed
     from mzsane.zoo.store import open_zoo
 
     reader = open_zoo(zoo_url)
     seen = seen_models(cfg, reader.info.zoo)
     anchors = load_anchors(zoo_url, c.num_anchors, c.target_epoch, c.seed, cfg.tokens, cfg.shards, reader=reader,
                            pool=getattr(c, "anchor_pool", "held_out"), seen=seen,
-                           alignment=alignment_reference(cfg, reader.info.zoo))
+                           alignment=alignment_reference(cfg, reader.info.zoo), split_seed=effective_split_seed(cfg))
     dataset = dataset if dataset is not None else load_dataset(anchors.dataset)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
@@ -288,7 +289,7 @@ def sample(backbone_url: str, zoo_url: str, out_url: str, sample_cfg: Any = None
         "layout_id": layout_id(anchors.layout), "num_tokens": anchors.layout.num_tokens,
         "sample": {k: getattr(c, k) for k in vars(c)},
         "tokens": {k: getattr(cfg.tokens, k) for k in vars(cfg.tokens)},
-        "split": {"fractions": list(cfg.shards.split_fractions), "seed": cfg.shards.split_seed},
+        "split": {"fractions": list(cfg.shards.split_fractions), "seed": effective_split_seed(cfg)},
         "selection": {"bn_images": "train split (un-augmented)", "score": "val split",
                       "splits_read": gen.splits_read, "test_used": "test" in gen.splits_read},
         "generated": files[GENERATED_DIR],

@@ -54,11 +54,24 @@ def needs(configs: dict[str, Config], extra_targets: dict[str, list[str]] | None
                               "list its zoos in the sweep's grid so sweep run knows what to build")
         for zoo in dict.fromkeys([*cfg.data.zoos, *targets_of(point, cfg, extra_targets)]):
             need = out.setdefault(zoo, ZooNeed(zoo, cfg=cfg))
+            _check_same_build(need, point, cfg)
             need.points.append(point)
             if zoo in cfg.data.zoos:
                 need.sharded = True
                 need.train_models = max(need.train_models, int(cfg.data.num_models_per_zoo), 1)
     return storage.join(roots.pop(), "zoos"), shard_urls.pop(), out
+
+
+def _check_same_build(need: ZooNeed, point: str, cfg: Config) -> None:
+    """One zoo name is one folder under the sweep's root, built once: points may not ask it of another recipe
+    or seed (an axis on ``zoo.seed`` would otherwise train every point on the first seed's zoo)."""
+    assert need.cfg is not None
+    for key in ("seed", "recipe"):
+        first, here = getattr(need.cfg.zoo, key), getattr(cfg.zoo, key)
+        if first != here:
+            raise ConfigError(f"sweep points {need.points[0]} and {point} ask for zoo {need.zoo} with zoo.{key} "
+                              f"{first} and {here}, but a sweep builds one zoo per name under its storage root; "
+                              f"run one sweep per zoo.{key}, each with its own --storage")
 
 
 def models_for_train(need: int, cfg: Config, zoo: str) -> int:

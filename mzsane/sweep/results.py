@@ -24,7 +24,7 @@ from mzsane import storage
 from mzsane.errors import DataError
 from mzsane.sample.protocol import SEEN_ANCHORS_FOLDER
 from mzsane.sweep import paired
-from mzsane.sweep.schema import SEED_PATHS
+from mzsane.sweep.schema import REPLICATE_PATHS
 
 ZERO_SHOT_METHOD = "generated"
 PROBE_COLUMNS = ("probe_r2_embedding", "probe_r2_weight_stats", "probe_tau_embedding")
@@ -116,8 +116,8 @@ def _rows(point_url: str, name: str, results: dict[str, Any], first_target: bool
     rows = []
     meta = _point_meta(point_url, name, results)
     probe = _probe_columns(point_url, str(results.get("target_zoo", "")), exact=not first_target)
-    setting = {k: v for k, v in meta["axes"].items() if k not in SEED_PATHS}
-    seeds = [meta["axes"][k] for k in SEED_PATHS if k in meta["axes"]]
+    setting = {k: v for k, v in meta["axes"].items() if k not in REPLICATE_PATHS}
+    seeds = [meta["axes"][k] for k in REPLICATE_PATHS if k in meta["axes"]]
     pool = anchor_pool(results)
     for method in [*results.get("rows", []), *_best_reconstruction(results), *_finetuned(results)]:
         rows.append({

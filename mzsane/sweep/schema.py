@@ -32,6 +32,9 @@ GENERATED = ("config", "configSet", "axes", "zooName")
 # all points, so zoo.seed is not among them): seeds of one setting then differ in everything random. The
 # chart's mzsane.points expands it to these paths, and ``sweep report`` averages over it.
 SEED_AXIS, SEED_PATHS = "seed", ("data.seed", "train.seed", "sample.seed", "evaluate.seed")
+# replicates rather than settings in a report: the seed axis's paths, and the read-time split (an axis of its own,
+# crossed with ``seed``, varies which models are held out)
+REPLICATE_PATHS = (*SEED_PATHS, "data.split_seed")
 
 
 def _strip_defaults(node: Any) -> Any:

@@ -224,14 +224,15 @@ def open_selection(cfg: Any, world_size: int) -> tuple[str, Any, Any, Any]:
         raise DataError(f"shards '{url}' hold tokens of size {manifest.tokensize} but tokens.tokensize="
                         f"{cfg.tokens.tokensize}; set --set tokens.tokensize={manifest.tokensize} or re-shard")
     d = cfg.data
-    train = training_selection(manifest, d, "train")  # zoos, models per zoo and epochs (data.epochs / tail)
+    # zoos, models per zoo, epochs (data.epochs / tail) and the split (data.split_seed)
+    train = training_selection(manifest, d, "train", cfg.shards.split_fractions)
     if not _size(train):
         raise DataError(f"the selection zoos={list(d.zoos) or 'all'} num_models_per_zoo={d.num_models_per_zoo} "
                         f"of '{url}' has no train models; check data.zoos against 'mzsane shards info {url}'")
     if _size(train) < world_size:
         raise DataError(f"the selection of '{url}' has {_size(train)} train models for {world_size} workers; "
                         f"select more models or use fewer workers")
-    val = training_selection(manifest, d, "val")
+    val = training_selection(manifest, d, "val", cfg.shards.split_fractions)
     return url, manifest, train, val
 
 

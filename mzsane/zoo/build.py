@@ -134,7 +134,7 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
     zoo_kwargs = {**data.arch_kwargs(), **({"activation": acts.pop()} if len(acts) == 1 else {}),
                   **({"dropout": drops.pop()} if len(drops) == 1 else {})}
     info = ZooInfo(zoo=plan.name, dataset=plan.dataset, architecture=plan.architecture,
-                   arch_kwargs=zoo_kwargs, recipe=cfg.recipe, num_models=len(plan.members))
+                   arch_kwargs=zoo_kwargs, recipe=cfg.recipe, num_models=len(plan.members), seed=int(cfg.seed))
     writer = store.ZooWriter(zoo_url, info) if cfg.layout == "mzsane" else None
     done = _finished(zoo_url, cfg.layout, writer)
     todo = [(mid, hp) for mid, hp in plan.members if mid not in done]

@@ -46,6 +46,7 @@ class ZooInfo:
     recipe: str = ""
     num_models: int = 0
     schema_version: int = SCHEMA_VERSION
+    seed: int | None = None  # zoo.seed of the build (members and data subset); None = not recorded (older zoos)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> ZooInfo:

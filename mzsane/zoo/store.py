@@ -52,7 +52,18 @@ class ZooWriter:
             if (old.architecture, old.dataset) != (info.architecture, info.dataset):
                 raise DataError(f"zoo '{zoo_url}' already holds {old.architecture} on {old.dataset}; "
                                 f"write {info.architecture} on {info.dataset} to another folder")
-        storage.write_json(info_url, asdict(info))
+            # growing a zoo with another recipe or seed would mix two populations under one name
+            for key, was, asked in (("recipe", old.recipe, info.recipe), ("seed", old.seed, info.seed)):
+                if was not in (None, "") and asked not in (None, "") and was != asked:
+                    raise DataError(f"zoo '{zoo_url}' was built with zoo.{key}={was}, this build asks for "
+                                    f"zoo.{key}={asked}; set zoo.{key}={was} to grow it, or write to another folder")
+            if old.seed is None and info.seed not in (None, 0):  # an older zoo: its seed was the default, 0
+                raise DataError(f"zoo '{zoo_url}' records no seed (built before seeds were recorded, with the "
+                                f"default 0); this build asks for zoo.seed={info.seed}: write it to another folder")
+        record = asdict(info)
+        if record["seed"] is None:  # a zoo not built from a seeded recipe (synthetic, ingested): nothing to record
+            del record["seed"]
+        storage.write_json(info_url, record)
 
     def model_url(self, model_id: str) -> str:
         return storage.join(self.url, "models", model_id)

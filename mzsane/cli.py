@@ -137,6 +137,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     report.evaluate_cli(args)
 
 
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--backbone", required=True, help="SANE run URL whose kept checkpoints make the curve")
+    p.add_argument("--zoo", required=True, help="target zoo URL (anchors are drawn from it)")
+    p.add_argument("--out", required=True, help="output URL: step_<n>/ per checkpoint, curve.csv, curve.png")
+
+
+def _cmd_curve(args: argparse.Namespace) -> None:
+    from mzsane.evaluate import curve
+
+    curve.curve_cli(args)
+
+
 def _add_probe(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", required=True, help="SANE run or checkpoint URL")
     p.add_argument("--zoo", required=True, nargs="+", action="append", help="zoo name(s) in the shard manifest")
@@ -340,6 +353,7 @@ SINGLE: dict[str, tuple[Callable, Callable, str]] = {
     "train": (_add_train, _cmd_train, "pretrain a SANE backbone with Ray Train DDP over token shards"),
     "sample": (_add_sample, _cmd_sample, "generate weights zero-shot for a target zoo"),
     "evaluate": (_add_evaluate, _cmd_evaluate, "compare generated models against baselines"),
+    "curve": (_add_curve, _cmd_curve, "zero-shot generation and its ceiling at every kept checkpoint of a run"),
     "probe": (_add_probe, _cmd_probe, "linear probes of model properties on backbone embeddings"),
     "demo": (_add_demo, _cmd_demo, "the whole pipeline on the embedded default"),
 }

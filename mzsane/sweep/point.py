@@ -67,7 +67,7 @@ def results_url(record: dict[str, Any]) -> str:
 def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stage]:
     """The stages of the point described by ``record`` (the parsed ``point_file``): record the point, train,
     sample and evaluate the target zoo (held-out anchors, then seen ones for a zoo it trained on), probe, then the same
-    for every extra target zoo.
+    for every extra target zoo, and with ``learning_curve`` the first target at every kept checkpoint.
 
     Everything comes from the point file and the ``overrides.yaml`` beside it, the files the ConfigMap
     mounts; ``python`` is the interpreter the stages run with (default: this one)."""
@@ -107,6 +107,10 @@ def plan(point_file: str, record: dict[str, Any], python: str = "") -> list[Stag
     ]
     for extra in record.get("extra_target_zoos") or []:
         stages += target_stages(str(extra), storage.join(out, "targets", str(extra)))
+    if record.get("learning_curve"):  # last: the first target at every kept checkpoint (sweep.learningCurve)
+        target_url = storage.join(root, "zoos", target)
+        stages.append(Stage("curve", [*mz, "curve", *cfg, "--backbone", run, "--zoo", target_url, "--out",
+                                      storage.join(out, "curve")]))
     return stages
 
 

@@ -119,7 +119,9 @@ def _rows(point_url: str, name: str, results: dict[str, Any], first_target: bool
     setting = {k: v for k, v in meta["axes"].items() if k not in REPLICATE_PATHS}
     seeds = [meta["axes"][k] for k in REPLICATE_PATHS if k in meta["axes"]]
     pool = anchor_pool(results)
-    for method in [*results.get("rows", []), *_best_reconstruction(results), *_finetuned(results)]:
+    from mzsane.evaluate.report import best_reconstruction  # torch comes with it: only when a report is made
+
+    for method in [*results.get("rows", []), *best_reconstruction(results), *_finetuned(results)]:
         rows.append({
             "point": name, "composition": meta["composition"], "num_zoos": len(meta["zoos"]),
             "zoos": "+".join(meta["zoos"]), "zoo_size": meta["zoo_size"],
@@ -135,18 +137,10 @@ def _rows(point_url: str, name: str, results: dict[str, Any], first_target: bool
 
 
 def anchor_pool(results: dict[str, Any]) -> str:
-    """The pool the evaluated anchors came from (``held_out`` where results predate the record)."""
-    headline, provenance = results.get("headline") or {}, results.get("anchor_provenance") or {}
-    return str(headline.get("anchor_pool") or provenance.get("pool") or "held_out")
+    """The pool the evaluated anchors came from (``evaluate.report.anchor_pool_of``)."""
+    from mzsane.evaluate.report import anchor_pool_of  # torch comes with it: only when a report is made
 
-
-def _best_reconstruction(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """``reconstruction_best``: the best anchor's noise-free decode(encode(anchor)), beside ``reconstruction``
-    (their mean); the top-k of many noisy decodes is compared with the best, not the mean, of the ceiling."""
-    accs = [float(a) for a in (results.get("per_model") or {}).get("reconstruction") or []]
-    if not accs:
-        return []
-    return [{"method": "reconstruction_best", "test_acc_mean": max(accs), "test_acc_std": 0.0, "n": len(accs)}]
+    return anchor_pool_of(results)
 
 
 def _finetuned(results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -175,3 +175,20 @@ def test_the_sampling_causes_sample_the_baselines_backbones_with_one_knob_change
     record = json.loads((sweep_dir / "cand500-1" / "point.json").read_text())
     assert record["point"] == "cand500-1"
     assert record["axes"] == {"train.seed": 1, "sample.seed": 1, "sample.num_candidates": 500}
+
+
+def test_the_long_run_keeps_every_checkpoint_it_writes_and_ends_in_its_learning_curve(tmp_path):
+    """Issue 26.3: the cause table's best setting (latent 128) for 60,000 steps of the table's 16 windows, and a
+    curve stage over every checkpoint: one that pruned some would leave holes in the curve."""
+    files = [str(ROOT / "jobs" / f) for f in ("long-run.yaml", "local/long-run.yaml")]
+    (point,) = rendered_points(chart.render(files))
+    cfg = local.place(point, str(tmp_path / "data"), str(tmp_path / "s"), write=False).cfg
+    t = cfg.train
+    assert cfg.model.latent_dim == 128 and cfg.data.num_models_per_zoo == 32 and cfg.data.num_tail_epochs == 2
+    windows = t.batch_size * cfg.cluster.num_workers
+    steps = t.num_epochs * 32 * 2 / windows
+    assert windows == 16 and steps == 60_000
+    assert t.num_checkpoints_to_keep >= steps / t.checkpoint_every_n_steps
+    stages = point.stages()
+    assert stages[-1].name == "curve" and stages[-1].argv[stages[-1].argv.index("--out") + 1].endswith("/curve")
+    assert [s.name for s in stages].count("curve") == 1

@@ -8,7 +8,7 @@ import pytest
 from mzsane import cli, config, presets
 
 # commands that read a config, and the sweep commands whose --set are chart values (helm --set)
-CONFIG_COMMANDS = {("train",), ("sample",), ("evaluate",), ("demo",), ("zoo", "build"), ("shards", "build"),
+CONFIG_COMMANDS = {("train",), ("sample",), ("evaluate",), ("curve",), ("demo",), ("zoo", "build"), ("shards", "build"),
                    ("bench", "tokens"), ("bench", "train"), ("bench", "norm")}
 CHART_COMMANDS = {("sweep", "render"), ("sweep", "submit"), ("sweep", "run")}
 # the arguments each command without a config needs to parse

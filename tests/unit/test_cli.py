@@ -96,6 +96,12 @@ def _patch_sample(mp):
     _stand_in(mp, generate, "sample", lambda run, zoo, out, sample_cfg, **kw: sample_cfg)
 
 
+def _patch_curve(mp):
+    from mzsane.evaluate import curve
+
+    _stand_in(mp, curve, "learning_curve", lambda run, zoo, out, sample_cfg, eval_cfg, **kw: sample_cfg)
+
+
 def _patch_evaluate(mp):
     from mzsane.evaluate import report
 
@@ -146,6 +152,8 @@ SET_CASES = {  # command argv, its stand-in, the --set, where the value shows in
                lambda got: got.num_keep, 1),
     "evaluate": (["evaluate", "--samples", "s", "--zoo", "z"], _patch_evaluate, "evaluate.num_random=1",
                  lambda got: got.num_random, 1),
+    "curve": (["curve", "--backbone", "b", "--zoo", "z", "--out", "o"], _patch_curve, "sample.num_keep=1",
+              lambda got: got.num_keep, 1),
     "demo": (["demo"], _patch_demo, "train.lr=0.5", lambda got: got.lr, 0.5),
     "zoo build": (["zoo", "build", "--out", "o"], _patch_zoo_build, "zoo.num_models=3",
                   lambda got: got.num_models, 3),

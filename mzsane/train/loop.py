@@ -57,11 +57,19 @@ class Parts:
 
 
 def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on parameters with >= 2 dimensions (spec 7.1)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW; weight decay only on parameters with >= 2 dimensions (spec 7.1).
+
+    Fused (one kernel over all parameters) where every parameter is a float tensor on the CPU or a GPU: the
+    same update, and on this project's 2-core CPU ~5x faster than the default multi-tensor one (2.1 -> 0.4 ms a
+    step for the default preset's 1.2M parameters, ~20 -> 2.5 ms for small's 7.9M; issue 29), which is a few
+    percent of a whole step (measured with a sweep beside it). Its state dict is the default one's, so checkpoints
+    resume either way."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=tc.lr, fused=fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.OneCycleLR:

@@ -150,6 +150,31 @@ def test_adamw_decays_only_matrices():
     assert all(p.dim() == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4
 
 
+def test_adamw_is_fused_steps_like_the_default_one_and_resumes_its_state():
+    """The fused kernel (issue 29's speed-up) makes the default multi-tensor update, and a checkpoint written by
+    the default optimizer (runs before the change) resumes into it."""
+    torch.manual_seed(0)
+    fused_model, plain_model = TinyAE(), TinyAE()
+    plain_model.load_state_dict(fused_model.state_dict())
+    tc = _cfg(weight_decay=0.1, lr=1e-2).train
+    fused = make_optimizer(fused_model, tc)
+    plain = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")}
+                               for g in make_optimizer(plain_model, tc).param_groups], lr=tc.lr)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for step in range(3):
+        for model in (fused_model, plain_model):
+            for i, p in enumerate(model.parameters()):
+                p.grad = torch.full_like(p, 0.1 * (i + 1) * (step + 1)).sin()
+        fused.step()
+        plain.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    resumed = make_optimizer(plain_model, tc)
+    resumed.load_state_dict(plain.state_dict())
+    resumed.step()  # the default optimizer's state drives the fused kernel
+    assert all(torch.isfinite(p).all() for p in plain_model.parameters())
+
+
 def test_onecycle_schedule_follows_spec(tmp_path):
     cfg = _cfg(num_steps=10, lr=1e-3, pct_start=0.3)
     from mzsane.train.loop import make_scheduler

@@ -112,11 +112,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------ sample / evaluate
 
 
-def _add_sample(p: argparse.ArgumentParser) -> None:
+def _sampling_args(p: argparse.ArgumentParser, backbone: str, out: str) -> None:
+    """The arguments of a command that samples a target zoo from a backbone (sample, curve)."""
     _config_args(p)
-    p.add_argument("--backbone", required=True, help="SANE run or checkpoint URL")
+    p.add_argument("--backbone", required=True, help=backbone)
     p.add_argument("--zoo", required=True, help="target zoo URL (anchors are drawn from it)")
-    p.add_argument("--out", required=True, help="output URL for generated checkpoints and results")
+    p.add_argument("--out", required=True, help=out)
+
+
+def _add_sample(p: argparse.ArgumentParser) -> None:
+    _sampling_args(p, "SANE run or checkpoint URL", "output URL for generated checkpoints and results")
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -138,10 +143,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _add_curve(p: argparse.ArgumentParser) -> None:
-    _config_args(p)
-    p.add_argument("--backbone", required=True, help="SANE run URL whose kept checkpoints make the curve")
-    p.add_argument("--zoo", required=True, help="target zoo URL (anchors are drawn from it)")
-    p.add_argument("--out", required=True, help="output URL: step_<n>/ per checkpoint, curve.csv, curve.png")
+    _sampling_args(p, "SANE run URL whose kept checkpoints make the curve",
+                   "output URL: step_<n>/ per checkpoint, curve.csv, curve.png")
 
 
 def _cmd_curve(args: argparse.Namespace) -> None:

@@ -224,6 +224,14 @@ def open_selection(cfg: Any, world_size: int) -> tuple[str, Any, Any, Any]:
         raise DataError(f"shards '{url}' hold tokens of size {manifest.tokensize} but tokens.tokensize="
                         f"{cfg.tokens.tokensize}; set --set tokens.tokensize={manifest.tokensize} or re-shard")
     d = cfg.data
+    if d.split_seed >= 0:
+        from mzsane.sample.anchors import alignment_reference
+
+        aligned = [z for z in (d.zoos or sorted(manifest.zoos)) if alignment_reference(cfg, z)]
+        if aligned:  # their reference is a train model of the written split, which another split may hold out
+            raise DataError(f"data.split_seed={d.split_seed} re-splits shards whose zoo(s) {', '.join(aligned)} were "
+                            f"aligned to a train model of the split they were written with; re-shard with "
+                            f"shards.split_seed={d.split_seed} instead, or drop data.split_seed")
     # zoos, models per zoo, epochs (data.epochs / tail) and the split (data.split_seed)
     train = training_selection(manifest, d, "train", cfg.shards.split_fractions)
     if not _size(train):

@@ -128,3 +128,21 @@ def test_anchors_of_an_aligned_zoo_are_aligned_to_the_same_reference(tmp_path):
         assert all(torch.equal(got[k], v) for k, v in aligner.apply(sd, aligner.fit(sd)).items())
     assert not torch.equal(plain.tokens_KND, aligned.tokens_KND)
     assert alignment_reference(presets.tiny(), "za") == {}  # a backbone whose shards are elsewhere: none
+
+
+def test_a_read_time_split_of_aligned_shards_is_refused_with_the_fix(tmp_path):
+    """Aligned shards hold a basis chosen from the written split's train models; another split may hold that
+    reference out, so ``data.split_seed`` on them is refused before training starts."""
+    from mzsane.errors import DataError
+    from mzsane.train.data import open_selection
+
+    root = str(tmp_path)
+    zoo = _zoo(root, "za", "cnn_s", 6)
+    cfg = presets.tiny()
+    cfg.shards.align_to_reference = True
+    cfg.data.shards_url = storage.join(root, "shards")
+    writer.build_shards([zoo], cfg.data.shards_url, cfg.tokens, cfg.shards, progress=False)
+    assert open_selection(cfg, 1)[2].models  # the written split reads
+    cfg.data.split_seed = 7
+    with pytest.raises(DataError, match=r"za were aligned.*re-shard with shards.split_seed=7"):
+        open_selection(cfg, 1)

@@ -225,9 +225,10 @@ def open_selection(cfg: Any, world_size: int) -> tuple[str, Any, Any, Any]:
                         f"{cfg.tokens.tokensize}; set --set tokens.tokensize={manifest.tokensize} or re-shard")
     d = cfg.data
     if d.split_seed >= 0:
-        from mzsane.sample.anchors import alignment_reference
+        from mzsane.shards.manifest import read_parts
 
-        aligned = [z for z in (d.zoos or sorted(manifest.zoos)) if alignment_reference(cfg, z)]
+        parts = read_parts(url)
+        aligned = [z for z in (d.zoos or sorted(manifest.zoos)) if (parts.get(z) or {}).get("alignment")]
         if aligned:  # their reference is a train model of the written split, which another split may hold out
             raise DataError(f"data.split_seed={d.split_seed} re-splits shards whose zoo(s) {', '.join(aligned)} were "
                             f"aligned to a train model of the split they were written with; re-shard with "

@@ -144,6 +144,8 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
     evals = {"val": data.val.subset(sizes["max_eval_images"], seed=0),
              "test": data.test.subset(sizes["max_eval_images"], seed=0)}
     save = _save_epochs(cfg, sizes["num_epochs"])
+    if done and todo and cfg.layout == "mzsane":
+        _check_same_training(zoo_url, sorted(done)[0], sizes["num_epochs"], len(train), save)
     failed: dict[str, str] = {}
     for chunk in _groups(todo, shared, cfg.population_batch):
         bar.set_description(f"{plan.name} ({len(chunk)} models)")
@@ -173,6 +175,23 @@ def _build_one(plan: ZooPlan, data: ImageDataset, cfg: ZooConfig, zoo_url: str, 
     return {"zoo": plan.name, "url": zoo_url, "dataset": plan.dataset, "architecture": plan.architecture,
             "sizes": sizes, "trained": len(todo) - len(failed), "skipped_finished": len(done),
             "failed": failed, **stats}
+
+
+def _check_same_training(zoo_url: str, model_id: str, num_epochs: int, train_images: int, save: list[int]) -> None:
+    """Growing a zoo must train the new members as the finished ones were trained: a zoo whose models differ in
+    their epochs, training images or saved epochs is two populations under one name (zoo.json records the
+    recipe and seed; the budget is in every model's record)."""
+    record = store.open_zoo(zoo_url).record(model_id)
+    hp = record.hparams
+    asked = {"num_epochs": num_epochs, "max_train_images": train_images}
+    for key, value in asked.items():
+        if key in hp and int(hp[key]) != int(value):
+            raise DataError(f"zoo '{zoo_url}' holds models trained with {key}={hp[key]} (e.g. {model_id}); this build "
+                            f"asks for {value}: set zoo.{key}={hp[key]} to grow it, or write to another folder")
+    if record.status == "ok" and record.checkpoint_epochs and list(record.checkpoint_epochs) != list(save):
+        raise DataError(f"zoo '{zoo_url}' holds models saved at epochs {list(record.checkpoint_epochs)} (e.g. "
+                        f"{model_id}); this build saves {save}: set zoo.save_epochs to match, or write to another "
+                        "folder")
 
 
 def build_zoos(zoo_cfg: ZooConfig, out_url: str, *, show_progress: bool = True) -> dict:

@@ -1,6 +1,7 @@
 """What a seed varies (issue 25.5): ``data.split_seed`` draws another train/val/test split of the same shards at
 read time (training, the held-out anchor pool and the probe follow it); ``zoo.seed`` is recorded in zoo.json, a
-zoo is never grown under another seed or recipe, and a sweep cannot ask one zoo name for two seeds."""
+zoo is never grown under another seed, recipe or training budget, and a sweep cannot ask one zoo name for two
+seeds."""
 from __future__ import annotations
 
 import pytest
@@ -92,7 +93,13 @@ def test_a_zoo_records_its_seed_and_is_never_grown_under_another_seed_or_recipe(
     with pytest.raises(DataError, match=r"zoo.recipe=tiny, this build asks for zoo.recipe=demo"):
         build_zoos(_zoo_cfg(seed=3, recipe="demo", num_models=3), out, show_progress=False)
     assert len(open_zoo(storage.join(out, "mnist-cnn_s")).models()) == 2  # nothing was added or lost
-    build_zoos(_zoo_cfg(seed=3, num_models=3), out, show_progress=False)  # the same seed grows it
+    for key, value in (("num_epochs", 2), ("max_train_images", 64)):  # nor under another budget
+        with pytest.raises(DataError, match=rf"trained with {key}=.*set zoo.{key}="):
+            build_zoos(_zoo_cfg(seed=3, num_models=3, **{key: value}), out, show_progress=False)
+    with pytest.raises(DataError, match=r"saved at epochs \[0, 1\].*saves \[1\]"):
+        build_zoos(_zoo_cfg(seed=3, num_models=3, save_epochs=[1]), out, show_progress=False)
+    assert len(open_zoo(storage.join(out, "mnist-cnn_s")).models()) == 2
+    build_zoos(_zoo_cfg(seed=3, num_models=3), out, show_progress=False)  # the same seed and budget grow it
     assert len(open_zoo(storage.join(out, "mnist-cnn_s")).models()) == 3
 
 

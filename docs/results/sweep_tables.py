@@ -1,6 +1,8 @@
 """Markdown tables for docs/results.md from finished sweeps (``mzsane sweep run`` or a cluster's results).
 
 Usage: .venv/bin/python docs/results/sweep_tables.py mzsane-data/sweeps/zoo-size [more sweep folders]
+       .venv/bin/python docs/results/sweep_tables.py mzsane-data/sweeps/zoo-size-equal-steps \
+           --baseline 'mnist n=32' --baseline-from mzsane-data/sweeps/zoo-size
        .venv/bin/python docs/results/sweep_tables.py --causes mzsane-data/sweeps/causes \
            mzsane-data/sweeps/causes-aligned
 
@@ -166,12 +168,32 @@ def cause_table(urls: list[str]) -> str:
     return "\n".join(lines)
 
 
+def finetune_starts(rows: list[dict]) -> str:
+    """Every fine-tuning start against the generated one, per setting, paired by seed: generated minus the start."""
+    starts = [m for m in FINETUNED if m != "finetuned_generated"]
+    head = "| target | composition | zoo size | axes | generated | " + " | ".join(m[len("finetuned_"):] for m in starts)
+    lines = [head + " |", "|" + "---|" * (5 + len(starts))]
+    for key in sorted({_setting(r) for r in rows if r["method"] == "finetuned_generated"}):
+        by_method = {m: {r["seed"]: r["test_acc_mean"] for r in rows if _setting(r) == key and r["method"] == m}
+                     for m in FINETUNED}
+        cells = [_ci(list(by_method["finetuned_generated"].values()))]
+        for m in starts:
+            c = paired.compare(by_method["finetuned_generated"], by_method[m])
+            p = "-" if math.isnan(c.p_t) else f"{c.p_t:.2f}" if c.p_t >= 0.01 else f"{c.p_t:.1g}"
+            cells.append(f"{_ci(list(by_method[m].values()))} ({c.mean_diff:+.3f}, p {p})" if c.n_pairs else "-")
+        lines.append("| " + " | ".join([*_label(key), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweeps", nargs="+", help="sweep result folders, {storage.root}/sweeps/{sweep}")
     ap.add_argument("--baseline", default="", help="setting the others are compared with, paired by seed (a "
                     "substring of its label, e.g. 'mnist n=8'; default: the first)")
     ap.add_argument("--method", default="generated", help="the row the paired comparison compares")
+    ap.add_argument("--baseline-from", default="", metavar="SWEEP", help="take the --baseline setting's points from "
+                    "this sweep folder too (a control sweep paired with its base sweep's point, e.g. zoo-size's "
+                    "size 32 for zoo-size-equal-steps)")
     ap.add_argument("--causes", action="store_true", help="one cause table over the sweeps (issue 26): each setting "
                     "of the first, and each further sweep, against the first's setting without axes, paired by seed")
     args = ap.parse_args()
@@ -187,7 +209,11 @@ def main() -> None:
         if seen:
             print("\nZero-shot test accuracy, seen anchors (the paper's protocol):\n")
             print(per_setting(seen, SEEN_COLUMNS))
-        comparisons = paired.compare_settings(rows + seen, args.method, args.baseline)
+        pairable = rows + seen
+        if args.baseline_from:  # the baseline's own points, from the sweep they ran in
+            extra, _ = sweep.collect(args.baseline_from)
+            pairable += [r for r in extra if args.baseline in paired.setting_label(r)]
+        comparisons = paired.compare_settings(pairable, args.method, args.baseline)
         if comparisons:
             print(f"\nPaired by seed against the baseline ({args.method}; p_t: paired t-test, p_sign_flip: exact "
                   "sign-flip test):\n")
@@ -195,6 +221,8 @@ def main() -> None:
         if any(r["method"] in FINETUNED for r in rows):
             print("\nAfter fine-tuning (test accuracy at the last fine-tuning epoch):\n")
             print(per_setting([r for r in rows if r["method"] in FINETUNED], FINETUNED))
+            print("\nFine-tuning starts against the generated one (generated minus the start, paired by seed):\n")
+            print(finetune_starts(rows))
         print("\nBefore selection, weight averaging, novelty:\n")
         print(details(url, rows))
         print()

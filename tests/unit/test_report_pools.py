@@ -114,3 +114,18 @@ def test_the_cause_table_pairs_each_cause_and_each_further_sweep_with_the_baseli
     assert "0.850 ± 0.124 (+0.100, p " in lines["model.latent_dim=128"]
     assert "0.920 ± 0.000 (+0.020, p " in lines["model.latent_dim=128"]
     assert "(-0.010, p " in lines["causes-aligned"]
+
+
+def test_fine_tuning_starts_are_paired_with_the_generated_start_by_seed(tmp_path):
+    tables = load_results_script("sweep_tables")
+    rows = []
+    for seed in (0, 1, 2):
+        for method, value in (("finetuned_generated", 0.90 + 0.01 * seed), ("finetuned_anchors", 0.88 + 0.01 * seed),
+                              ("finetuned_hypernet", 0.91), ("finetuned_random", 0.70 + 0.02 * seed)):
+            rows.append({"in_distribution": True, "target_zoo": "mnist-cnn_s", "num_zoos": 1, "composition": "mnist",
+                         "zoo_size": 8, "axes": "", "seed": str(seed), "method": method, "test_acc_mean": value})
+    (line,) = tables.finetune_starts(rows).splitlines()[2:]
+    cells = line.strip("| ").split(" | ")
+    assert cells[4].startswith("0.910 ± ")  # generated
+    assert "(+0.020, p " in cells[5]  # anchors: +0.02 on every seed
+    assert "(+0.000, p " in cells[6] and "(+0.190, p " in cells[7]  # hypernet: 0 on average; random: +0.19

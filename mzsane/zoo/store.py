@@ -57,8 +57,8 @@ class ZooWriter:
                 if was not in (None, "") and asked not in (None, "") and was != asked:
                     raise DataError(f"zoo '{zoo_url}' was built with zoo.{key}={was}, this build asks for "
                                     f"zoo.{key}={asked}; set zoo.{key}={was} to grow it, or write to another folder")
-            if old.seed is None and info.seed not in (None, 0):  # an older zoo: its seed was the default, 0
-                raise DataError(f"zoo '{zoo_url}' records no seed (built before seeds were recorded, with the "
+            if old.seed is None and info.seed not in (None, 0):  # an older zoo: taken to have the default seed, 0
+                raise DataError(f"zoo '{zoo_url}' records no seed (built before zoo.json recorded one; taken as the "
                                 f"default 0); this build asks for zoo.seed={info.seed}: write it to another folder")
         record = asdict(info)
         if record["seed"] is None:  # a zoo not built from a seeded recipe (synthetic, ingested): nothing to record
